@@ -1,0 +1,40 @@
+# One entry point for newcomers and CI. `make up` mines /r/all into ./gallery;
+# `make test` runs the test suite; `make demo` runs the whole system offline.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODELS ?= models
+# CI pins torch to the builds on its disk (.ci/constraints.txt); users are not pinned.
+PIP_CONSTRAINT ?=
+export PIP_CONSTRAINT
+
+.PHONY: setup setup-runtime test up demo bench clean
+
+$(VENV)/.installed-all: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[models,test]'
+	touch $@
+
+$(VENV)/.installed-runtime: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+## setup: the full environment (services, model building, tests)
+setup: $(VENV)/.installed-all
+
+## setup-runtime: only what the three services need (no torch)
+setup-runtime: $(VENV)/.installed-runtime
+
+## test: the whole test suite (what .ci/run calls)
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+## bench: every benchmark; each prints side-by-side ratios from one run
+bench: setup
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,177 @@
+"""The model directory and its ``manifest.json`` (DESIGN §4).
+
+A model directory holds the artifacts anti_sus loads and a manifest describing
+each one. This module reads, writes and verifies manifests; it needs only the
+standard library so the server can check its models before importing anything
+heavy. ``models.manifest`` is the command-line face of it.
+
+Manifest layout::
+
+    {
+      "format": 1,
+      "artifacts": {
+        "<name>": {
+          "file": "clip_visual.onnx",          # relative to the directory, no '..'
+          "sha256": "…",
+          "bytes": 12345,
+          "kind": "onnx" | "gmm" | "json" | …,
+          "input": {…},                        # e.g. {"name": "image", "shape": ["N",3,224,224], "dtype": "float32"}
+          "output": {…},                       # e.g. {"name": "features", "dim": 512}
+          "preprocess": {…},                   # PreprocessSpec.to_dict(), for models fed with pixels
+          "provenance": {…}                    # arch, pretrained tag, tool, versions, parity figures, created
+        }, …
+      }
+    }
+
+Artifact names the server knows (``ARTIFACTS``): ``clip``, ``clip_int8``,
+``gmm``, ``gmm_meta``, ``watermark``. ``clip``, ``gmm`` and ``gmm_meta`` are
+required; the rest are optional.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+# name -> (default file name, command that builds it)
+ARTIFACTS: dict[str, tuple[str, str]] = {
+    "clip": ("clip_visual.onnx", "python -m models.export_clip --out DIR --pretrained openai"),
+    "clip_int8": ("clip_visual.int8.onnx", "python -m models.export_clip --out DIR --pretrained openai --int8"),
+    "gmm": ("gmm.npz", "python -m models.fit_gmm --models DIR --images GOOD_IMAGES_DIR"),
+    "gmm_meta": ("gmm.json", "python -m models.fit_gmm --models DIR --images GOOD_IMAGES_DIR"),
+    "watermark": ("watermark.onnx", "python -m models.export_watermark --weights WEIGHTS --out DIR"),
+}
+REQUIRED = ("clip", "gmm", "gmm_meta")
+TINY_HINT = "python -m models.tiny --out DIR  (small random models for tests and the offline demo)"
+
+
+class ModelDirError(Exception):
+    """The model directory cannot be used; the message says what to run."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One manifest entry with its resolved path."""
+
+    name: str
+    path: Path
+    entry: Mapping[str, Any]
+
+    @property
+    def sha256(self) -> str:
+        return str(self.entry["sha256"])
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_hint(name: str, directory: str | os.PathLike[str]) -> str:
+    """The command that builds artifact ``name`` into ``directory``."""
+    cmd = ARTIFACTS.get(name, ("", "python -m models.tiny --out DIR"))[1]
+    return cmd.replace("DIR", str(directory))
+
+
+def _safe_relpath(directory: Path, file: Any) -> Path:
+    if not isinstance(file, str) or not file or os.path.isabs(file) or ".." in Path(file).parts:
+        raise ModelDirError(f"manifest entry has an unsafe file name: {file!r}")
+    return directory / file
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load ``manifest.json``; a missing or malformed one raises :class:`ModelDirError`."""
+    d = Path(directory)
+    path = d / MANIFEST
+    if not path.is_file():
+        raise ModelDirError(
+            f"no {MANIFEST} in model directory {d}. Build the models first:\n"
+            f"  {build_hint('clip', d)}\n  {build_hint('gmm', d)}\n  or: {TINY_HINT.replace('DIR', str(d))}"
+        )
+    try:
+        manifest = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("artifacts"), dict):
+        raise ModelDirError(f"{path} is not a format-{FORMAT} manifest")
+    return manifest
+
+
+def verify(directory: str | os.PathLike[str], required: Iterable[str] = REQUIRED) -> list[str]:
+    """Check every artifact's presence and sha256; return problems, each naming its file.
+
+    An empty list means the directory is good. Required artifacts missing from
+    the manifest are problems too, each with the command that builds it.
+    """
+    d = Path(directory)
+    manifest = read_manifest(d)
+    problems: list[str] = []
+    arts: dict[str, Any] = manifest["artifacts"]
+    for name in required:
+        if name not in arts:
+            problems.append(f"{name}: missing from {MANIFEST}; build it with: {build_hint(name, d)}")
+    for name, entry in sorted(arts.items()):
+        try:
+            path = _safe_relpath(d, entry.get("file") if isinstance(entry, dict) else None)
+        except ModelDirError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        if not path.is_file():
+            problems.append(f"{name}: file {path} is missing; build it with: {build_hint(name, d)}")
+            continue
+        actual = sha256_file(path)
+        if actual != entry.get("sha256"):
+            problems.append(
+                f"{name}: file {path} does not match the manifest (sha256 {actual[:12]}… != {str(entry.get('sha256'))[:12]}…): "
+                f"tampered or rebuilt without updating the manifest; rebuild it with: {build_hint(name, d)}"
+            )
+    return problems
+
+
+def open_model_dir(directory: str | os.PathLike[str], required: Iterable[str] = REQUIRED) -> dict[str, Artifact]:
+    """Verify the directory and return its artifacts by name; raise with a clear message if unusable."""
+    d = Path(directory)
+    problems = verify(d, required)
+    if problems:
+        raise ModelDirError(f"model directory {d} is not usable:\n  " + "\n  ".join(problems))
+    arts = read_manifest(d)["artifacts"]
+    return {name: Artifact(name, _safe_relpath(d, e["file"]), e) for name, e in arts.items()}
+
+
+def artifact_entry(directory: str | os.PathLike[str], file: str, **fields: Any) -> dict[str, Any]:
+    """A manifest entry for ``file`` (inside ``directory``) with its sha256 and size filled in."""
+    path = _safe_relpath(Path(directory), file)
+    return {"file": file, "sha256": sha256_file(path), "bytes": path.stat().st_size, **fields}
+
+
+def write_manifest(directory: str | os.PathLike[str], artifacts: Mapping[str, Mapping[str, Any]], merge: bool = True) -> Path:
+    """Write ``manifest.json`` atomically; with ``merge`` existing entries not named are kept."""
+    d = Path(directory)
+    current: dict[str, Any] = {}
+    if merge and (d / MANIFEST).is_file():
+        current = dict(read_manifest(d)["artifacts"])
+    current.update({k: dict(v) for k, v in artifacts.items()})
+    data = json.dumps({"format": FORMAT, "artifacts": current}, indent=2, sort_keys=True) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".manifest.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, d / MANIFEST)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return d / MANIFEST

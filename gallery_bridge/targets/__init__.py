@@ -1,0 +1,1 @@
+"""Gallery targets: the embedded folder and a scenery instance."""

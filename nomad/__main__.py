@@ -1,0 +1,4 @@
+"""Allow `python -m nomad …`."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Per-site extractors: one module per site."""

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny model directory built once per session, never committed."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO.parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete tiny model directory (CLIP-architecture tower, GMM, watermark, manifest).
+
+    Built through the same export code as the real models; set
+    ``TINY_MODELS_DIR`` to reuse one built earlier (``python -m models.tiny --out DIR``).
+    """
+    reuse = os.environ.get("TINY_MODELS_DIR")
+    if reuse and (Path(reuse) / "manifest.json").is_file():
+        return Path(reuse)
+    from models import tiny
+
+    out = tmp_path_factory.mktemp("tiny_models")
+    tiny.build(out)
+    return out
