@@ -1,0 +1,89 @@
+"""Export a trained watermark classifier to ONNX (``watermark.onnx``) with a parity gate.
+
+    python -m models.export_watermark --weights runs/wm/watermark.safetensors --out models
+
+Artifact contract: input ``image`` float32[N,3,S,S] (S = 512 by default,
+preprocessing ``WATERMARK_SPEC``: squash, mean/std 0.5), output ``logit``
+float32[N,1], a raw logit (the server applies the sigmoid).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from anti_sus.modeldir import ARTIFACTS, artifact_entry, write_manifest
+from anti_sus.preprocess import WATERMARK_SPEC, PreprocessSpec
+
+from ._cli import EnvParser, UserError, run_main, setup
+from .onnx_export import MAX_ABS, MIN_COSINE, OPSET, ParityError, export_onnx, utc_now, versions
+
+log = logging.getLogger(__name__)
+
+WATERMARK_FILE = ARTIFACTS["watermark"][0]
+
+
+def export_watermark(model: Any, out: Path, *, arch: str, spec: PreprocessSpec = WATERMARK_SPEC, opset: int = OPSET,
+                     min_cosine: float = MIN_COSINE, max_abs: float = MAX_ABS, threads: int = 1,
+                     provenance: dict[str, Any] | None = None, write: bool = True) -> dict[str, Any]:
+    """Export ``model`` (one logit) to ``out/watermark.onnx``, gate it and (with ``write``) add it to the manifest."""
+    import torch
+
+    if spec.size != WATERMARK_SPEC.size:
+        log.warning("watermark input is %d, not the production %d", spec.size, WATERMARK_SPEC.size)
+    with torch.no_grad():
+        probe = model.eval()(torch.zeros(2, 3, spec.size, spec.size))
+    if tuple(probe.shape) != (2, 1):
+        raise UserError(f"watermark model must output one logit per image, got shape {list(probe.shape)}")
+    out.mkdir(parents=True, exist_ok=True)
+    parity = export_onnx(model, out / WATERMARK_FILE, size=spec.size, output_name="logit", opset=opset,
+                         min_cosine=min_cosine, max_abs=max_abs, threads=threads)
+    entry = artifact_entry(
+        out, WATERMARK_FILE, kind="onnx",
+        input={"name": "image", "shape": ["N", 3, spec.size, spec.size], "dtype": "float32"},
+        output={"name": "logit", "shape": ["N", 1], "activation": "sigmoid", "positive": "watermark"},
+        preprocess=spec.to_dict(),
+        provenance={"arch": arch, "tool": "models.export_watermark", "versions": versions(), "opset": opset,
+                    "parity": parity.to_dict(), "created": utc_now(), **(provenance or {})},
+    )
+    if write:
+        write_manifest(out, {"watermark": entry})
+    return entry
+
+
+def parser() -> EnvParser:
+    p = EnvParser("export_watermark", description=__doc__.split("\n\n")[0])
+    p.add_env("--weights", type=Path, required=True, help="safetensors file written by models.train_watermark")
+    p.add_env("--out", type=Path, default=Path("models"), help="model directory to write into")
+    p.add_env("--opset", type=int, default=OPSET, help="ONNX opset (>= 14)")
+    p.add_env("--min-cosine", type=float, default=MIN_COSINE, help="parity gate: lowest acceptable cosine")
+    p.add_env("--max-abs", type=float, default=MAX_ABS, help="parity gate: largest acceptable absolute difference")
+    p.add_common()
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .watermark_net import load_weights
+
+    args = parser().parse_args(argv)
+    setup(args)
+    if args.opset < 14:
+        raise UserError(f"--opset must be >= 14, got {args.opset}")
+    model, meta = load_weights(args.weights)
+    size = int(meta.get("size", WATERMARK_SPEC.size))
+    spec = PreprocessSpec("watermark", size, WATERMARK_SPEC.mean, WATERMARK_SPEC.std)
+    prov = {k: v for k, v in meta.items() if k not in ("arch", "size")}
+    prov["weights_file"] = args.weights.name
+    try:
+        entry = export_watermark(model, args.out, arch=meta["arch"], spec=spec, opset=args.opset, min_cosine=args.min_cosine,
+                                 max_abs=args.max_abs, threads=args.threads, provenance=prov)
+    except ParityError as exc:
+        print(f"error: {exc}", flush=True)
+        return 1
+    p = entry["provenance"]["parity"]
+    print(f"wrote {args.out / WATERMARK_FILE}: {meta['arch']} at {size}px, parity cosine {p['cosine']}, max-abs {p['max_abs']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

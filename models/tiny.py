@@ -1,0 +1,91 @@
+"""Build a complete tiny model directory for tests and the offline demo (seconds, random weights).
+
+    python -m models.tiny --out /tmp/tiny-models
+    python -m models.manifest verify /tmp/tiny-models
+
+Same code paths as the real models, smaller networks:
+
+- ``clip``: an open_clip CLIP vision transformer (224 input, patch 32, width 64,
+  2 layers, 32-d output) exported by ``models.export_clip`` (L2-normalised,
+  parity-gated).
+- ``gmm``/``gmm_meta``: ``models.fit_gmm`` on that encoder's features of
+  procedural images (``models.synth``) pushed through the preprocessing contract.
+- ``watermark``: timm ``test_efficientnet`` (one logit, 512 input) exported by
+  ``models.export_watermark``.
+
+The weights are random: scores mean nothing, shapes and wiring are real.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from anti_sus.modeldir import ModelDirError, verify
+from anti_sus.preprocess import WATERMARK_SPEC, stack_wire
+
+from . import fit_gmm, synth
+from ._cli import EnvParser, run_main, setup
+from .export_clip import export_clip
+from .export_watermark import export_watermark
+from .watermark_net import build as build_watermark_net
+
+log = logging.getLogger(__name__)
+
+TINY_ARCH = "tiny-ViT-32"
+TINY_VISION_CFG = {"image_size": 224, "patch_size": 32, "width": 64, "layers": 2, "head_width": 32, "mlp_ratio": 2.0}
+TINY_EMBED_DIM = 32
+TINY_WATERMARK_ARCH = "test_efficientnet"
+N_IMAGES = 128
+N_COMPONENTS = 4
+
+
+def build(out: Path, seed: int = 0, n_images: int = N_IMAGES, int8: bool = False, threads: int = 1) -> Path:
+    """Write clip, gmm, gmm_meta, watermark (and clip_int8 with ``int8``) plus manifest into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    export_clip(out, arch=TINY_ARCH, vision_cfg=TINY_VISION_CFG, embed_dim=TINY_EMBED_DIM, seed=seed, int8=int8,
+                threads=threads)
+    clip = fit_gmm.ClipModel.from_dir(out)
+    # The GMM's "good images": procedural backgrounds through to_wire -> clip_input -> ONNX, as the server sees them.
+    images = synth.backgrounds(n_images, seed=seed + 1, size=256)
+    batches = (stack_wire(images[i:i + 32]) for i in range(0, len(images), 32))
+    feats = fit_gmm.encode_wire(batches, clip, threads).astype(np.float64)
+    gm, _ = fit_gmm.fit(feats, [N_COMPONENTS], "full", seed=seed, reg_covar=1e-4)
+    fit_gmm.save(out, gm, feats, clip, percentile=5.0, sweep=[], seed=seed,
+                 source=f"models.tiny: {n_images} procedural images (seed {seed + 1})", histogram=out / fit_gmm.HIST_FILE)
+    net = build_watermark_net(TINY_WATERMARK_ARCH, seed=seed)
+    export_watermark(net, out, arch=TINY_WATERMARK_ARCH, spec=WATERMARK_SPEC, threads=threads,
+                     provenance={"pretrained": "none", "seed": seed, "trained": False, "built_by": "models.tiny"})
+    problems = verify(out)
+    if problems:
+        raise ModelDirError("tiny model directory failed verification:\n  " + "\n  ".join(problems))
+    log.info("tiny model directory %s built in %.1f s", out, time.monotonic() - t0)
+    return out
+
+
+def parser() -> EnvParser:
+    p = EnvParser("tiny", description=__doc__.split("\n\n")[0])
+    p.add_env("--out", type=Path, required=True, help="model directory to create or overwrite")
+    p.add_env("--seed", type=int, default=0, help="seed for weights and generated images")
+    p.add_env("--images", type=int, default=N_IMAGES, help="procedural images the GMM is fitted on")
+    p.add_env("--int8", action="store_true", help="also write the int8 CLIP variant")
+    p.add_common()
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup(args)
+    t0 = time.monotonic()
+    build(args.out, seed=args.seed, n_images=args.images, int8=args.int8, threads=args.threads)
+    print(f"built tiny model directory {args.out} in {time.monotonic() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
