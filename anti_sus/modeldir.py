@@ -44,8 +44,8 @@ FORMAT = 1
 ARTIFACTS: dict[str, tuple[str, str]] = {
     "clip": ("clip_visual.onnx", "python -m models.export_clip --out DIR --pretrained openai"),
     "clip_int8": ("clip_visual.int8.onnx", "python -m models.export_clip --out DIR --pretrained openai --int8"),
-    "gmm": ("gmm.npz", "python -m models.fit_gmm --models DIR --images GOOD_IMAGES_DIR"),
-    "gmm_meta": ("gmm.json", "python -m models.fit_gmm --models DIR --images GOOD_IMAGES_DIR"),
+    "gmm": ("gmm.npz", "python -m models.fit_gmm --models DIR --images GOOD_IMAGES"),
+    "gmm_meta": ("gmm.json", "python -m models.fit_gmm --models DIR --images GOOD_IMAGES"),
     "watermark": ("watermark.onnx", "python -m models.export_watermark --weights WEIGHTS --out DIR"),
 }
 REQUIRED = ("clip", "gmm", "gmm_meta")
