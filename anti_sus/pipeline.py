@@ -1,0 +1,230 @@
+"""The filter pipeline: CLIP features -> GMM score -> watermark on the survivors.
+
+``Stages`` is the small interface the server needs (tests fake it); ``Pipeline``
+is the real one built from a verified model directory. ``evaluate`` scores several
+requests in one batch, each with its own thresholds, so requests from different
+clients share one CLIP call.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from . import __version__
+from .modeldir import ModelDirError, build_hint, open_model_dir
+
+log = logging.getLogger(__name__)
+
+GOOD, OUTLIER, WATERMARK = "good", "outlier", "watermark"
+DEFAULT_WATERMARK_THRESHOLD = 0.5
+
+
+class Stages(Protocol):
+    """What the server needs from a pipeline."""
+
+    gmm_threshold: float
+    watermark_threshold: float
+    has_watermark: bool
+
+    def clip_input(self, batch: np.ndarray) -> np.ndarray: ...
+    def embed(self, x: np.ndarray) -> np.ndarray: ...
+    def gmm_score(self, features: np.ndarray) -> np.ndarray: ...
+    def watermark_input(self, batch: np.ndarray) -> np.ndarray: ...
+    def watermark_prob(self, x: np.ndarray) -> np.ndarray: ...
+    def info(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class Task:
+    """One request's images and thresholds."""
+
+    images: np.ndarray
+    gmm_threshold: float
+    watermark_threshold: float
+
+
+@dataclass
+class Outcome:
+    """Scores and verdicts for one task; ``watermark`` is NaN where the stage did not run."""
+
+    gmm: np.ndarray
+    watermark: np.ndarray
+    verdicts: list[str]
+    features: np.ndarray
+
+    @property
+    def good(self) -> list[int]:
+        return [i for i, v in enumerate(self.verdicts) if v == GOOD]
+
+    def results(self) -> list[dict[str, Any]]:
+        """Per-image result dicts as the wire protocol writes them."""
+        return [
+            {
+                "index": i,
+                "gmm": float(self.gmm[i]),
+                "watermark": None if np.isnan(self.watermark[i]) else float(self.watermark[i]),
+                "verdict": v,
+            }
+            for i, v in enumerate(self.verdicts)
+        ]
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage in one ``evaluate`` call."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.stages[name] = self.stages.get(name, 0.0) + seconds
+
+
+def evaluate(stages: Stages, tasks: Sequence[Task], *, watermark_all: bool = False, timings: Timings | None = None) -> list[Outcome]:
+    """Score every task in one CLIP call and one watermark call.
+
+    The watermark stage runs only on images whose GMM score reaches their task's
+    threshold (the expensive model sees only survivors), unless ``watermark_all``
+    (used by the tuning tools, which need every image's probability).
+    """
+    timings = timings if timings is not None else Timings()
+    t0 = time.perf_counter()
+    x = np.concatenate([stages.clip_input(t.images) for t in tasks]) if tasks else np.zeros((0,))
+    t1 = time.perf_counter()
+    feats = stages.embed(x)
+    t2 = time.perf_counter()
+    scores = np.asarray(stages.gmm_score(feats), dtype=np.float64)
+    t3 = time.perf_counter()
+    timings.add("preprocess", t1 - t0)
+    timings.add("clip", t2 - t1)
+    timings.add("gmm", t3 - t2)
+
+    bounds = np.cumsum([0] + [len(t.images) for t in tasks])
+    keep = [scores[a:b] >= t.gmm_threshold for t, a, b in zip(tasks, bounds[:-1], bounds[1:])]
+    probs = [np.full(len(t.images), np.nan) for t in tasks]
+    if stages.has_watermark:
+        picks = [np.ones(len(t.images), bool) if watermark_all else k for t, k in zip(tasks, keep)]
+        t4 = time.perf_counter()
+        parts = [stages.watermark_input(t.images[p]) for t, p in zip(tasks, picks) if p.any()]
+        t5 = time.perf_counter()
+        if parts:
+            flat = stages.watermark_prob(np.concatenate(parts))
+            pos = 0
+            for prob, p in zip(probs, picks):
+                n = int(p.sum())
+                prob[p] = flat[pos : pos + n]
+                pos += n
+        timings.add("preprocess", t5 - t4)
+        timings.add("watermark", time.perf_counter() - t5)
+
+    outcomes = []
+    for t, a, b, k, p in zip(tasks, bounds[:-1], bounds[1:], keep, probs):
+        verdicts = [
+            OUTLIER if not kept else (WATERMARK if stages.has_watermark and pr >= t.watermark_threshold else GOOD)
+            for kept, pr in zip(k.tolist(), p.tolist())
+        ]
+        outcomes.append(Outcome(scores[a:b], p, verdicts, feats[a:b]))
+    return outcomes
+
+
+class Pipeline:
+    """The real stages, loaded from a model directory verified against its manifest."""
+
+    def __init__(self, clip: Any, gmm: Any, watermark: Any | None, gmm_threshold: float,
+                 watermark_threshold: float, details: dict[str, Any]) -> None:
+        self.clip = clip
+        self.gmm = gmm
+        self.watermark = watermark
+        self.has_watermark = watermark is not None
+        self.gmm_threshold = float(gmm_threshold)
+        self.watermark_threshold = float(watermark_threshold)
+        self.details = details
+
+    @classmethod
+    def load(cls, models: str | Path, *, int8: bool = False, no_watermark: bool = False, threads: int = 0,
+             max_batch: int = 32, gmm_threshold: float | None = None,
+             watermark_threshold: float = DEFAULT_WATERMARK_THRESHOLD) -> "Pipeline":
+        """Verify ``models`` and load every stage; raises :class:`ModelDirError` with the fix."""
+        from .stages.clip import ClipStage
+        from .stages.gmm import GmmScorer
+        from .stages.watermark import WatermarkStage
+
+        d = Path(models)
+        arts = open_model_dir(d)
+        notes: list[str] = []
+        clip_name = "clip"
+        if int8:
+            if "clip_int8" not in arts:
+                raise ModelDirError(f"--int8 asked for, but {d} has no clip_int8 artifact; build it with: {build_hint('clip_int8', d)}")
+            clip_name = "clip_int8"
+        try:
+            meta = json.loads(arts["gmm_meta"].path.read_text("utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelDirError(f"{arts['gmm_meta'].path} is not readable JSON ({exc}); rebuild it with: {build_hint('gmm', d)}") from None
+        fitted_on = meta.get("feature_model_sha256") if isinstance(meta, dict) else None
+        if fitted_on != arts["clip"].sha256:
+            raise ModelDirError(
+                f"the GMM in {d} was fitted on features of another CLIP model (sha256 {str(fitted_on)[:12]}…, "
+                f"this directory's clip is {arts['clip'].sha256[:12]}…); refit it with: {build_hint('gmm', d)}"
+            )
+        if int8:
+            notes.append("int8 CLIP in use; the GMM was fitted on fp32 CLIP features, so scores shift slightly: re-check the threshold with `anti-sus tune --int8`")
+        suggested = meta.get("suggested_threshold")
+        if gmm_threshold is None:
+            if not isinstance(suggested, (int, float)) or isinstance(suggested, bool):
+                raise ModelDirError(f"{arts['gmm_meta'].path} has no suggested_threshold; pass --gmm-threshold or refit with: {build_hint('gmm', d)}")
+            gmm_threshold = float(suggested)
+
+        clip = ClipStage.from_entry(arts[clip_name].path, arts[clip_name].entry, threads, max_batch)
+        gmm = GmmScorer.load(arts["gmm"].path)
+        if clip.dim is not None and int(gmm.dim) != clip.dim:
+            raise ModelDirError(f"GMM dimension {gmm.dim} != CLIP feature dimension {clip.dim}; refit with: {build_hint('gmm', d)}")
+        watermark = None
+        if no_watermark:
+            notes.append("watermark stage disabled by --no-watermark")
+        elif "watermark" not in arts:
+            notes.append(f"no watermark model in {d}: the watermark stage is off; build it with: {build_hint('watermark', d)}")
+        else:
+            watermark = WatermarkStage.from_entry(arts["watermark"].path, arts["watermark"].entry, threads, max_batch)
+        details = {
+            "models_dir": str(d.resolve()),
+            "clip": {"artifact": clip_name, "file": arts[clip_name].path.name, "sha256": arts[clip_name].sha256,
+                     "dim": clip.dim, "input_size": clip.spec.size},
+            "gmm": {"file": arts["gmm"].path.name, "sha256": arts["gmm"].sha256, "dim": int(gmm.dim),
+                    "fitted_on_clip_sha256": fitted_on, "suggested_threshold": suggested},
+            "watermark": None if watermark is None else {"file": arts["watermark"].path.name,
+                                                         "sha256": arts["watermark"].sha256, "input_size": watermark.spec.size},
+            "notes": notes,
+        }
+        for note in notes:
+            log.warning(note)
+        return cls(clip, gmm, watermark, gmm_threshold, watermark_threshold, details)
+
+    def clip_input(self, batch: np.ndarray) -> np.ndarray:
+        return self.clip.preprocess(batch)
+
+    def embed(self, x: np.ndarray) -> np.ndarray:
+        return self.clip.run(x)
+
+    def gmm_score(self, features: np.ndarray) -> np.ndarray:
+        if len(features) == 0:
+            return np.zeros(0, dtype=np.float64)
+        return np.asarray(self.gmm.score(features), dtype=np.float64)
+
+    def watermark_input(self, batch: np.ndarray) -> np.ndarray:
+        assert self.watermark is not None
+        return self.watermark.preprocess(batch)
+
+    def watermark_prob(self, x: np.ndarray) -> np.ndarray:
+        assert self.watermark is not None
+        return self.watermark.run(x)
+
+    def info(self) -> dict[str, Any]:
+        return {"version": __version__, "models": self.details,
+                "thresholds": {"gmm": self.gmm_threshold, "watermark": self.watermark_threshold},
+                "watermark_stage": self.has_watermark}
