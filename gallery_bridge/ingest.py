@@ -1,0 +1,160 @@
+"""One ingest, exactly once: idempotency, dedup, then a durable write through a target.
+
+Order of checks, cheapest first: key seen before -> sha256 seen before ->
+perceptual near-duplicate (phash, crop-tolerant, CLIP). Only a new image gets a
+pending catalogue row, files, and a complete row; the reply is built after that
+commit. Everything runs on one thread: ingests are serialised, which is what
+makes "check, then write" safe without locks.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .catalogue import Catalogue
+from .dedup import DedupConfig, Deduplicator, Fingerprint, fingerprint
+from .targets import Stored, Target
+from .validate import CheckedImage, Meta
+
+log = logging.getLogger(__name__)
+
+CRASH_ENV = "GALLERY_BRIDGE_TEST_CRASH_AT"
+"""Test hook: name of a point at which the process SIGKILLs itself (crash tests only)."""
+
+CRASH_POINTS = ("pending", "image_tmp", "image", "thumb", "committed", "page")
+
+
+def crash_hook() -> Any:
+    """The function targets call at each named point; inert unless the env var is set."""
+    wanted = os.environ.get(CRASH_ENV, "")
+
+    def crash(point: str) -> None:
+        if wanted and point == wanted:
+            log.error("test hook: SIGKILL at %s", point)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return crash
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The answer to one ingest."""
+
+    status: str  # added | duplicate | rejected
+    gallery_id: int | None
+    reason: str | None = None  # why a duplicate: key, sha256, phash, phash_mirror, crop, clip, gallery
+    message: str | None = None
+
+    def reply_fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status, "gallery_id": self.gallery_id}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.message:
+            out["message"] = self.message
+        return out
+
+
+def coarse_to_int(fp: Fingerprint) -> int:
+    """SQLite integers are signed 64-bit: store the coarse hash's bits as int64."""
+    return int(fp.coarse.view(np.int64)[0])
+
+
+def coarse_from_int(value: int) -> np.ndarray:
+    return np.array([value], dtype=np.int64).view(np.uint64)
+
+
+class Ingester:
+    """Catalogue + in-memory indexes + one target."""
+
+    def __init__(self, catalogue: Catalogue, target: Target, dedup: DedupConfig | None = None) -> None:
+        from .dedup import words_from_hex
+
+        self.catalogue = catalogue
+        self.target = target
+        self.dedup = Deduplicator(dedup or DedupConfig(), catalogue.signature)
+        self._crash = crash_hook()
+        self.recovered = target.recover(catalogue)
+        t0 = time.perf_counter()
+        for row in catalogue.iter_index_rows():
+            self.dedup.phash.add(row["id"], words_from_hex(row["phash"]))
+            self.dedup.coarse.add(row["id"], coarse_from_int(row["coarse"]))
+            if row["features"] is not None:
+                self.dedup.features.add(row["id"], np.frombuffer(row["features"], dtype="<f4"))
+        log.info("loaded %d hashes in %.0f ms", len(self.dedup.phash), 1000 * (time.perf_counter() - t0))
+
+    def ingest(self, key: str, meta: Meta, image: CheckedImage, features: np.ndarray | None = None,
+               *, min_side: int = 0) -> Outcome:
+        known = self.catalogue.by_key(key)
+        if known:
+            return Outcome("duplicate", known.gallery_id, "key")
+        sha = hashlib.sha256(image.data).hexdigest()
+        known = self.catalogue.by_sha256(sha)
+        if known:
+            self.catalogue.add_alias(key, known.entry_id, "sha256")
+            return Outcome("duplicate", known.gallery_id, "sha256")
+        if min(image.width, image.height) < min_side:
+            return Outcome("rejected", None, "too_small", f"{image.width}x{image.height} is below the {min_side} px minimum side")
+        fp = fingerprint(image.image)
+        match = self.dedup.find(fp, features)
+        if match:
+            gid = self.catalogue.gallery_id(match.entry_id)
+            self.catalogue.add_alias(key, match.entry_id, match.reason)
+            log.info("near-duplicate key=%s of entry %d (%s %.3f)", key, match.entry_id, match.reason, match.score)
+            return Outcome("duplicate", gid, match.reason)
+        return self._write(key, sha, fp, meta, image, features)
+
+    def _write(self, key: str, sha: str, fp: Fingerprint, meta: Meta, image: CheckedImage,
+               features: np.ndarray | None) -> Outcome:
+        entry_id = self.catalogue.insert_pending(
+            key=key, sha256=sha, phash=fp.phash_hex, coarse=coarse_to_int(fp), signature=fp.signature,
+            features=features, ext=image.ext, width=image.width, height=image.height, nbytes=len(image.data),
+            meta=meta.as_dict(),
+        )
+        self._crash("pending")
+        try:
+            stored: Stored = self.target.store(entry_id, image, meta)
+        except BaseException:
+            # Undo now rather than at the next start: the sender will retry.
+            self.target.discard(entry_id, image.ext)
+            self.catalogue.delete(entry_id)
+            raise
+        if stored.status == "rejected" or stored.gallery_id is None:
+            self.target.discard(entry_id, image.ext)
+            self.catalogue.delete(entry_id)
+            return Outcome("rejected", None, "gallery", stored.message)
+        origin = "added" if stored.status == "added" else "known"
+        self.catalogue.complete(entry_id, stored.gallery_id, origin)
+        self._crash("committed")
+        self.dedup.add(entry_id, fp, features)
+        try:
+            self.target.published(self.catalogue)
+        except OSError as exc:  # the entry is safe; a stale page is not worth failing the ingest
+            log.error("could not rewrite the page: %s", exc)
+        self._crash("page")
+        log.info("%s key=%s gallery_id=%s", stored.status, key, stored.gallery_id)
+        if stored.status == "added":
+            return Outcome("added", stored.gallery_id)
+        return Outcome("duplicate", stored.gallery_id, "gallery", stored.message)
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.dedup.config
+        return {
+            "target": self.target.describe(),
+            "entries": self.catalogue.count(),
+            "dedup": {
+                "phash_threshold": cfg.phash_threshold, "coarse_threshold": cfg.coarse_threshold,
+                "crop_correlation": cfg.crop_correlation, "max_crop": cfg.max_crop,
+                "clip_threshold": cfg.clip_threshold,
+            },
+        }
+
+    def close(self) -> None:
+        self.target.close()
+        self.catalogue.close()

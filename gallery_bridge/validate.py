@@ -1,0 +1,191 @@
+"""Checks on everything an ingest request carries, before anything is written.
+
+The key and metadata come from the crawler, which copies them from the open
+web: every string is length-capped, URLs must be http(s), and nothing from
+them is ever used to build a file path (files are named by catalogue id).
+The image is checked by magic bytes, then decoded by Pillow with a pixel cap.
+"""
+from __future__ import annotations
+
+import io
+import math
+import unicodedata
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+from anti_sus.protocol import ProtocolError
+
+MAX_KEY = 256
+MAX_URL = 2048
+MAX_TEXT = 300
+MAX_SCORES = 16
+
+# Formats a gallery shows: what browsers display and scenery accepts (jpg/png), plus webp.
+FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+URL_FIELDS = ("source_url", "permalink")
+TEXT_FIELDS = ("title", "subreddit", "author", "licence", "source")
+
+
+@dataclass
+class Limits:
+    """Size caps; the server derives its ZMQ_MAXMSGSIZE from them."""
+
+    max_image_bytes: int = 50 * 1024 * 1024
+    max_pixels: int = 100_000_000
+    min_side: int = 64
+    max_features_dim: int = 4096
+
+
+@dataclass
+class Meta:
+    """Cleaned metadata: only known fields, only safe values."""
+
+    source_url: str | None = None
+    permalink: str | None = None
+    title: str | None = None
+    subreddit: str | None = None
+    author: str | None = None
+    licence: str | None = None
+    source: str | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if v not in (None, {})}
+
+
+@dataclass
+class CheckedImage:
+    """A decoded image that passed every check."""
+
+    data: bytes
+    image: Image.Image
+    ext: str
+    width: int
+    height: int
+
+
+def clean_text(value: Any, name: str, cap: int) -> str | None:
+    """A string with control characters removed and length capped (None stays None)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ProtocolError("bad_meta", f"meta.{name} must be a string, got {type(value).__name__}")
+    # Control and format characters (newlines, bidi overrides) have no place in a title.
+    text = "".join(ch for ch in value if unicodedata.category(ch)[0] != "C" or ch == " ")
+    text = text.strip()
+    return text[:cap] or None
+
+
+def clean_url(value: Any, name: str) -> str | None:
+    """An http(s) URL or None: anything else (javascript:, data:, file:) is dropped."""
+    text = clean_text(value, name, MAX_URL + 1)
+    if text is None:
+        return None
+    if len(text) > MAX_URL:
+        return None  # a truncated URL points elsewhere: drop it rather than store it
+    lower = text.lower()
+    if not (lower.startswith("https://") or lower.startswith("http://")) or any(c.isspace() for c in text):
+        return None
+    return text
+
+
+def check_key(value: Any) -> str:
+    """The idempotency key: a short printable string such as ``reddit:t3_abc:0``."""
+    if not isinstance(value, str) or not value:
+        raise ProtocolError("bad_header", "header needs a non-empty string 'key'")
+    if len(value) > MAX_KEY:
+        raise ProtocolError("bad_header", f"key is {len(value)} characters, limit {MAX_KEY}")
+    if any(unicodedata.category(ch)[0] == "C" for ch in value):
+        raise ProtocolError("bad_header", "key contains control characters")
+    return value
+
+
+def check_meta(value: Any) -> Meta:
+    """Validate the ``meta`` object; unknown fields are ignored, wrong types refused."""
+    if value is None:
+        return Meta()
+    if not isinstance(value, dict):
+        raise ProtocolError("bad_meta", "meta must be a JSON object")
+    meta = Meta()
+    for name in URL_FIELDS:
+        setattr(meta, name, clean_url(value.get(name), name))
+    for name in TEXT_FIELDS:
+        setattr(meta, name, clean_text(value.get(name), name, MAX_TEXT))
+    scores = value.get("scores")
+    if scores is not None:
+        if not isinstance(scores, dict) or len(scores) > MAX_SCORES:
+            raise ProtocolError("bad_meta", f"meta.scores must be an object of at most {MAX_SCORES} numbers")
+        for k, v in scores.items():
+            if not isinstance(k, str) or len(k) > 64:
+                raise ProtocolError("bad_meta", "meta.scores keys must be short strings")
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ProtocolError("bad_meta", f"meta.scores.{k[:64]} must be a finite number")
+            meta.scores[clean_text(k, "scores key", 64) or "?"] = float(v)
+    return meta
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The Pillow format name from magic bytes, or None for anything not allowed."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def check_image(data: bytes, limits: Limits) -> CheckedImage:
+    """Magic bytes, then a full Pillow decode under a pixel cap; raises ``bad_image``/``too_large``."""
+    if len(data) > limits.max_image_bytes:
+        raise ProtocolError("too_large", f"image is {len(data)} bytes, limit {limits.max_image_bytes}")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ProtocolError("bad_image", "not a JPEG, PNG or WebP file (magic bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[fmt])
+            width, height = image.size
+            if width * height > limits.max_pixels:
+                raise ProtocolError("too_large", f"{width}x{height} pixels, limit {limits.max_pixels}")
+            if getattr(image, "n_frames", 1) > 1:
+                raise ProtocolError("bad_image", "animated images are not photos")
+            image.load()
+    except ProtocolError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ProtocolError("too_large", f"decompression bomb: {exc}") from None
+    except Exception as exc:  # Pillow raises many types for corrupt files
+        raise ProtocolError("bad_image", f"cannot decode {fmt}: {exc}") from None
+    return CheckedImage(data=data, image=image, ext=FORMATS[fmt], width=width, height=height)
+
+
+def check_features(frame: bytes | None, declared: Any, limits: Limits) -> np.ndarray | None:
+    """Optional float32 CLIP features: dimension declared or inferred, values finite."""
+    if frame is None or len(frame) == 0:
+        if declared not in (None, 0):
+            raise ProtocolError("size_mismatch", f"features_dim {declared} declared but no features frame")
+        return None
+    if len(frame) % 4:
+        raise ProtocolError("size_mismatch", f"features frame is {len(frame)} bytes, not a multiple of 4")
+    dim = len(frame) // 4
+    if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int) or declared != dim):
+        raise ProtocolError("size_mismatch", f"features_dim {declared!r} but the frame holds {dim} float32")
+    if dim > limits.max_features_dim:
+        raise ProtocolError("too_large", f"{dim} features, limit {limits.max_features_dim}")
+    vec = np.frombuffer(frame, dtype="<f4").astype(np.float32)
+    if not np.all(np.isfinite(vec)):
+        raise ProtocolError("bad_shape", "features contain NaN or infinity")
+    return vec
+
+
+def scores_from(meta: Mapping[str, Any]) -> dict[str, float]:
+    return dict(meta.get("scores") or {})
