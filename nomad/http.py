@@ -65,6 +65,8 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
 RETRY_REASONS = frozenset({"timeout", "connection", "http_429", "http_5xx"})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 CHUNK = 64 * 1024
+SNIFF_BYTES = 32
+"""Bytes gathered before the first-bytes check runs (a slow server may send one at a time)."""
 ERROR_BODY_MAX = 64 * 1024
 """How much of an error response's body is kept (for messages, flickr/imgur error JSON)."""
 
@@ -526,10 +528,14 @@ class HttpClient:
                 chunk = resp.read1(CHUNK)
                 if not chunk:
                     complete = True
+                    if check is not None and chunks:
+                        check(b"".join(chunks), resp.headers)
                     break
-                if check is not None and total == 0:
-                    check(chunk, resp.headers)
                 total += len(chunk)
+                if check is not None and total >= SNIFF_BYTES:
+                    # Judge the body by its first bytes, before reading the rest of it.
+                    check(b"".join(chunks) + chunk, resp.headers)
+                    check = None
                 if total > limit:
                     if strict:
                         raise FetchError("too_large", f"{url}: body exceeds {limit} bytes", url=url)

@@ -1,0 +1,174 @@
+"""A loopback internet for tests: reddit, imgur, flickr and image hosts over real HTTPS.
+
+Usage::
+
+    with Emulator() as emu:                      # default_scenario(): every parser path
+        run_nomad(emu.nomad_args(), env=emu.nomad_env())
+        assert emu.count(host="i.redd.it") == …
+
+The server listens on 127.0.0.1 (random port) and serves the *real* host names
+with a certificate from a CA made at test time; nomad reaches it through
+``--resolve HOST:PORT:127.0.0.1`` pins and ``--ca-bundle`` with its SSRF guard
+on, so tests exercise the same URLs and TLS path as production.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+from .cert import EmulatorTLS, make_tls
+from .scenario import (
+    HOSTS,
+    WILDCARDS,
+    FlickrPhoto,
+    ImgurImage,
+    Resource,
+    Scenario,
+    base58,
+    default_scenario,
+)
+from .server import EmulatorHTTPServer, RateBucket, RequestRecord
+
+__all__ = [
+    "Emulator", "Scenario", "Resource", "ImgurImage", "FlickrPhoto", "RequestRecord",
+    "default_scenario", "base58", "HOSTS",
+]
+
+
+class Emulator:
+    """The emulated internet as a context manager (also ``start()``/``stop()``).
+
+    ``scenario``: a :class:`Scenario`, a factory ``port -> Scenario``, or None for
+    :func:`default_scenario`. ``rate_limit``/``rate_window``: reddit's budget per
+    client (anonymous, and per OAuth client id); ``anon_rate_limit`` overrides it
+    for anonymous requests (real reddit: ~10/min anonymous, 100/min OAuth).
+    """
+
+    def __init__(
+        self,
+        scenario: Scenario | Callable[[int], Scenario] | None = None,
+        *,
+        rate_limit: int = 100,
+        rate_window: float = 600.0,
+        anon_rate_limit: int | None = None,
+        port: int = 0,
+    ) -> None:
+        self.rate_limit = rate_limit
+        self.rate_window = rate_window
+        self.anon_rate_limit = rate_limit if anon_rate_limit is None else anon_rate_limit
+        self.hosts: list[str] = list(HOSTS)
+        self.tls: EmulatorTLS = make_tls(self.hosts, WILDCARDS)
+        self.ca_bundle: str = self.tls.ca_bundle
+        self.requests: list[RequestRecord] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._tokens: dict[str, tuple[str, float]] = {}
+        self._buckets: dict[str, RateBucket] = {}
+        self._server = EmulatorHTTPServer(self, port)  # binds now: the port is known for the scenario
+        self.port: int = int(self._server.server_address[1])
+        if scenario is None:
+            scenario = default_scenario
+        self.scenario: Scenario = scenario(self.port) if callable(scenario) else scenario
+        self.scenario.port = self.port
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> "Emulator":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                            name="nomad-emulator", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._server.server_close()
+        self.tls.cleanup()
+
+    def __enter__(self) -> "Emulator":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- what nomad needs ------------------------------------------------------------------
+
+    def url(self, host: str, path: str) -> str:
+        """``https://host:PORT/path`` (every URL the emulator emits carries its port)."""
+        return self.scenario.url(host, path)
+
+    def resolve_entries(self) -> list[str]:
+        """``HOST:PORT:127.0.0.1`` for every emulated host (curl-style ``--resolve``)."""
+        return [f"{h}:{self.port}:127.0.0.1" for h in self.hosts]
+
+    def nomad_args(self) -> list[str]:
+        """Flags that point nomad at the emulator with the SSRF guard still on."""
+        args: list[str] = []
+        for entry in self.resolve_entries():
+            args += ["--resolve", entry]
+        return args + [
+            "--ca-bundle", self.ca_bundle,
+            "--reddit-url", f"https://www.reddit.com:{self.port}",
+            "--reddit-oauth-url", f"https://oauth.reddit.com:{self.port}",
+            "--imgur-api-url", f"https://api.imgur.com:{self.port}",
+            "--flickr-api-url", f"https://api.flickr.com:{self.port}",
+        ]
+
+    def nomad_env(self) -> dict[str, str]:
+        """Credentials the emulated APIs accept, as the environment variables nomad reads."""
+        scn = self.scenario
+        cid, secret = next(iter(scn.reddit_clients.items()))
+        return {
+            "REDDIT_CLIENT_ID": cid,
+            "REDDIT_CLIENT_SECRET": secret,
+            "IMGUR_CLIENT_ID": next(iter(scn.imgur_client_ids)),
+            "FLICKR_API_KEY": next(iter(scn.flickr_api_keys)),
+        }
+
+    # -- observation -----------------------------------------------------------------------
+
+    def records(self) -> list[RequestRecord]:
+        """A snapshot of ``requests``."""
+        with self._lock:
+            return list(self.requests)
+
+    def count(self, *, host: str | None = None, path: str | None = None, method: str | None = None) -> int:
+        """How many requests matched (path: exact, or a prefix ending in ``*``)."""
+        def match(r: RequestRecord) -> bool:
+            if host is not None and r.host != host:
+                return False
+            if method is not None and r.method != method:
+                return False
+            if path is not None:
+                return r.path.startswith(path[:-1]) if path.endswith("*") else r.path == path
+            return True
+        return sum(1 for r in self.records() if match(r))
+
+    def reset_rate_limits(self) -> None:
+        with self._lock:
+            self._buckets.clear()
+
+    # -- used by the handler ---------------------------------------------------------------
+
+    def _record(self, rec: RequestRecord) -> None:
+        with self._lock:
+            self.requests.append(rec)
+
+    def _bucket(self, client: str) -> RateBucket:
+        with self._lock:
+            b = self._buckets.get(client)
+            if b is None:
+                limit = self.anon_rate_limit if client == "anonymous" else self.rate_limit
+                b = self._buckets[client] = RateBucket(limit, self.rate_window, time.monotonic())
+            return b
+
+    def _injected(self, host: str, path: str) -> int | None:
+        with self._lock:
+            queue = self.scenario.inject.get((host, path))
+            return queue.pop(0) if queue else None
