@@ -1,0 +1,185 @@
+"""The common base of the per-site extractors: what a post and an image look like, URL dispatch.
+
+A listing yields :class:`Candidate` posts. Each carries :class:`Link` objects:
+what the post points at, with the size the listing already knows (reddit's
+preview sizes) so the resolution rules can run before anything is downloaded.
+A link is *expanded* into :class:`ImageRef` objects (one per downloadable
+image) either directly (i.redd.it, direct files) or by the site module that
+owns its host (imgur albums, flickr pages through their APIs).
+"""
+from __future__ import annotations
+
+import posixpath
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
+"""Extensions of direct links worth downloading (the formats nomad decodes)."""
+
+ANIMATED_EXTENSIONS = {".gif", ".gifv", ".mp4", ".webm", ".apng"}
+"""Extensions that are never still photos."""
+
+
+class SourceError(Exception):
+    """Expanding a link failed; ``transient`` says whether a later retry can help.
+
+    A permanent failure (photo not found, removed album) becomes a rejection
+    with ``reason``; a transient one (timeout, 5xx) a failure with a retry count.
+    """
+
+    def __init__(self, reason: str, message: str = "", *, transient: bool = False) -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+        self.transient = transient
+
+
+@dataclass
+class Link:
+    """Something a post points at, before any site API was asked about it."""
+
+    url: str
+    width: int | None = None
+    height: int | None = None
+    animated: bool = False
+    media: str = "image"  # image | video | unknown
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ImageRef:
+    """One downloadable image, with its stable key and what is known before download."""
+
+    key: str  # e.g. reddit:t3_abc123:0 (source, post fullname, index within the post)
+    url: str
+    width: int | None = None
+    height: int | None = None
+    animated: bool = False
+    media: str = "image"
+    site: str = "direct"  # reddit | imgur | flickr | direct: whose rules apply to the download
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (stored so a failed download can be retried after a restart)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ImageRef":
+        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class Candidate:
+    """One post from a listing, normalised across sites."""
+
+    source: str  # reddit
+    post_id: str  # fullname, e.g. t3_abc123
+    url: str = ""
+    title: str = ""
+    author: str = ""
+    subreddit: str = ""
+    permalink: str = ""
+    domain: str = ""
+    score: int | None = None
+    created_utc: float | None = None
+    over_18: bool = False
+    spoiler: bool = False
+    is_video: bool = False
+    removed: bool = False
+    links: list[Link] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (kept in the state DB so a failed expansion can be retried)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Candidate":
+        """Inverse of :meth:`to_dict`."""
+        names = {f for f in cls.__dataclass_fields__}
+        kw = {k: v for k, v in d.items() if k in names and k != "links"}
+        links = [Link(**{k: v for k, v in ln.items() if k in Link.__dataclass_fields__}) for ln in d.get("links", [])]
+        return cls(**kw, links=links)
+
+    def meta(self) -> dict[str, Any]:
+        """Source metadata that travels with every image of this post to the gallery."""
+        return {
+            "source": self.source,
+            "post_id": self.post_id,
+            "title": self.title,
+            "author": self.author,
+            "subreddit": self.subreddit,
+            "permalink": self.permalink,
+            "post_url": self.url,
+            "post_score": self.score,
+            "created_utc": self.created_utc,
+        }
+
+
+def host_of(url: str) -> str:
+    """Lower-case host name of ``url`` without a port ('' when there is none)."""
+    try:
+        return (urlsplit(url).hostname or "").lower().rstrip(".")
+    except ValueError:
+        return ""
+
+
+def host_matches(host: str, domain: str) -> bool:
+    """True when ``host`` is ``domain`` or one of its subdomains."""
+    host, domain = host.lower().rstrip("."), domain.lower().strip(".")
+    return host == domain or host.endswith("." + domain)
+
+
+def extension_of(url: str) -> str:
+    """Lower-case extension of the URL's path ('.jpg'), '' when it has none."""
+    try:
+        path = urlsplit(url).path
+    except ValueError:
+        return ""
+    return posixpath.splitext(path)[1].lower()
+
+
+def is_http_url(url: str) -> bool:
+    """Only http(s) URLs are ever followed."""
+    try:
+        return urlsplit(url).scheme in ("http", "https") and bool(urlsplit(url).hostname)
+    except ValueError:
+        return False
+
+
+Expander = Callable[[Link], list[ImageRef]]
+
+
+def site_of(url: str) -> str:
+    """Which extractor owns ``url``: reddit | imgur | flickr | direct | video | unsupported."""
+    if not is_http_url(url):
+        return "unsupported"
+    host = host_of(url)
+    ext = extension_of(url)
+    if host_matches(host, "v.redd.it") or ext in {".mp4", ".webm"}:
+        return "video"
+    if host_matches(host, "i.redd.it"):
+        return "reddit"
+    if host_matches(host, "imgur.com"):
+        return "imgur"
+    if host_matches(host, "flickr.com") or host_matches(host, "flic.kr") or host_matches(host, "staticflickr.com"):
+        return "flickr"
+    if ext in IMAGE_EXTENSIONS or ext in ANIMATED_EXTENSIONS:
+        return "direct"
+    return "unsupported"
+
+
+def direct_ref(key: str, link: Link, site: str = "direct") -> ImageRef:
+    """An :class:`ImageRef` for a link that is already the image file."""
+    ext = extension_of(link.url)
+    return ImageRef(
+        key=key,
+        url=link.url,
+        width=link.width,
+        height=link.height,
+        animated=link.animated or ext in ANIMATED_EXTENSIONS,
+        media=link.media,
+        site=site,
+        meta=dict(link.meta),
+    )

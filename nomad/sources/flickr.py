@@ -1,0 +1,204 @@
+"""flickr: photo pages, ``flic.kr/p/`` short links and ``staticflickr.com`` files.
+
+With an API key (``FLICKR_API_KEY``) ``flickr.photos.getSizes`` picks the
+largest size whose ``media`` is ``photo`` and ``flickr.photos.getInfo``
+records the licence and the photo page (kept for attribution). Without a key
+only direct static files can be fetched, as they are.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from nomad.http import FetchError, HttpClient, HttpStatusError
+
+from .base import ImageRef, Link, SourceError, host_matches
+
+DEFAULT_API = "https://api.flickr.com/services/rest"
+BASE58 = "123456789abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"
+
+LICENSES = {
+    "0": "All Rights Reserved",
+    "1": "CC BY-NC-SA 2.0",
+    "2": "CC BY-NC 2.0",
+    "3": "CC BY-NC-ND 2.0",
+    "4": "CC BY 2.0",
+    "5": "CC BY-SA 2.0",
+    "6": "CC BY-ND 2.0",
+    "7": "No known copyright restrictions",
+    "8": "United States Government Work",
+    "9": "CC0 1.0",
+    "10": "Public Domain Mark 1.0",
+    "11": "CC BY 4.0",
+    "12": "CC BY-SA 4.0",
+    "13": "CC BY-ND 4.0",
+    "14": "CC BY-NC 4.0",
+    "15": "CC BY-NC-SA 4.0",
+    "16": "CC BY-NC-ND 4.0",
+}
+"""flickr's licence ids (``flickr.photos.licenses.getInfo``) by name."""
+
+_STATIC = re.compile(r"^/(?:\d+/)*(\d+)_([0-9a-f]+)(?:_([a-z0-9]+))?\.(jpg|jpeg|png|gif)$", re.I)
+
+# flickr error codes that mean the photo itself is gone or private: a final rejection.
+_GONE = {1, 2}
+
+
+def base58_decode(text: str) -> int:
+    """flic.kr short id -> numeric photo id."""
+    value = 0
+    for ch in text:
+        idx = BASE58.find(ch)
+        if idx < 0:
+            raise ValueError(f"not a flic.kr id: {text!r}")
+        value = value * 58 + idx
+    return value
+
+
+def base58_encode(value: int) -> str:
+    """Numeric photo id -> flic.kr short id (used by tests and the emulator)."""
+    out = ""
+    while value:
+        value, rem = divmod(value, 58)
+        out = BASE58[rem] + out
+    return out or BASE58[0]
+
+
+@dataclass(frozen=True)
+class FlickrTarget:
+    """What a flickr URL names: ``kind`` is page | static."""
+
+    kind: str
+    photo_id: str
+    user: str = ""
+
+
+def parse_url(url: str) -> FlickrTarget | None:
+    """Classify a flickr URL; None when it names no single photo."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    host = (parts.hostname or "").lower()
+    segments = [s for s in parts.path.split("/") if s]
+    if host_matches(host, "flic.kr"):
+        if len(segments) >= 2 and segments[0] == "p":
+            try:
+                return FlickrTarget("page", str(base58_decode(segments[1])))
+            except ValueError:
+                return None
+        return None
+    if host_matches(host, "staticflickr.com"):
+        m = _STATIC.match(parts.path)
+        return FlickrTarget("static", m.group(1)) if m else None
+    if host_matches(host, "flickr.com"):
+        if len(segments) >= 3 and segments[0] == "photos" and segments[2].isdigit():
+            return FlickrTarget("page", segments[2], user=segments[1])
+    return None
+
+
+def largest_photo(sizes: Any) -> Mapping[str, Any] | None:
+    """The largest ``media == "photo"`` entry of a getSizes reply (by pixel count, not order)."""
+    try:
+        entries = sizes["sizes"]["size"]
+    except (KeyError, TypeError):
+        return None
+    best, best_area = None, -1
+    for e in entries if isinstance(entries, list) else []:
+        if not isinstance(e, Mapping) or e.get("media") != "photo" or not e.get("source"):
+            continue
+        try:
+            area = int(e.get("width") or 0) * int(e.get("height") or 0)
+        except (TypeError, ValueError):
+            continue
+        if area >= best_area:
+            best, best_area = e, area
+    return best
+
+
+class FlickrClient:
+    """flickr REST reader (``format=json&nojsoncallback=1``)."""
+
+    def __init__(self, http: HttpClient, *, api_url: str = DEFAULT_API, api_key: str | None = None) -> None:
+        self.http = http
+        self.api_url = api_url
+        self.api_key = api_key
+
+    def call(self, method: str, **params: Any) -> Mapping[str, Any]:
+        """One REST call; ``stat: fail`` replies become SourceErrors with flickr's message."""
+        if not self.api_key:
+            raise SourceError("flickr_no_api_key", "flickr pages need FLICKR_API_KEY")
+        query = {"method": method, "api_key": self.api_key, "format": "json", "nojsoncallback": 1, **params}
+        try:
+            resp = self.http.request("GET", self.api_url, params=query, headers={"Accept": "application/json"})
+        except HttpStatusError as exc:
+            raise SourceError("flickr_http", f"flickr API answered HTTP {exc.status}", transient=True) from exc
+        except FetchError as exc:
+            raise SourceError("flickr_fetch", f"flickr API unreachable: {exc}", transient=True) from exc
+        if resp.status != 200:
+            raise SourceError("flickr_http", f"flickr API answered HTTP {resp.status}", transient=True)
+        try:
+            body = resp.json()
+        except (ValueError, FetchError) as exc:
+            raise SourceError("flickr_bad_reply", "flickr API answered something that is not JSON", transient=True) from exc
+        if not isinstance(body, Mapping):
+            raise SourceError("flickr_bad_reply", "flickr API reply is not an object", transient=True)
+        if body.get("stat") != "ok":
+            code = body.get("code")
+            message = str(body.get("message") or "unknown error")
+            if code in _GONE:
+                raise SourceError("not_found", f"flickr: {message}")
+            raise SourceError("flickr_api_error", f"flickr error {code}: {message}", transient=True)
+        return body
+
+    def info(self, photo_id: str) -> dict[str, Any]:
+        """Licence, owner and page link of a photo; empty when getInfo fails (attribution is best effort)."""
+        try:
+            body = self.call("flickr.photos.getInfo", photo_id=photo_id)
+        except SourceError:
+            return {}
+        photo = body.get("photo") if isinstance(body.get("photo"), Mapping) else {}
+        out: dict[str, Any] = {}
+        lic = photo.get("license")
+        if lic is not None:
+            out["license_id"] = str(lic)
+            out["license"] = LICENSES.get(str(lic), f"flickr licence {lic}")
+        owner = photo.get("owner") if isinstance(photo.get("owner"), Mapping) else {}
+        if owner.get("username"):
+            out["flickr_owner"] = str(owner["username"])
+        try:
+            for u in photo["urls"]["url"]:
+                if u.get("type") == "photopage" and u.get("_content"):
+                    out["page_url"] = str(u["_content"])
+        except (KeyError, TypeError, AttributeError):
+            pass
+        return out
+
+    def expand(self, link: Link, key_prefix: str, start: int = 0) -> list[ImageRef]:
+        """The largest photo behind a flickr link, with licence and page link when known."""
+        target = parse_url(link.url)
+        if target is None:
+            raise SourceError("unsupported_link", f"not a flickr photo: {link.url}")
+        key = f"{key_prefix}:{start}"
+        meta = {**link.meta, "flickr_id": target.photo_id}
+        if target.kind == "page":
+            meta["page_url"] = link.url
+        if target.kind == "static" and not self.api_key:
+            return [ImageRef(key, link.url, link.width, link.height, site="flickr", meta=meta)]
+        sizes = self.call("flickr.photos.getSizes", photo_id=target.photo_id)
+        best = largest_photo(sizes)
+        if best is None:
+            raise SourceError("no_photo_size", f"flickr photo {target.photo_id} has no photo size")
+        meta.update(self.info(target.photo_id))
+        return [
+            ImageRef(
+                key,
+                str(best["source"]),
+                int(best.get("width") or 0) or None,
+                int(best.get("height") or 0) or None,
+                site="flickr",
+                meta=meta,
+            )
+        ]

@@ -1,0 +1,395 @@
+"""reddit: listings (anonymous JSON or OAuth app-only), rate limits, post parsing.
+
+Parsing is pure (``parse_post``/``parse_listing``) so every shape of post is
+tested against fixtures; :class:`RedditClient` does the polite fetching:
+a proper User-Agent, ``X-Ratelimit-*`` obeyed, 429/5xx backed off with jitter,
+OAuth tokens refreshed before they expire and on 401.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+from nomad.http import FetchError, HttpClient, HttpStatusError
+
+from .base import Candidate, Link, SourceError, extension_of, site_of
+
+log = logging.getLogger(__name__)
+
+LISTING_CAP = 1000
+"""reddit stops a listing near 1000 items, whatever ``after`` says."""
+
+MIME_EXT = {"image/jpg": "jpg", "image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "image/gif": "gif"}
+
+
+def _url(value: Any) -> str:
+    """A URL from reddit JSON: unescaped even when the request forgot ``raw_json=1``."""
+    return html.unescape(value) if isinstance(value, str) else ""
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _preview_size(post: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """Size of the full image as reddit's preview reports it (``preview.images[0].source``)."""
+    try:
+        src = post["preview"]["images"][0]["source"]
+        return _int(src.get("width")), _int(src.get("height"))
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None, None
+
+
+def _gallery_links(post: Mapping[str, Any]) -> list[Link]:
+    """One link per gallery item, in ``gallery_data.items`` order (media_metadata is unordered).
+
+    Items that are not valid still images stay in the list, marked, so the
+    rules record a reason for them instead of silently dropping them.
+    """
+    items = (post.get("gallery_data") or {}).get("items") or []
+    metadata = post.get("media_metadata") or {}
+    links: list[Link] = []
+    for item in items:
+        if not isinstance(item, Mapping):
+            continue
+        media_id = str(item.get("media_id") or "")
+        entry = metadata.get(media_id) if isinstance(metadata, Mapping) else None
+        if not media_id or not isinstance(entry, Mapping):
+            links.append(Link(url="", media="unavailable", meta={"media_id": media_id}))
+            continue
+        kind = entry.get("e")
+        source = entry.get("s") if isinstance(entry.get("s"), Mapping) else {}
+        ext = MIME_EXT.get(str(entry.get("m") or "").lower(), "jpg")
+        meta = {"media_id": media_id}
+        if item.get("caption"):
+            meta["caption"] = str(item["caption"])
+        if entry.get("status") != "valid":
+            links.append(Link(url="", media="unavailable", meta=meta))
+        elif kind == "AnimatedImage":
+            links.append(Link(url=f"https://i.redd.it/{media_id}.gif", animated=True, meta=meta))
+        elif kind != "Image":
+            links.append(Link(url="", media="video" if kind == "RedditVideo" else "unknown", meta=meta))
+        else:
+            links.append(
+                Link(
+                    url=f"https://i.redd.it/{media_id}.{ext}",
+                    width=_int(source.get("x")),
+                    height=_int(source.get("y")),
+                    animated=ext == "gif",
+                    meta=meta,
+                )
+            )
+    return links
+
+
+def _media_links(post: Mapping[str, Any]) -> list[Link]:
+    """What one post (or a crosspost's parent) points at."""
+    if post.get("is_video") or post.get("post_hint") == "hosted:video":
+        return [Link(url=_url(post.get("url")), media="video")]
+    if post.get("is_gallery") or post.get("gallery_data") is not None or "/gallery/" in _url(post.get("url")):
+        return _gallery_links(post)
+    url = _url(post.get("url_overridden_by_dest") or post.get("url"))
+    site = site_of(url)
+    if site == "video" or post.get("post_hint") in ("rich:video",):
+        return [Link(url=url, media="video")]
+    if site == "unsupported":
+        return []
+    width, height = _preview_size(post)
+    return [Link(url=url, width=width, height=height, animated=extension_of(url) in (".gif", ".gifv"))]
+
+
+def parse_post(data: Mapping[str, Any]) -> Candidate:
+    """A reddit ``t3`` post as a :class:`Candidate`; crossposts take their parent's media."""
+    parents = data.get("crosspost_parent_list") or []
+    media_post: Mapping[str, Any] = data
+    if isinstance(parents, list) and parents and isinstance(parents[-1], Mapping):
+        media_post = parents[-1]
+    removed = data.get("removed_by_category") is not None or media_post.get("removed_by_category") is not None
+    name = str(data.get("name") or f"t3_{data.get('id', '')}")
+    permalink = str(data.get("permalink") or "")
+    if permalink.startswith("/"):
+        permalink = "https://www.reddit.com" + permalink
+    return Candidate(
+        source="reddit",
+        post_id=name,
+        url=_url(data.get("url_overridden_by_dest") or data.get("url")),
+        title=str(data.get("title") or ""),
+        author=str(data.get("author") or ""),
+        subreddit=str(data.get("subreddit") or ""),
+        permalink=permalink,
+        domain=str(media_post.get("domain") or data.get("domain") or ""),
+        score=_int(data.get("score")),
+        created_utc=float(data["created_utc"]) if isinstance(data.get("created_utc"), (int, float)) else None,
+        over_18=bool(data.get("over_18") or media_post.get("over_18")),
+        spoiler=bool(data.get("spoiler") or media_post.get("spoiler")),
+        is_video=bool(media_post.get("is_video")),
+        removed=removed,
+        links=[] if removed else _media_links(media_post),
+    )
+
+
+def parse_listing(obj: Any) -> tuple[list[Candidate], str | None]:
+    """Posts of one listing page and its ``after`` cursor; anything that is not a t3 is skipped."""
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("data"), Mapping):
+        raise SourceError("bad_listing", "reddit listing without data", transient=True)
+    data = obj["data"]
+    posts = []
+    for child in data.get("children") or []:
+        if isinstance(child, Mapping) and child.get("kind") == "t3" and isinstance(child.get("data"), Mapping):
+            posts.append(parse_post(child["data"]))
+    after = data.get("after")
+    return posts, str(after) if after else None
+
+
+def user_agent(platform: str, app_id: str, version: str, user: str) -> str:
+    """reddit's required form: ``<platform>:<app id>:<version> (by /u/<user>)``."""
+    return f"{platform}:{app_id}:{version} (by /u/{user})"
+
+
+@dataclass
+class RedditConfig:
+    """Where and how to talk to reddit (every endpoint overridable for tests and mirrors)."""
+
+    base_url: str = "https://www.reddit.com"
+    oauth_url: str = "https://oauth.reddit.com"
+    client_id: str | None = None
+    client_secret: str | None = None
+    user_agent: str = user_agent("python", "nomad", "0.1.0", "nomad")
+    limit: int = 100
+    ratelimit_reserve: float = 1.0  # sleep until reset when this many requests (or fewer) remain
+    max_retries: int = 4
+    backoff: float = 2.0
+    backoff_max: float = 120.0
+    token_margin: float = 60.0  # refresh a token this many seconds before it expires
+
+    @property
+    def oauth(self) -> bool:
+        return bool(self.client_id and self.client_secret)
+
+
+@dataclass
+class RateState:
+    """What reddit's headers said last (for logs and metrics)."""
+
+    used: float | None = None
+    remaining: float | None = None
+    reset_at: float | None = None  # monotonic time the window ends
+    waits: int = 0
+    waited_s: float = 0.0
+    throttled: int = 0  # 429 answers
+    requests: int = 0
+
+    def describe(self, now: float) -> str:
+        if self.remaining is None:
+            return "unknown"
+        reset = max(0.0, (self.reset_at or now) - now)
+        return f"remaining={self.remaining:g} reset={reset:.0f}s waits={self.waits} 429s={self.throttled}"
+
+
+class RedditClient:
+    """Polite reddit reader: one request at a time, rate limits obeyed.
+
+    ``sleep`` is injectable so a stop event can interrupt waits (graceful
+    SIGTERM) and tests can run without real sleeping; it returns True when the
+    wait was interrupted.
+    """
+
+    def __init__(
+        self,
+        http: HttpClient,
+        config: RedditConfig | None = None,
+        *,
+        sleep: Callable[[float], Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_wait: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.http = http
+        self.config = config or RedditConfig()
+        self._sleep = sleep or time.sleep
+        self._clock = clock
+        self._on_wait = on_wait
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._token_expires = 0.0
+        self.rate = RateState()
+
+    # --- waiting -------------------------------------------------------------------
+    def _wait(self, seconds: float, why: str) -> None:
+        if seconds <= 0:
+            return
+        self.rate.waits += 1
+        self.rate.waited_s += seconds
+        log.info("reddit: waiting %.1fs (%s)", seconds, why)
+        if self._on_wait:
+            self._on_wait(why, seconds)
+        if self._sleep(seconds):
+            raise SourceError("stopped", "stop requested while waiting for reddit", transient=True)
+
+    def _obey_window(self) -> None:
+        """Sleep until the window resets when (nearly) no requests remain in it."""
+        r = self.rate
+        if r.remaining is None or r.reset_at is None:
+            return
+        if r.remaining <= self.config.ratelimit_reserve:
+            left = r.reset_at - self._clock()
+            if left > 0:
+                self._wait(left + 0.05, "rate limit")
+            r.remaining = None  # a new window: trust the next response's headers
+
+    def _read_headers(self, headers: Mapping[str, str]) -> None:
+        h = {k.lower(): v for k, v in headers.items()}
+
+        def num(name: str) -> float | None:
+            try:
+                return float(h[name])
+            except (KeyError, ValueError, TypeError):
+                return None
+
+        remaining, reset, used = num("x-ratelimit-remaining"), num("x-ratelimit-reset"), num("x-ratelimit-used")
+        if remaining is not None:
+            self.rate.remaining = remaining
+        if reset is not None:
+            self.rate.reset_at = self._clock() + reset
+        if used is not None:
+            self.rate.used = used
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with full jitter (so many crawlers do not retry in step)."""
+        cap = min(self.config.backoff_max, self.config.backoff * (2**attempt))
+        return random.uniform(cap / 2, cap)
+
+    # --- OAuth ---------------------------------------------------------------------
+    def _bearer(self, force: bool = False) -> str:
+        now = self._clock()
+        if force or not self._token or now >= self._token_expires - self.config.token_margin:
+            cfg = self.config
+            url = cfg.base_url.rstrip("/") + "/api/v1/access_token"
+            try:
+                resp = self.http.request(
+                    "POST",
+                    url,
+                    data={"grant_type": "client_credentials"},
+                    auth=(cfg.client_id, cfg.client_secret),
+                    headers={"User-Agent": cfg.user_agent},
+                    retry=False,
+                )
+            except HttpStatusError as exc:
+                raise SourceError("reddit_auth", f"token request answered HTTP {exc.status}", transient=True) from exc
+            except FetchError as exc:
+                raise SourceError("reddit_auth", f"token request failed: {exc}", transient=True) from exc
+            if resp.status != 200:
+                raise SourceError("reddit_auth", f"token request answered HTTP {resp.status}", transient=True)
+            try:
+                body = resp.json()
+                token = str(body["access_token"])
+                expires = float(body.get("expires_in", 3600))
+            except (ValueError, KeyError, TypeError, FetchError) as exc:
+                raise SourceError("reddit_auth", "token reply without access_token", transient=True) from exc
+            self._token, self._token_expires = token, now + expires
+            log.info("reddit: new OAuth token, valid %.0fs", expires)
+        return self._token  # type: ignore[return-value]
+
+    # --- requests ------------------------------------------------------------------
+    def get_json(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
+        """GET one reddit JSON document, obeying rate limits and retrying 429/5xx/timeouts."""
+        cfg = self.config
+        params = {**(params or {}), "raw_json": 1}
+        refreshed = False
+        with self._lock:
+            for attempt in range(cfg.max_retries + 1):
+                self._obey_window()
+                headers = {"User-Agent": cfg.user_agent, "Accept": "application/json"}
+                if cfg.oauth:
+                    url = cfg.oauth_url.rstrip("/") + "/" + path.strip("/")
+                    headers["Authorization"] = "bearer " + self._bearer()
+                else:
+                    url = cfg.base_url.rstrip("/") + "/" + path.strip("/") + ".json"
+                self.rate.requests += 1
+                status, resp_headers, retry_after, resp = 0, {}, None, None
+                try:
+                    resp = self.http.request("GET", url, params=params, headers=headers, retry=False)
+                    status, resp_headers = resp.status, resp.headers
+                except HttpStatusError as exc:
+                    status, resp_headers, retry_after = exc.status, exc.headers or {}, exc.retry_after
+                except FetchError as exc:
+                    if attempt >= cfg.max_retries:
+                        raise SourceError("reddit_fetch", f"reddit unreachable: {exc}", transient=True) from exc
+                    self._wait(self._backoff(attempt), f"fetch error: {exc}")
+                    continue
+                self._read_headers(resp_headers)
+                if status == 200 and resp is not None:
+                    try:
+                        return resp.json()
+                    except (ValueError, FetchError) as exc:
+                        raise SourceError("bad_listing", "reddit answered something that is not JSON", transient=True) from exc
+                if status == 401 and cfg.oauth and not refreshed:
+                    refreshed = True
+                    self._bearer(force=True)  # expired or revoked early: one fresh token, then retry
+                    continue
+                if status == 429 or status >= 500:
+                    if status == 429:
+                        self.rate.throttled += 1
+                    if attempt >= cfg.max_retries:
+                        raise SourceError("reddit_http", f"reddit answered HTTP {status}", transient=True)
+                    delay = self._backoff(attempt)
+                    if status == 429:
+                        reset_left = (self.rate.reset_at or 0) - self._clock()
+                        delay = max(delay, float(retry_after or 0), reset_left)
+                    self._wait(delay, f"HTTP {status}")
+                    continue
+                raise SourceError("reddit_http", f"reddit answered HTTP {status} for {path}", transient=status in (401, 403, 408))
+        raise SourceError("reddit_http", "reddit retries exhausted", transient=True)
+
+    def listing(self, path: str, *, after: str | None = None, limit: int | None = None, extra: Mapping[str, Any] | None = None) -> tuple[list[Candidate], str | None]:
+        """One page of a listing such as ``r/all/new``."""
+        params: dict[str, Any] = {"limit": min(100, limit or self.config.limit)}
+        if after:
+            params["after"] = after
+        params.update(extra or {})
+        return parse_listing(self.get_json(path, params))
+
+    def poll(self, path: str, *, backfill: bool = False, is_seen: Callable[[str], bool] | None = None, max_items: int = LISTING_CAP) -> Iterator[Candidate]:
+        """Posts of a listing, each post id once; follows ``after`` when ``backfill`` is set.
+
+        Without backfill one page is read (a new-listing poll); with it, pages are
+        followed until the cap, the end, or a page whose posts were all seen.
+        """
+        seen_here: set[str] = set()
+        after: str | None = None
+        count = 0
+        while count < max_items:
+            posts, after = self.listing(path, after=after, limit=min(self.config.limit, max_items - count))
+            fresh = 0
+            for post in posts:
+                count += 1
+                if post.post_id in seen_here:
+                    continue
+                seen_here.add(post.post_id)
+                if is_seen is None or not is_seen(post.post_id):
+                    fresh += 1
+                yield post
+            if not backfill or not after or not posts or fresh == 0:
+                return
+
+    def top(self, subreddit: str, t: str = "all", limit: int = 100) -> list[Candidate]:
+        """Top posts of a subreddit (``t`` = hour|day|week|month|year|all), following pages up to ``limit``."""
+        out: list[Candidate] = []
+        seen: set[str] = set()
+        after: str | None = None
+        while len(out) < min(limit, LISTING_CAP):
+            posts, after = self.listing(f"r/{subreddit}/top", after=after, limit=limit - len(out), extra={"t": t})
+            for post in posts:
+                if post.post_id not in seen:
+                    seen.add(post.post_id)
+                    out.append(post)
+            if not after or not posts:
+                break
+        return out[:limit]

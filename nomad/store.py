@@ -1,0 +1,306 @@
+"""State: SQLite (WAL) under ``--state-dir``: posts, image keys with outcomes, the outbox.
+
+Nothing is downloaded twice and nothing accepted is lost across restarts:
+
+* ``posts``: every post id seen, with its outcome (expanded, rejected+reason,
+  failed+error+retry count). A post seen once is never expanded again unless
+  its expansion failed and retries are left.
+* ``images``: every image key (``reddit:t3_abc:0``) with its state:
+  ``pending`` (to download), ``accepted`` (anti_sus said good; in the outbox),
+  ``delivered`` (acknowledged by gallery_bridge or written to --save-dir),
+  ``rejected`` (+reason), ``failed`` (+error, retry count; retried while
+  retries < the limit).
+* ``outbox``: accepted images not yet acknowledged; the original bytes stay on
+  disk under ``state-dir/outbox/`` until the ack, so a restart redelivers them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from nomad.sources.base import Candidate, ImageRef
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS posts (
+    post_id    TEXT PRIMARY KEY,
+    source     TEXT NOT NULL,
+    state      TEXT NOT NULL,          -- expanded | rejected | failed
+    reason     TEXT,
+    error      TEXT,
+    retries    INTEGER NOT NULL DEFAULT 0,
+    data       TEXT,                   -- the candidate as JSON, to retry a failed expansion
+    first_seen REAL NOT NULL,
+    updated    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS posts_state ON posts(state);
+CREATE TABLE IF NOT EXISTS images (
+    key        TEXT PRIMARY KEY,
+    post_id    TEXT NOT NULL,
+    url        TEXT NOT NULL,
+    state      TEXT NOT NULL,          -- pending | accepted | delivered | rejected | failed
+    reason     TEXT,
+    error      TEXT,
+    retries    INTEGER NOT NULL DEFAULT 0,
+    ref        TEXT NOT NULL,          -- the ImageRef as JSON, to download after a restart
+    scores     TEXT,
+    gallery    TEXT,                   -- gallery_bridge's answer: added | duplicate | rejected, id
+    created    REAL NOT NULL,
+    updated    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_state ON images(state);
+CREATE INDEX IF NOT EXISTS images_post ON images(post_id);
+CREATE INDEX IF NOT EXISTS images_url ON images(url);
+CREATE TABLE IF NOT EXISTS outbox (
+    key        TEXT PRIMARY KEY,
+    path       TEXT NOT NULL,
+    features   TEXT,
+    meta       TEXT NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    created    REAL NOT NULL
+);
+"""
+
+DECIDED = ("accepted", "delivered", "rejected")
+
+
+def safe_name(key: str) -> str:
+    """A file name for a key: readable, and unique thanks to a hash of the full key."""
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)[:80]
+    return f"{readable}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+@dataclass
+class OutboxItem:
+    """One accepted image waiting for delivery."""
+
+    key: str
+    path: Path
+    meta: dict[str, Any]
+    features: Path | None
+    attempts: int
+
+    def read(self) -> bytes:
+        return self.path.read_bytes()
+
+    def read_features(self) -> np.ndarray | None:
+        if self.features is None or not self.features.is_file():
+            return None
+        return np.load(self.features, allow_pickle=False)
+
+
+class Store:
+    """The state DB; safe to share between the crawler's threads (one connection, one lock)."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.outbox_dir = self.dir / "outbox"
+        self.outbox_dir.mkdir(exist_ok=True)
+        self.spool_dir = self.dir / "spool"
+        self.spool_dir.mkdir(exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.dir / "nomad.sqlite3", check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _one(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        with self._lock:
+            return self._db.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # --- posts ---------------------------------------------------------------------
+    def seen_post(self, post_id: str) -> bool:
+        return self._one("SELECT 1 FROM posts WHERE post_id = ?", (post_id,)) is not None
+
+    def post_state(self, post_id: str) -> tuple[str, str | None, int] | None:
+        """(state, reason or error, retries) of a post, None when never seen."""
+        row = self._one("SELECT state, COALESCE(reason, error), retries FROM posts WHERE post_id = ?", (post_id,))
+        return (row[0], row[1], row[2]) if row else None
+
+    def record_post(self, post: Candidate, state: str, *, reason: str | None = None, error: str | None = None) -> None:
+        """Record a post's outcome; a failure adds one to its retry count."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                """INSERT INTO posts(post_id, source, state, reason, error, retries, data, first_seen, updated)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(post_id) DO UPDATE SET state = excluded.state, reason = excluded.reason,
+                       error = excluded.error, updated = excluded.updated,
+                       retries = posts.retries + (excluded.state = 'failed')""",
+                (post.post_id, post.source, state, reason, error, int(state == "failed"), json.dumps(post.to_dict()), now, now),
+            )
+
+    def retry_posts(self, max_retries: int) -> list[Candidate]:
+        """Posts whose expansion failed and that have retries left."""
+        rows = self._all("SELECT data FROM posts WHERE state = 'failed' AND retries < ? ORDER BY updated", (max_retries,))
+        return [Candidate.from_dict(json.loads(r[0])) for r in rows if r[0]]
+
+    # --- images --------------------------------------------------------------------
+    def add_image(self, ref: ImageRef, post_id: str, *, state: str = "pending", reason: str | None = None) -> bool:
+        """Record a new image key; False (and nothing changed) when the key is already known."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                """INSERT OR IGNORE INTO images(key, post_id, url, state, reason, ref, created, updated)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (ref.key, post_id, ref.url, state, reason, json.dumps(ref.to_dict()), now, now),
+            )
+            return cur.rowcount == 1
+
+    def image_state(self, key: str) -> tuple[str, str | None, int] | None:
+        """(state, reason or error, retries) of an image key, None when unknown."""
+        row = self._one("SELECT state, COALESCE(reason, error), retries FROM images WHERE key = ?", (key,))
+        return (row[0], row[1], row[2]) if row else None
+
+    def url_taken(self, url: str, key: str) -> str | None:
+        """Key of another image with the same URL that is already decided or on its way (crossposts)."""
+        row = self._one(
+            "SELECT key FROM images WHERE url = ? AND key != ? AND state IN ('pending', 'accepted', 'delivered', 'rejected') LIMIT 1",
+            (url, key),
+        )
+        return row[0] if row else None
+
+    def set_image(self, key: str, state: str, *, reason: str | None = None, error: str | None = None, scores: dict[str, Any] | None = None) -> None:
+        """Move an image to a new state; a failure adds one to its retry count."""
+        with self._tx() as db:
+            db.execute(
+                """UPDATE images SET state = ?, reason = ?, error = ?, updated = ?,
+                       scores = COALESCE(?, scores), retries = retries + ?
+                   WHERE key = ?""",
+                (state, reason, error, time.time(), json.dumps(scores) if scores is not None else None, int(state == "failed"), key),
+            )
+
+    def work(self, max_retries: int, limit: int | None = None) -> list[ImageRef]:
+        """Images to download now: pending ones, then failed ones with retries left."""
+        rows = self._all(
+            """SELECT ref FROM images WHERE state = 'pending' OR (state = 'failed' AND retries < ?)
+               ORDER BY state = 'failed', created LIMIT ?""",
+            (max_retries, -1 if limit is None else limit),
+        )
+        return [ImageRef.from_dict(json.loads(r[0])) for r in rows]
+
+    def images_of(self, post_id: str) -> list[tuple[str, str, str | None]]:
+        """(key, state, reason or error) of every image of a post, in key order."""
+        return [tuple(r) for r in self._all("SELECT key, state, COALESCE(reason, error) FROM images WHERE post_id = ? ORDER BY key", (post_id,))]
+
+    # --- spool and outbox ----------------------------------------------------------
+    def spool_path(self, key: str, ext: str) -> Path:
+        """Where a downloaded original waits (on disk, not in memory) for its anti_sus verdict."""
+        return self.spool_dir / (safe_name(key) + ext)
+
+    def clear_spool(self) -> int:
+        """Remove originals of batches a previous run never finished (their keys are still pending)."""
+        n = 0
+        for p in self.spool_dir.iterdir():
+            p.unlink(missing_ok=True)
+            n += 1
+        return n
+
+    def accept(self, key: str, spooled: Path, meta: dict[str, Any], features: np.ndarray | None, scores: dict[str, Any]) -> None:
+        """anti_sus said good: move the original into the outbox and record it, atomically enough.
+
+        The file is moved first and the row written after: a crash in between
+        leaves an orphan file (harmless; the key is still pending and is fetched again),
+        never a row without its file.
+        """
+        target = self.outbox_dir / spooled.name
+        os.replace(spooled, target)
+        feat_path = None
+        if features is not None:
+            feat_path = self.outbox_dir / (target.stem + ".features.npy")
+            tmp = feat_path.with_suffix(".tmp")
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.asarray(features, dtype=np.float32), allow_pickle=False)
+            os.replace(tmp, feat_path)
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO outbox(key, path, features, meta, attempts, created) VALUES (?, ?, ?, ?, 0, ?)",
+                (key, target.name, feat_path.name if feat_path else None, json.dumps(meta), time.time()),
+            )
+            db.execute(
+                "UPDATE images SET state = 'accepted', reason = NULL, error = NULL, scores = ?, updated = ? WHERE key = ?",
+                (json.dumps(scores), time.time(), key),
+            )
+
+    def outbox(self, limit: int | None = None) -> list[OutboxItem]:
+        """Accepted images not yet acknowledged, oldest first."""
+        rows = self._all("SELECT key, path, meta, features, attempts FROM outbox ORDER BY created LIMIT ?", (-1 if limit is None else limit,))
+        return [
+            OutboxItem(r[0], self.outbox_dir / r[1], json.loads(r[2]), self.outbox_dir / r[3] if r[3] else None, r[4])
+            for r in rows
+        ]
+
+    def outbox_size(self) -> int:
+        return int(self._one("SELECT COUNT(*) FROM outbox")[0])
+
+    def delivered(self, key: str, status: str, gallery_id: Any = None) -> None:
+        """The gallery acknowledged (or --save-dir wrote) the image: drop it from the outbox."""
+        item = self._one("SELECT path, features FROM outbox WHERE key = ?", (key,))
+        with self._tx() as db:
+            db.execute("DELETE FROM outbox WHERE key = ?", (key,))
+            db.execute(
+                "UPDATE images SET state = 'delivered', gallery = ?, updated = ? WHERE key = ?",
+                (json.dumps({"status": status, "id": gallery_id}), time.time(), key),
+            )
+        if item:
+            for name in item:
+                if name:
+                    (self.outbox_dir / name).unlink(missing_ok=True)
+
+    def delivery_failed(self, key: str, error: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE key = ?", (error, key))
+
+    # --- stats ---------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Counts by state and by reason, for ``nomad stats`` and the logs."""
+        posts = {s: n for s, n in self._all("SELECT state, COUNT(*) FROM posts GROUP BY state")}
+        images = {s: n for s, n in self._all("SELECT state, COUNT(*) FROM images GROUP BY state")}
+        rejected = {r or "?": n for r, n in self._all("SELECT reason, COUNT(*) FROM images WHERE state = 'rejected' GROUP BY reason")}
+        post_rejected = {r or "?": n for r, n in self._all("SELECT reason, COUNT(*) FROM posts WHERE state = 'rejected' GROUP BY reason")}
+        failed = {r or "?": n for r, n in self._all("SELECT reason, COUNT(*) FROM images WHERE state = 'failed' GROUP BY reason")}
+        return {
+            "posts": posts,
+            "posts_rejected": post_rejected,
+            "images": images,
+            "images_rejected": rejected,
+            "images_failed": failed,
+            "outbox": self.outbox_size(),
+        }
