@@ -32,6 +32,14 @@ setup-runtime: $(VENV)/.installed-runtime
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
+## up: the main job: build missing models, start anti_sus, gallery_bridge and nomad (Ctrl-C stops all)
+up: setup
+	$(PY) -m stack.up --models $(MODELS)
+
+## demo: the whole system offline in about a minute (tiny models, emulated reddit/imgur/flickr)
+demo: setup
+	$(PY) -m stack.demo
+
 ## bench: every benchmark; each prints side-by-side ratios from one run
 bench: setup
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

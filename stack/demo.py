@@ -1,0 +1,125 @@
+"""The offline demo (``make demo``): the whole system on loopback in about a minute.
+
+Builds tiny random-weight models, starts the emulated internet (reddit, imgur,
+flickr and image hosts over HTTPS on 127.0.0.1, with hostile cases), starts
+anti_sus and gallery_bridge, runs ``nomad once`` against the emulator with the
+SSRF guard on, then prints what happened and where the gallery page is.
+
+Nothing leaves the machine. The tiny models have random weights, so which
+photos count as "good" is arbitrary; the point is to see every stage work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from stack.procs import Service, free_port, python_module, stop_all, wait_until
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m stack.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", type=Path, default=Path("demo-run"), help="where models, gallery, state and logs go (wiped first)")
+    p.add_argument("--keep-models", action="store_true", help="reuse tiny models already in WORKDIR/models")
+    p.add_argument("--timeout", type=float, default=300.0, help="give up on `nomad once` after this many seconds")
+    return p
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def build_models(models: Path, keep: bool) -> None:
+    if keep and (models / "manifest.json").is_file():
+        say(f"  reusing tiny models in {models}")
+        return
+    from models import tiny
+
+    t = time.monotonic()
+    tiny.build(models)
+    say(f"  built tiny models in {models} ({time.monotonic() - t:.0f}s)")
+
+
+def nomad_stats(state: Path) -> dict[str, Any]:
+    out = subprocess.run(python_module("nomad", "stats", "--state-dir", str(state), "--json"),
+                         capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)
+
+
+def summary(stats: dict[str, Any], gallery: Path, emulated_posts: int) -> str:
+    """The demo's closing report: outcomes by reason and the gallery page."""
+    lines = [f"emulated posts: {emulated_posts}"]
+    for key in ("posts", "images"):
+        section = stats.get(key)
+        if isinstance(section, dict):
+            lines.append(f"{key}: " + ", ".join(f"{k} {v}" for k, v in sorted(section.items()) if not isinstance(v, dict)))
+            for k, v in sorted(section.items()):
+                if isinstance(v, dict) and v:
+                    lines.append(f"  {k} by reason: " + ", ".join(f"{r} {n}" for r, n in sorted(v.items())))
+    for key, value in sorted(stats.items()):
+        if key not in ("posts", "images"):
+            lines.append(f"{key}: {value}")
+    images = sorted((gallery / "images").glob("*")) if (gallery / "images").is_dir() else []
+    lines.append(f"gallery: {len(images)} image(s) in {gallery / 'images'}")
+    lines.append(f"open {(gallery / 'index.html').resolve().as_uri()}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from tests.emulator import Emulator
+
+    work = args.workdir.resolve()
+    models, gallery, state, logs = work / "models", work / "gallery", work / "state", work / "logs"
+    for d in (gallery, state, logs):
+        shutil.rmtree(d, ignore_errors=True)
+    if not args.keep_models:
+        shutil.rmtree(models, ignore_errors=True)
+    for d in (models, gallery, state, logs):
+        d.mkdir(parents=True, exist_ok=True)
+
+    say("1/4 models")
+    build_models(models, args.keep_models)
+    say("2/4 emulated internet (reddit, imgur, flickr, image hosts) on 127.0.0.1")
+    svcs: list[Service] = []
+    with Emulator() as emu:
+        say(f"  https on 127.0.0.1:{emu.port}, {len(emu.scenario.posts)} posts, hostile cases included")
+        a, g = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+        say("3/4 anti_sus and gallery_bridge")
+        svcs = [
+            Service("anti_sus", python_module("anti_sus", "serve", "--models", str(models), "--bind", a), logs / "anti_sus.log").start(),
+            Service("gallery_bridge", python_module("gallery_bridge", "serve", "--bind", g, "--target", f"folder:{gallery}"), logs / "gallery_bridge.log").start(),
+        ]
+        try:
+            from stack.up import answers
+
+            for svc, ep in zip(svcs, (a, g)):
+                wait_until(lambda: answers(svc.name, ep) or not svc.running, 60, 0.3, f"{svc.name} to answer")
+                if not svc.running:
+                    say(f"error: {svc.name} did not start:\n{svc.tail()}")
+                    return 1
+            say("4/4 nomad once (one poll cycle, everything decided and delivered)")
+            cmd = python_module("nomad", "once", "--anti-sus", a, "--gallery", g, "--state-dir", str(state),
+                                "--deadline", "8", "--batch-timeout", "2", *emu.nomad_args())
+            t = time.monotonic()
+            with open(logs / "nomad.log", "wb") as nlog:
+                proc = subprocess.run(cmd, env={**__import__("os").environ, **emu.nomad_env()}, stdout=nlog,
+                                      stderr=subprocess.STDOUT, timeout=args.timeout)
+            say(f"  nomad finished in {time.monotonic() - t:.0f}s with exit code {proc.returncode} (log: {logs / 'nomad.log'})")
+            if proc.returncode != 0:
+                say((logs / "nomad.log").read_text("utf-8", "replace")[-3000:])
+                return 1
+            say("")
+            say(summary(nomad_stats(state), gallery, len(emu.scenario.posts)))
+            return 0
+        finally:
+            stop_all(svcs)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

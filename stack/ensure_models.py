@@ -1,0 +1,221 @@
+"""Make sure the model directory has what anti_sus needs, building what is missing.
+
+- CLIP: exported from open_clip with a pretrained tag (needs internet and the
+  ``models`` extra, i.e. torch, on the first run).
+- GMM: fitted on "good" images. When none is fitted, it is bootstrapped from
+  the gallery folder if that already holds enough images, else from the top
+  images of all time of the "taste" subreddits (default r/EarthPorn), fetched
+  through nomad's own sources, rules and safe downloader. The log says which.
+- Watermark: trained by the operator (``models.train_watermark``); without it
+  the watermark stage is off, and this says so loudly.
+
+Used by ``make up`` (``stack.up``) and by the one-shot ``models`` service of
+docker-compose.yml (``python -m stack.ensure_models``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from anti_sus.modeldir import ModelDirError, read_manifest, verify
+
+log = logging.getLogger("stack.models")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+class EnsureError(Exception):
+    """Models are missing and cannot be built here; the message says what to do."""
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``stack.up`` and ``stack.ensure_models``."""
+    g = p.add_argument_group("models (built on first run when missing)")
+    g.add_argument("--pretrained", default=_env("STACK_CLIP_PRETRAINED", "openai"),
+                   help="open_clip pretrained tag for ViT-B-16 (downloads once) [env STACK_CLIP_PRETRAINED]")
+    g.add_argument("--taste-subreddits", default=_env("STACK_TASTE_SUBREDDITS", "EarthPorn"),
+                   help="comma list of subreddits whose top images of all time define 'good' when the gallery is too small [env STACK_TASTE_SUBREDDITS]")
+    g.add_argument("--taste-limit", type=int, default=int(_env("STACK_TASTE_LIMIT", "300")),
+                   help="top posts to read per taste subreddit [env STACK_TASTE_LIMIT]")
+    g.add_argument("--min-good-images", type=int, default=int(_env("STACK_MIN_GOOD_IMAGES", "200")),
+                   help="fit the GMM on the gallery when it holds at least this many images [env STACK_MIN_GOOD_IMAGES]")
+    g.add_argument("--components", default=_env("STACK_GMM_COMPONENTS", "16"),
+                   help="GMM components (a comma list sweeps by BIC) [env STACK_GMM_COMPONENTS]")
+    g.add_argument("--taste-nomad-arg", action="append", default=[], metavar="ARG",
+                   help="extra nomad flag for the taste download (repeatable, e.g. --taste-nomad-arg=--resolve=…)")
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive), sorted for reproducibility."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _have(models: Path, names: Sequence[str]) -> bool:
+    try:
+        arts = read_manifest(models)["artifacts"]
+    except ModelDirError:
+        return False
+    return all(n in arts for n in names) and not verify(models, required=names)
+
+
+def _gmm_matches_clip(models: Path) -> bool:
+    """The fitted GMM was made on features of the CLIP model now in the directory."""
+    try:
+        arts = read_manifest(models)["artifacts"]
+        meta = json.loads((models / arts["gmm_meta"]["file"]).read_text("utf-8"))
+        return meta.get("feature_model_sha256") == arts["clip"]["sha256"]
+    except (ModelDirError, KeyError, OSError, ValueError):
+        return False
+
+
+def _require_torch(what: str) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise EnsureError(f"{what} needs the model-building extra (torch): run `make setup`, "
+                          "or `pip install -e '.[models]'`; for an offline try-out run `make demo`") from None
+
+
+def ensure_clip(models: Path, pretrained: str) -> None:
+    if _have(models, ["clip"]):
+        log.info("CLIP encoder present in %s", models)
+        return
+    _require_torch("exporting CLIP")
+    from models.export_clip import export_clip
+
+    log.info("exporting CLIP ViT-B-16 (pretrained=%s) into %s; the weights download once", pretrained, models)
+    try:
+        export_clip(models, pretrained=None if pretrained in ("", "none") else pretrained)
+    except Exception as exc:  # download or parity failure: say what to do, not a traceback
+        raise EnsureError(f"could not export CLIP ({pretrained}): {exc}. This needs internet access to the "
+                          "model hub once; without it, try the offline demo: make demo") from exc
+
+
+def collect_taste(args: argparse.Namespace, out: Path) -> int:
+    """Download the top images of the taste subreddits into ``out`` through nomad's pipeline stages.
+
+    Post rules, link expansion (imgur, flickr, galleries), image rules, the SSRF-guarded
+    downloader and the safe decoder are nomad's own; only the anti_sus stage is skipped
+    (there is no GMM yet: that is what these images are for).
+    """
+    from nomad.cli import build_crawler, build_parser
+
+    out.mkdir(parents=True, exist_ok=True)
+    ns = build_parser().parse_args(["once", "--state-dir", str(args.state_dir / "taste-state"),
+                                    "--save-dir", str(args.state_dir / "taste-unused"), *args.taste_nomad_arg])
+    stop = threading.Event()
+    crawler = build_crawler(ns, stop)
+    saved = 0
+    try:
+        for sub in [s.strip() for s in args.taste_subreddits.split(",") if s.strip()]:
+            posts = crawler.reddit.top(sub, "all", args.taste_limit)
+            log.info("taste: r/%s top of all time: %d posts", sub, len(posts))
+            for post in posts:
+                if crawler.rules.check_post(post):
+                    continue
+                try:
+                    refs = crawler.expand(post)
+                except Exception as exc:  # noqa: BLE001 - one bad post must not stop the bootstrap
+                    log.info("taste: post %s skipped: %s", post.post_id, exc)
+                    continue
+                for ref in refs:
+                    if crawler.rules.check_ref(ref):
+                        continue
+                    outcome, reason, item = crawler.fetch(ref)
+                    if item is None:
+                        log.info("taste: %s %s (%s)", ref.key, outcome, reason)
+                        continue
+                    dest = out / f"{ref.key.replace(':', '_')}.{item.format}"
+                    shutil.move(str(item.spool), dest)
+                    saved += 1
+    finally:
+        crawler.close()
+    return saved
+
+
+def ensure_gmm(args: argparse.Namespace) -> None:
+    models: Path = args.models
+    if _have(models, ["gmm", "gmm_meta"]) and _gmm_matches_clip(models):
+        log.info("GMM present in %s and fitted on this CLIP encoder", models)
+        return
+    good = find_images(Path(args.gallery) / "images")
+    if len(good) >= args.min_good_images:
+        source = Path(args.gallery) / "images"
+        log.info("GMM: fitting on the %d images already in the gallery %s", len(good), source)
+    else:
+        source = Path(args.state_dir) / "taste"
+        have = len(find_images(source))
+        log.info("GMM: the gallery has %d images (< %d); using the top images of r/%s instead",
+                 len(good), args.min_good_images, args.taste_subreddits.replace(",", ", r/"))
+        if have < args.min_good_images:
+            got = collect_taste(args, source)
+            log.info("GMM: downloaded %d taste images into %s", got, source)
+        have = len(find_images(source))
+        if have == 0:
+            raise EnsureError(f"no good images to fit the GMM on: the gallery is empty and nothing could be "
+                              f"downloaded from r/{args.taste_subreddits}. Put photos you like into "
+                              f"{Path(args.gallery) / 'images'} or run: python -m models.fit_gmm --models {models} --images DIR")
+        log.info("GMM: fitting on %d taste images in %s", have, source)
+    from models import fit_gmm
+
+    comps = args.components
+    argv = ["--models", str(models), "--images", str(source), "--components", comps]
+    if "," in comps:
+        argv += ["--select", "bic"]
+    try:
+        code = fit_gmm.main(argv)
+    except Exception as exc:  # models' UserError and friends: one clear line
+        raise EnsureError(f"fitting the GMM on {source} failed: {exc}") from exc
+    if code != 0:
+        raise EnsureError(f"fitting the GMM failed (exit {code}); see the messages above")
+
+
+def ensure(args: argparse.Namespace) -> None:
+    """Build whatever anti_sus needs and is missing; warn loudly about the optional watermark model."""
+    models: Path = args.models
+    models.mkdir(parents=True, exist_ok=True)
+    ensure_clip(models, args.pretrained)
+    ensure_gmm(args)
+    if not _have(models, ["watermark"]):
+        bar = "!" * 78
+        log.warning("\n%s\nNO WATERMARK MODEL in %s: the watermark stage is OFF and watermarked photos will pass.\n"
+                    "Train one: python -m models.train_watermark --data DIR --out %s (see docs/models.md)\n%s",
+                    bar, models, models, bar)
+    problems = verify(models)
+    if problems:
+        raise EnsureError("model directory still not usable:\n  " + "\n  ".join(problems))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stack.ensure_models", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", type=Path, default=Path(_env("STACK_MODELS", "models")), help="model directory [env STACK_MODELS]")
+    p.add_argument("--gallery", type=Path, default=Path(_env("STACK_GALLERY", "gallery")), help="gallery folder [env STACK_GALLERY]")
+    p.add_argument("--state-dir", type=Path, default=Path(_env("STACK_STATE_DIR", "state")), help="where taste images are kept [env STACK_STATE_DIR]")
+    add_model_flags(p)
+    args = p.parse_args(argv)
+    from anti_sus.observe import setup_logging
+
+    setup_logging(_env("STACK_LOG_FORMAT", "text"))
+    try:
+        ensure(args)
+    except EnsureError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
