@@ -470,6 +470,7 @@ class HttpClient:
             connect=deadline.bound(cfg.connect_timeout, url), read=deadline.bound(cfg.read_timeout, url)
         )
         resp = None
+        clean = False
         try:
             resp = pool.urlopen(
                 method, path, body=body, headers=hdrs, retries=False, redirect=False,
@@ -486,7 +487,7 @@ class HttpClient:
                 length = rh.get("content-length", "")
                 if length.isdigit() and int(length) > cap:
                     raise FetchError("too_large", f"{url}: Content-Length {length} > cap {cap}", url=url)
-            data = self._read_body(resp, limit, deadline, url, check, strict=status < 300)
+            data, clean = self._read_body(resp, limit, deadline, url, check, strict=status < 300)
             return status, rh, data
         except FetchError:
             raise
@@ -500,6 +501,9 @@ class HttpClient:
             raise FetchError("connection", f"{url}: {exc}", url=url) from exc
         finally:
             if resp is not None:
+                if not clean:
+                    # A body left mid-stream makes the connection unusable: never pool it.
+                    resp.close()
                 resp.release_conn()
 
     def _read_body(
@@ -511,44 +515,39 @@ class HttpClient:
         check: Callable[[bytes, Mapping[str, str]], None] | None,
         *,
         strict: bool,
-    ) -> bytes:
+    ) -> tuple[bytes, bool]:
         """Stream the body up to ``limit`` bytes under the deadline.
 
         ``strict``: exceeding the limit is an error ("too_large"); otherwise (error
-        pages, redirects) the body is just truncated and the connection dropped.
+        pages, redirects) the body is just truncated. Returns (body, read to the end).
         """
         chunks: list[bytes] = []
         total = 0
         complete = False
-        try:
-            while True:
-                self._set_read_timeout(resp, deadline.bound(self.config.read_timeout, url))
-                # read1: return after one socket read, so the deadline is checked between
-                # small reads instead of blocking until a whole chunk has trickled in.
-                chunk = resp.read1(CHUNK)
-                if not chunk:
-                    complete = True
-                    if check is not None and chunks:
-                        check(b"".join(chunks), resp.headers)
-                    break
-                total += len(chunk)
-                if check is not None and total >= SNIFF_BYTES:
-                    # Judge the body by its first bytes, before reading the rest of it.
-                    check(b"".join(chunks) + chunk, resp.headers)
-                    check = None
-                if total > limit:
-                    if strict:
-                        raise FetchError("too_large", f"{url}: body exceeds {limit} bytes", url=url)
-                    chunks.append(chunk[: max(0, limit - (total - len(chunk)))])
-                    break
-                chunks.append(chunk)
-                if deadline.left() <= 0:
-                    raise FetchError("timeout", f"deadline exceeded reading {url}", url=url)
-        finally:
-            if not complete:
-                # An abandoned body leaves the connection mid-stream: it must not be reused.
-                resp.close()
-        return b"".join(chunks)
+        while True:
+            self._set_read_timeout(resp, deadline.bound(self.config.read_timeout, url))
+            # read1: return after one socket read, so the deadline is checked between
+            # small reads instead of blocking until a whole chunk has trickled in.
+            chunk = resp.read1(CHUNK)
+            if not chunk:
+                complete = True
+                if check is not None and chunks:
+                    check(b"".join(chunks), resp.headers)
+                break
+            total += len(chunk)
+            if check is not None and total >= SNIFF_BYTES:
+                # Judge the body by its first bytes, before reading the rest of it.
+                check(b"".join(chunks) + chunk, resp.headers)
+                check = None
+            if total > limit:
+                if strict:
+                    raise FetchError("too_large", f"{url}: body exceeds {limit} bytes", url=url)
+                chunks.append(chunk[: max(0, limit - (total - len(chunk)))])
+                break
+            chunks.append(chunk)
+            if deadline.left() <= 0:
+                raise FetchError("timeout", f"deadline exceeded reading {url}", url=url)
+        return b"".join(chunks), complete
 
     @staticmethod
     def _set_read_timeout(resp: urllib3.BaseHTTPResponse, seconds: float) -> None:

@@ -62,9 +62,5 @@ def pixel_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
-def removed_placeholder() -> bytes:
-    """Stand-in for imgur's removed.png (161x81 PNG)."""
-    return picture(161, 81, "png", seed=404)
-
 
 HTML_PAGE = b"<!DOCTYPE html><html><head><title>Not an image</title></head><body>hello</body></html>\n"

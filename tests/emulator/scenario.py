@@ -140,6 +140,8 @@ class Scenario:
         # (host, path) -> statuses to answer before serving normally (e.g. [503, 429]).
         self.inject: dict[tuple[str, str], list[int]] = {}
         self._clock = 1_717_171_717.0
+        # imgur's placeholder for deleted images (a small PNG; nomad must never store it).
+        self.files[("i.imgur.com", "/removed.png")] = Resource("image", 161, 81, "png", 404)
 
     # -- URLs ------------------------------------------------------------------------------
 

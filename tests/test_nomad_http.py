@@ -1,0 +1,515 @@
+"""nomad.http: the SSRF guard, pinning, TLS, caps, deadlines, retries and per-host limits.
+
+Everything runs on loopback: the emulator (real host names over HTTPS, reached via
+--resolve pins) and small plain-HTTP servers for the byte-level cases.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterator
+
+import pytest
+import urllib3.util.connection
+
+from nomad.http import (
+    BlockedAddress,
+    FetchError,
+    HttpClient,
+    HttpConfig,
+    HttpStatusError,
+    blocked_reason,
+    parse_resolve,
+    parse_retry_after,
+    reject_removed_placeholder,
+    sniff_format,
+)
+from tests.emulator import Emulator, Resource, Scenario
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def emu() -> Iterator[Emulator]:
+    with Emulator() as e:
+        e.scenario.add_image("rebind.hostile.example", "ok.jpg", 64, 48)
+        e.scenario.add_file("hostile.example", "loop-a", Resource("redirect", location=e.url("hostile.example", "loop-b"), status=302))
+        e.scenario.add_file("hostile.example", "loop-b", Resource("redirect", location=e.url("hostile.example", "loop-a"), status=302))
+        e.scenario.add_file("i.imgur.com", "/away.jpg", Resource("redirect", location=e.url("cdn.photohost.example", "photos/2024/lake.jpg"), status=302))
+        e.scenario.add_file("hostile.example", "ftp.jpg", Resource("redirect", location="ftp://cdn.photohost.example/x.jpg", status=302))
+        yield e
+
+
+def client_for(emu: Emulator, **kw: Any) -> HttpClient:
+    cfg = HttpConfig(resolve=emu.resolve_entries(), ca_bundle=emu.ca_bundle, backoff=0.01, backoff_max=0.05, **kw)
+    return HttpClient(cfg)
+
+
+@pytest.fixture()
+def client(emu: Emulator) -> Iterator[HttpClient]:
+    c = client_for(emu, retries=0)
+    yield c
+    c.close()
+
+
+class _Plain(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+def plain_server(handler: Callable[[BaseHTTPRequestHandler], None]) -> tuple[_Plain, int]:
+    """A plain-HTTP loopback server whose GET handler is ``handler(request)``."""
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            try:
+                handler(self)
+            except OSError:
+                pass
+
+    srv = _Plain(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return srv, srv.server_address[1]
+
+
+@pytest.fixture()
+def record_connects(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every address urllib3 opens a socket to (the real connect still happens)."""
+    seen: list[tuple[str, int]] = []
+    real = urllib3.util.connection.create_connection
+
+    def spy(address: tuple[str, int], *a: Any, **kw: Any) -> socket.socket:
+        seen.append((address[0], address[1]))
+        return real(address, *a, **kw)
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", spy)
+    return seen
+
+
+# -- the address policy --------------------------------------------------------------------
+
+BLOCKED = {
+    "127.0.0.1": "loopback", "127.8.9.10": "loopback", "10.0.0.1": "private", "172.16.5.4": "private",
+    "192.168.1.1": "private", "169.254.169.254": "link-local", "224.0.0.251": "multicast",
+    "240.0.0.1": "reserved", "0.0.0.0": "unspecified", "255.255.255.255": "broadcast",
+    "100.64.0.1": "carrier NAT", "::1": "loopback", "::": "unspecified", "fe80::1": "link-local",
+    "fc00::1": "unique local", "ff02::1": "multicast", "::ffff:127.0.0.1": "IPv4-mapped loopback",
+    "::ffff:169.254.169.254": "IPv4-mapped metadata", "2002:a00:1::": "6to4 of 10.0.0.1",
+    "64:ff9b::a9fe:a9fe": "NAT64 of 169.254.169.254", "::127.0.0.1": "IPv4-compatible loopback",
+    "2001:0:4136:e378:8000:63bf:f5ff:fffe": "Teredo of 10.0.0.1",
+}
+
+
+@pytest.mark.parametrize("address", sorted(BLOCKED))
+def test_guard_blocks_every_internal_class(address: str) -> None:
+    assert blocked_reason(address), f"{address} ({BLOCKED[address]}) must be refused"
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "93.184.216.34", "151.101.1.140", "2606:4700::1111", "2a04:4e42::396"])
+def test_guard_allows_public_addresses(address: str) -> None:
+    assert blocked_reason(address) is None
+
+
+@pytest.mark.parametrize("address", sorted(BLOCKED))
+def test_literal_internal_url_is_never_contacted(address: str, record_connects: list) -> None:
+    host = f"[{address}]" if ":" in address else address
+    c = HttpClient(HttpConfig(retries=0), resolver=lambda h, p: pytest.fail("a literal address needs no lookup"))
+    with pytest.raises(BlockedAddress) as ei:
+        c.get(f"http://{host}:8080/latest/meta-data/")
+    assert ei.value.reason == "blocked_address"
+    assert record_connects == []
+
+
+def test_name_resolving_to_private_is_blocked(record_connects: list) -> None:
+    c = HttpClient(HttpConfig(retries=0), resolver=lambda h, p: ["10.1.2.3"])
+    with pytest.raises(BlockedAddress, match="10.1.2.3"):
+        c.get("https://intranet.example.com/x.jpg")
+    # A name answering with a public *and* a private address is refused too.
+    c2 = HttpClient(HttpConfig(retries=0), resolver=lambda h, p: ["93.184.216.34", "127.0.0.1"])
+    with pytest.raises(BlockedAddress):
+        c2.get("https://mixed.example.com/x.jpg")
+    assert record_connects == []
+
+
+def test_dns_rebinding_connects_to_the_checked_address(emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resolver answers public first, loopback after: the socket goes to the public answer."""
+    answers = [["93.184.216.34"], ["127.0.0.1"], ["127.0.0.1"]]
+    lookups: list[str] = []
+
+    def rebinding(host: str, port: int) -> list[str]:
+        lookups.append(host)
+        return answers[min(len(lookups) - 1, len(answers) - 1)]
+
+    connected: list[tuple[str, int]] = []
+    real = urllib3.util.connection.create_connection
+
+    def route(address: tuple[str, int], *a: Any, **kw: Any) -> socket.socket:
+        connected.append(address)
+        # Stand-in for the internet: the "public" address is served by the emulator.
+        assert address[0] == "93.184.216.34", f"connected to {address}, not the checked address"
+        return real(("127.0.0.1", address[1]), *a, **kw)
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", route)
+    c = HttpClient(HttpConfig(ca_bundle=emu.ca_bundle, retries=0), resolver=rebinding)
+    dl = c.download_image(emu.url("rebind.hostile.example", "ok.jpg"))
+    assert dl.format == "jpeg"
+    assert lookups == ["rebind.hostile.example"], "exactly one lookup per request: no second chance to rebind"
+    assert connected == [("93.184.216.34", emu.port)]
+    # The next request resolves afresh, gets loopback, and is refused before connecting.
+    c.close()
+    c = HttpClient(HttpConfig(ca_bundle=emu.ca_bundle, retries=0), resolver=rebinding)
+    with pytest.raises(BlockedAddress):
+        c.get(emu.url("rebind.hostile.example", "ok.jpg"))
+    assert connected == [("93.184.216.34", emu.port)]
+
+
+def test_redirect_to_private_address_is_blocked(client: HttpClient, emu: Emulator, record_connects: list) -> None:
+    for path in ("metadata.jpg", "intranet.jpg"):
+        with pytest.raises(BlockedAddress) as ei:
+            client.download_image(emu.url("hostile.example", path))
+        assert ei.value.address in ("169.254.169.254", "10.0.0.1")
+    assert {a for a, _ in record_connects} <= {"127.0.0.1"}, "the private hop must never be contacted"
+
+
+def test_redirect_to_other_scheme_is_refused(client: HttpClient, emu: Emulator) -> None:
+    with pytest.raises(FetchError) as ei:
+        client.get(emu.url("hostile.example", "ftp.jpg"))
+    assert ei.value.reason == "bad_scheme"
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/a.jpg", "file:///etc/passwd", "gopher://example.com/", "javascript:alert(1)"])
+def test_only_http_and_https(url: str) -> None:
+    with pytest.raises(FetchError) as ei:
+        HttpClient(HttpConfig(retries=0)).get(url)
+    assert ei.value.reason == "bad_scheme"
+
+
+def test_credentials_in_url_refused() -> None:
+    with pytest.raises(FetchError) as ei:
+        HttpClient(HttpConfig(retries=0)).get("https://user:pw@example.com/")
+    assert ei.value.reason == "bad_url"
+
+
+def test_pinned_private_address_is_trusted_unpinned_is_not(emu: Emulator) -> None:
+    pinned = client_for(emu, retries=0)
+    assert pinned.download_image(emu.url("i.redd.it", "bigdirect1.jpeg")).format == "jpeg"
+    # Same host name, no pin: the system resolver (or a fake one) gives loopback -> refused.
+    unpinned = HttpClient(HttpConfig(ca_bundle=emu.ca_bundle, retries=0), resolver=lambda h, p: ["127.0.0.1"])
+    with pytest.raises(BlockedAddress):
+        unpinned.download_image(emu.url("i.redd.it", "bigdirect1.jpeg"))
+    # A pin only covers its own port.
+    with pytest.raises(BlockedAddress):
+        pinned.policy.resolver = lambda h, p: ["127.0.0.1"]
+        pinned.get(f"https://i.redd.it:{emu.port + 1 if emu.port < 65535 else 1}/x.jpg")
+
+
+def test_allow_private_turns_the_guard_off() -> None:
+    srv, port = plain_server(lambda r: (r.send_response(200), r.send_header("Content-Length", "2"), r.end_headers(), r.wfile.write(b"ok")))
+    try:
+        with pytest.raises(BlockedAddress):
+            HttpClient(HttpConfig(retries=0)).get(f"http://127.0.0.1:{port}/")
+        assert HttpClient(HttpConfig(retries=0, allow_private=True)).get(f"http://127.0.0.1:{port}/").body == b"ok"
+    finally:
+        srv.shutdown()
+
+
+# -- --resolve ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "entry,host,port,addrs",
+    [
+        ("www.reddit.com:443:127.0.0.1", "www.reddit.com", 443, ("127.0.0.1",)),
+        ("www.reddit.com:127.0.0.1:443", "www.reddit.com", 443, ("127.0.0.1",)),
+        ("I.Redd.It:8443:[::1]", "i.redd.it", 8443, ("::1",)),
+        ("i.redd.it:[::1]:8443", "i.redd.it", 8443, ("::1",)),
+        ("cdn.example:80:10.0.0.2,10.0.0.3", "cdn.example", 80, ("10.0.0.2", "10.0.0.3")),
+    ],
+)
+def test_parse_resolve_both_orders(entry: str, host: str, port: int, addrs: tuple) -> None:
+    pin = parse_resolve(entry)
+    assert (pin.host, pin.port, pin.addresses) == (host, port, addrs)
+
+
+@pytest.mark.parametrize("entry", ["nohost", "a.b:443", "a.b:x:127.0.0.1", "a.b:443:not-an-ip", ":443:127.0.0.1", "a.b:70000:127.0.0.1"])
+def test_parse_resolve_rejects_garbage(entry: str) -> None:
+    with pytest.raises(ValueError, match="--resolve"):
+        parse_resolve(entry)
+
+
+def test_resolve_in_host_addr_port_order_reaches_emulator(emu: Emulator) -> None:
+    c = HttpClient(HttpConfig(resolve=[f"i.redd.it:127.0.0.1:{emu.port}"], ca_bundle=emu.ca_bundle, retries=0))
+    assert c.download_image(emu.url("i.redd.it", "bigdirect1.jpeg")).format == "jpeg"
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+def test_ca_bundle_needed_and_hostname_checked(emu: Emulator) -> None:
+    no_ca = HttpClient(HttpConfig(resolve=emu.resolve_entries(), retries=0))
+    with pytest.raises(FetchError) as ei:
+        no_ca.get(emu.url("www.reddit.com", "r/all/new.json"))
+    assert ei.value.reason == "tls"
+    # The certificate does not name this host: verification is on the name, not the address.
+    wrong = HttpClient(HttpConfig(resolve=[f"not-in-cert.example:{emu.port}:127.0.0.1"], ca_bundle=emu.ca_bundle, retries=0))
+    with pytest.raises(FetchError) as ei:
+        wrong.get(f"https://not-in-cert.example:{emu.port}/")
+    assert ei.value.reason == "tls"
+
+
+def test_bad_ca_bundle_is_a_clear_error(tmp_path: Any) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(ValueError, match="--ca-bundle"):
+        HttpClient(HttpConfig(ca_bundle=str(bad)))
+
+
+# -- caps, deadline, content checks -------------------------------------------------------
+
+
+def _lying_chunked(r: BaseHTTPRequestHandler) -> None:
+    """Claims Content-Length: 100 but streams megabytes chunked (the length header is a lie)."""
+    r.send_response(200)
+    r.send_header("Content-Length", "100")
+    r.send_header("Transfer-Encoding", "chunked")
+    r.end_headers()
+    piece = b"\xff\xd8\xff" + b"\0" * 65533
+    for _ in range(200):
+        r.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+    r.wfile.write(b"0\r\n\r\n")
+
+
+def _no_length(r: BaseHTTPRequestHandler) -> None:
+    r.send_response(200)
+    r.send_header("Connection", "close")
+    r.end_headers()
+    for _ in range(200):
+        r.wfile.write(b"\xff\xd8\xff" + b"\0" * 65533)
+
+
+def _huge_length(r: BaseHTTPRequestHandler) -> None:
+    r.send_response(200)
+    r.send_header("Content-Length", str(10**12))
+    r.end_headers()
+    r.wfile.write(b"\xff\xd8\xff" * 10)
+
+
+@pytest.mark.parametrize("handler", [_lying_chunked, _no_length, _huge_length])
+def test_byte_cap_never_trusts_content_length(handler: Callable) -> None:
+    srv, port = plain_server(handler)
+    try:
+        c = HttpClient(HttpConfig(resolve=[f"big.example:{port}:127.0.0.1"], max_bytes=1 << 20, retries=0))
+        t0 = time.monotonic()
+        with pytest.raises(FetchError) as ei:
+            c.download_image(f"http://big.example:{port}/x.jpg")
+        assert ei.value.reason == "too_large"
+        assert time.monotonic() - t0 < 5
+        # The per-call cap overrides the configured one.
+        with pytest.raises(FetchError) as ei:
+            c.get(f"http://big.example:{port}/x.jpg", max_bytes=1000)
+        assert ei.value.reason == "too_large"
+    finally:
+        srv.shutdown()
+
+
+def test_slow_endless_body_hits_the_deadline(emu: Emulator) -> None:
+    c = client_for(emu, retries=0, deadline=1.0, read_timeout=5.0)
+    t0 = time.monotonic()
+    with pytest.raises(FetchError) as ei:
+        c.download_image(emu.url("hostile.example", "slow.jpg"))
+    elapsed = time.monotonic() - t0
+    assert ei.value.reason == "timeout"
+    assert 0.9 <= elapsed < 2.5, f"deadline 1 s, took {elapsed:.2f} s"
+
+
+def test_html_served_as_jpg_is_rejected(client: HttpClient, emu: Emulator) -> None:
+    with pytest.raises(FetchError) as ei:
+        client.download_image(emu.url("hostile.example", "html.jpg"))
+    assert ei.value.reason == "not_image"
+    with pytest.raises(FetchError) as ei:
+        client.download_image(emu.url("i.imgur.com", "Gv6If7Y.gifv"))  # imgur's .gifv is a page
+    assert ei.value.reason == "not_image"
+    with pytest.raises(FetchError) as ei:
+        client.download_image(emu.url("i.imgur.com", "Gv6If7Y.gif"))
+    assert ei.value.reason == "unsupported_format"
+
+
+def test_download_formats(client: HttpClient, emu: Emulator) -> None:
+    assert client.download_image(emu.url("i.redd.it", "portrait4.png")).format == "png"
+    assert client.download_image(emu.url("cdn.photohost.example", "photos/2024/modern.webp")).format == "webp"
+
+
+def test_sniff_format() -> None:
+    assert sniff_format(b"\xff\xd8\xff\xe0rest") == "jpeg"
+    assert sniff_format(b"\x89PNG\r\n\x1a\nrest") == "png"
+    assert sniff_format(b"RIFF\0\0\0\0WEBPVP8 ") == "webp"
+    assert sniff_format(b"GIF89a...") == "gif"
+    assert sniff_format(b"<!DOCTYPE html>") is None
+    assert sniff_format(b"") is None
+
+
+def test_removed_placeholder_is_never_downloaded(client: HttpClient, emu: Emulator) -> None:
+    before = emu.count(host="i.imgur.com", path="/removed.png")
+    with pytest.raises(FetchError) as ei:
+        client.download_image(emu.url("i.imgur.com", "Rm0Vd9X.jpg"), redirect_check=reject_removed_placeholder)
+    assert ei.value.reason == "removed"
+    assert emu.count(host="i.imgur.com", path="/removed.png") == before
+    # Without the veto the redirect is followed and the history kept.
+    dl = client.download_image(emu.url("i.imgur.com", "Rm0Vd9X.jpg"))
+    assert dl.url.endswith("/removed.png") and dl.history == [emu.url("i.imgur.com", "Rm0Vd9X.jpg")]
+
+
+def test_too_many_redirects(client: HttpClient, emu: Emulator) -> None:
+    with pytest.raises(FetchError) as ei:
+        client.get(emu.url("hostile.example", "loop-a"))
+    assert ei.value.reason == "too_many_redirects"
+    # allow_redirects=False hands the 302 back instead.
+    resp = client.get(emu.url("hostile.example", "loop-a"), allow_redirects=False)
+    assert resp.status == 302 and resp.headers["location"].endswith("/loop-b")
+
+
+def test_authorization_not_forwarded_to_another_host(client: HttpClient, emu: Emulator) -> None:
+    client.download_image(emu.url("i.imgur.com", "away.jpg"), headers={"Authorization": "Client-ID secret"})
+    recs = [r for r in emu.records() if r.path in ("/away.jpg", "/photos/2024/lake.jpg")][-2:]
+    assert [r.host for r in recs] == ["i.imgur.com", "cdn.photohost.example"]
+    assert recs[0].headers.get("Authorization") == "Client-ID secret"
+    assert "Authorization" not in recs[1].headers
+
+
+def test_request_shapes_user_agent_params_auth(client: HttpClient, emu: Emulator) -> None:
+    env = emu.nomad_env()
+    tok = client.request("POST", emu.url("www.reddit.com", "api/v1/access_token"),
+                         data={"grant_type": "client_credentials"},
+                         auth=(env["REDDIT_CLIENT_ID"], env["REDDIT_CLIENT_SECRET"])).json()
+    data, resp = client.get_json(emu.url("oauth.reddit.com", "r/all/new"), params={"limit": 3, "raw_json": 1},
+                                 headers={"Authorization": f"bearer {tok['access_token']}"})
+    assert len(data["data"]["children"]) == 3
+    assert resp.headers["X-RATELIMIT-REMAINING"] == resp.headers["x-ratelimit-remaining"]
+    rec = [r for r in emu.records() if r.host == "oauth.reddit.com"][-1]
+    assert rec.headers["User-Agent"] == HttpConfig().user_agent
+    assert rec.query["limit"] == ["3"] and rec.query["raw_json"] == ["1"]
+    page = client.get(emu.url("www.flickr.com", "photos/dave_photos/53712345678/"))
+    with pytest.raises(FetchError) as ei:
+        page.json()
+    assert ei.value.reason == "bad_json"
+
+
+# -- retries and backoff ------------------------------------------------------------------
+
+
+def test_retries_5xx_then_succeeds(emu: Emulator) -> None:
+    emu.scenario.inject[("i.redd.it", "/bigdirect1.jpeg")] = [503, 502]
+    before = emu.count(host="i.redd.it", path="/bigdirect1.jpeg")
+    c = client_for(emu, retries=3)
+    assert c.download_image(emu.url("i.redd.it", "bigdirect1.jpeg")).format == "jpeg"
+    assert emu.count(host="i.redd.it", path="/bigdirect1.jpeg") - before == 3
+
+
+def test_retries_are_bounded(emu: Emulator) -> None:
+    emu.scenario.inject[("i.redd.it", "/smallpic2.jpeg")] = [500] * 10
+    before = emu.count(host="i.redd.it", path="/smallpic2.jpeg")
+    c = client_for(emu, retries=2)
+    with pytest.raises(HttpStatusError) as ei:
+        c.download_image(emu.url("i.redd.it", "smallpic2.jpeg"))
+    assert ei.value.status == 500 and ei.value.reason == "http_5xx"
+    assert emu.count(host="i.redd.it", path="/smallpic2.jpeg") - before == 3
+    emu.scenario.inject.clear()
+
+
+def test_404_is_not_retried(emu: Emulator) -> None:
+    before = emu.count(host="i.redd.it", path="/nope.jpg")
+    with pytest.raises(HttpStatusError) as ei:
+        client_for(emu, retries=3).download_image(emu.url("i.redd.it", "nope.jpg"))
+    assert ei.value.reason == "http_404"
+    assert emu.count(host="i.redd.it", path="/nope.jpg") - before == 1
+
+
+def test_429_honours_retry_after_capped(emu: Emulator) -> None:
+    emu.scenario.inject[("i.redd.it", "/portrait4.png")] = [429]  # the emulator sends Retry-After: 1
+    slept: list[float] = []
+    cfg = HttpConfig(resolve=emu.resolve_entries(), ca_bundle=emu.ca_bundle, retries=2, backoff=0.01, backoff_max=30)
+    HttpClient(cfg, sleep=slept.append).download_image(emu.url("i.redd.it", "portrait4.png"))
+    assert len(slept) == 1 and 1.0 <= slept[0] <= 30
+    emu.scenario.inject[("i.redd.it", "/portrait4.png")] = [429, 429]
+    slept.clear()
+    cfg.backoff_max = 0.2
+    HttpClient(cfg, sleep=slept.append).download_image(emu.url("i.redd.it", "portrait4.png"))
+    assert slept and all(s <= 0.2 for s in slept), "Retry-After is capped by backoff_max"
+
+
+def test_backoff_grows_with_jitter() -> None:
+    c = HttpClient(HttpConfig(backoff=1.0, backoff_max=60.0))
+    delays = [[c._backoff(a, None) for _ in range(50)] for a in range(5)]
+    for a, ds in enumerate(delays):
+        assert all(0.5 * 2**a <= d <= 2**a for d in ds)
+        assert len(set(ds)) > 1, "jitter spreads the retries"
+    assert c._backoff(20, None) <= 60.0
+
+
+def test_retry_after_parsing() -> None:
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    assert 9 <= parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) <= 11
+
+
+def test_close_wakes_a_sleeping_retry(emu: Emulator) -> None:
+    emu.scenario.inject[("i.redd.it", "/nsfw1.jpeg")] = [503, 503]
+    c = HttpClient(HttpConfig(resolve=emu.resolve_entries(), ca_bundle=emu.ca_bundle, retries=2, backoff=30, backoff_max=30))
+    threading.Timer(0.3, c.close).start()
+    t0 = time.monotonic()
+    with pytest.raises(FetchError) as ei:
+        c.download_image(emu.url("i.redd.it", "nsfw1.jpeg"))
+    assert ei.value.reason == "closed" and time.monotonic() - t0 < 5
+    emu.scenario.inject.clear()
+
+
+# -- concurrency --------------------------------------------------------------------------
+
+
+def test_per_host_limit_and_thread_safety() -> None:
+    lock = threading.Lock()
+    state = {"now": 0, "max": 0}
+
+    def slow_ok(r: BaseHTTPRequestHandler) -> None:
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        time.sleep(0.15)
+        with lock:
+            state["now"] -= 1
+        body = b"\x89PNG\r\n\x1a\n" + b"\0" * 100
+        r.send_response(200)
+        r.send_header("Content-Length", str(len(body)))
+        r.end_headers()
+        r.wfile.write(body)
+
+    srv, port = plain_server(slow_ok)
+    try:
+        c = HttpClient(HttpConfig(resolve=[f"one.example:{port}:127.0.0.1"], per_host=2, retries=0))
+        results: list[str] = []
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                results.append(c.download_image(f"http://one.example:{port}/a.png").format)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert not errors and results == ["png"] * 8
+        assert state["max"] == 2, f"at most 2 in flight per host, saw {state['max']}"
+    finally:
+        srv.shutdown()
