@@ -62,5 +62,4 @@ def pixel_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
-
 HTML_PAGE = b"<!DOCTYPE html><html><head><title>Not an image</title></head><body>hello</body></html>\n"
