@@ -53,7 +53,7 @@ def _target_flags(p: argparse.ArgumentParser) -> None:
     _add(g, "--page-limit", "PAGE_LIMIT", 500, "folder target: entries shown on index.html (newest first)", int)
     d = p.add_argument_group("duplicate detection")
     _add(d, "--phash-threshold", "PHASH_THRESHOLD", 64, "Hamming distance on scenery's 576-bit phash (mirror included)", int)
-    _add(d, "--crop-threshold", "CROP_THRESHOLD", 0.97, "correlation above which a border-cropped copy is a duplicate", float)
+    _add(d, "--crop-threshold", "CROP_THRESHOLD", 0.94, "band-pass correlation above which a border-cropped copy is a duplicate", float)
     _add(d, "--max-crop", "MAX_CROP", 0.04, "largest border crop (fraction per axis) the crop check tries; 0 disables it", float)
     _add(d, "--clip-threshold", "CLIP_THRESHOLD", None, "cosine of CLIP features above which an image is a duplicate (off by default)", _opt_float)
     lim = p.add_argument_group("limits")

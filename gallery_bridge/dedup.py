@@ -10,7 +10,8 @@ Three signals, cheapest first (sha256 lives in the catalogue):
   from 32x32, only the lowest frequencies, which a few-percent crop barely moves)
   picks candidates at a loose threshold; each candidate is then verified by
   aligning the two 96x96 grey signatures over a grid of border crops (on either
-  side, up to ``max_crop`` per axis) and requiring a high normalised correlation.
+  side, up to ``max_crop`` per axis) and requiring a high normalised correlation
+  of their band-pass (edge) images.
   Different photos of one scene (another viewpoint, a subject that moved) do
   not line up under any border crop, so they stay apart.
 * CLIP cosine similarity of the features anti_sus sent, when enabled.
@@ -72,10 +73,10 @@ def words_from_hex(text: str) -> np.ndarray:
 def grey_signature(image: Image.Image) -> Image.Image:
     """The 96x96 grey image scenery's hash is computed from (EXIF orientation applied)."""
     image = ImageOps.exif_transpose(image)
-    # Reduce big images in integer steps first: same result as one LANCZOS resize
-    # to within rounding, and several times faster on 12-megapixel photos.
+    # Exactly imagehash's own steps (convert, one LANCZOS resize), so the hash is
+    # bit for bit what scenery computes; no reducing_gap shortcut.
     grey = image.convert("L")
-    return grey.resize((SIG_SIDE, SIG_SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return grey.resize((SIG_SIDE, SIG_SIDE), Image.Resampling.LANCZOS)
 
 
 def fingerprint(image: Image.Image) -> Fingerprint:
@@ -246,6 +247,25 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(n, 1e-6)
 
 
+def _blur(x: np.ndarray) -> np.ndarray:
+    """[1, 2, 1]/4 separable blur over the last two axes (edges replicated)."""
+    p = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)], mode="edge")
+    y = 0.25 * p[..., :-2, :] + 0.5 * p[..., 1:-1, :] + 0.25 * p[..., 2:, :]
+    return 0.25 * y[..., :, :-2] + 0.5 * y[..., :, 1:-1] + 0.25 * y[..., :, 2:]
+
+
+def _band_pass(x: np.ndarray) -> np.ndarray:
+    """Difference of Gaussians: keeps edges and texture, drops shading and pixel noise.
+
+    Raw correlation is dominated by smooth shading (sky, gradients), which two
+    photos of one scene share even from another viewpoint; the band-pass
+    image is what moves under parallax or a moved subject, and what a copy
+    keeps. Measured on the test cases: copies >= 0.986, other photos <= 0.88.
+    """
+    b = _blur(x)
+    return b - _blur(_blur(b))
+
+
 _MATRIX_CACHE: dict[tuple[float, float], np.ndarray] = {}
 
 
@@ -278,11 +298,12 @@ def crop_correlation(query_sig: bytes, stored_sig: bytes, *, max_crop: float = 0
     full = mats[0]
     best = -1.0
     for big, small in ((s, q), (q, s)):
-        small_vec = _unit_rows((full @ small @ full.T).reshape(1, -1))[0]
+        small_vec = _unit_rows(_band_pass(full @ small @ full.T).reshape(1, -1))[0]
         # Rows first for every vertical pair, then columns for every horizontal
         # pair: (P, V, S) -> (P, P, V, V) windows in two batched products.
         rows = mats @ big  # (P, V, S)
         wins = np.einsum("ays,bxs->abyx", rows, mats, optimize=True)
+        wins = _band_pass(wins.reshape(len(pairs) * len(pairs), _VERIFY_SIDE, _VERIFY_SIDE))
         flat = _unit_rows(wins.reshape(len(pairs) * len(pairs), -1))
         best = max(best, float(np.max(flat @ small_vec)))
     return best
@@ -303,7 +324,7 @@ class DedupConfig:
 
     phash_threshold: int = 64
     coarse_threshold: int = 18
-    crop_correlation: float = 0.97
+    crop_correlation: float = 0.94
     max_crop: float = 0.04
     clip_threshold: float | None = None  # cosine; None disables the CLIP check
     max_candidates: int = 8
