@@ -1,0 +1,327 @@
+"""The emulator itself: API shapes checked against ../shared/fixtures, rate limits, OAuth, files."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from PIL import Image
+
+from nomad.http import FetchError, HttpClient, HttpConfig, HttpStatusError
+from tests.conftest import FIXTURES, REPO
+from tests.emulator import Emulator, Scenario, base58, default_scenario
+from tests.emulator.scenario import FLICKR_ALPHABET
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def fixture(name: str) -> Any:
+    return json.loads((FIXTURES / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def emu() -> Iterator[Emulator]:
+    with Emulator(rate_limit=1000) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def http(emu: Emulator) -> Iterator[HttpClient]:
+    c = HttpClient(HttpConfig(resolve=emu.resolve_entries(), ca_bundle=emu.ca_bundle, retries=0))
+    yield c
+    c.close()
+
+
+def common_keys(dicts: list[dict]) -> set[str]:
+    keys = set(dicts[0])
+    for d in dicts[1:]:
+        keys &= set(d)
+    return keys
+
+
+# -- reddit -------------------------------------------------------------------------------
+
+
+def test_listing_shape_matches_fixture(emu: Emulator, http: HttpClient) -> None:
+    fx = fixture("reddit_new_listing.json")
+    data, _ = http.get_json(emu.url("www.reddit.com", "r/all/new.json"), params={"limit": 100})
+    assert data["kind"] == fx["kind"]
+    assert set(data["data"]) == set(fx["data"])
+    fx_posts = [c["data"] for c in fx["data"]["children"]]
+    posts = [c["data"] for c in data["data"]["children"]]
+    assert {c["kind"] for c in data["data"]["children"]} == {"t3"}
+    missing = common_keys(fx_posts) - common_keys(posts)
+    assert not missing, f"emulated posts lack fixture keys {missing}"
+    # Same types for the shared keys.
+    for key in common_keys(fx_posts):
+        assert type(posts[0][key]) in (type(fx_posts[0][key]), type(None), float, int), key
+    # Gallery and preview sub-shapes.
+    fx_gal = next(p for p in fx_posts if p.get("is_gallery"))
+    gal = next(p for p in posts if p.get("is_gallery") and p.get("media_metadata"))
+    assert set(gal["gallery_data"]["items"][0]) >= {"media_id", "id"}
+    fx_meta = next(iter(fx_gal["media_metadata"].values()))
+    meta = next(m for m in gal["media_metadata"].values() if m["status"] == "valid" and m["e"] == "Image")
+    assert set(meta) == set(fx_meta) and set(meta["s"]) == set(fx_meta["s"])
+    fx_prev = next(p for p in fx_posts if "preview" in p)["preview"]
+    prev = next(p for p in posts if "preview" in p)["preview"]
+    assert set(prev) == set(fx_prev) and set(prev["images"][0]) == set(fx_prev["images"][0])
+    assert set(prev["images"][0]["source"]) == set(fx_prev["images"][0]["source"])
+
+
+def test_gallery_metadata_order_differs_from_items(emu: Emulator) -> None:
+    gal = next(p for p in emu.scenario.posts if p["id"] == "aa0007")
+    order = [i["media_id"] for i in gal["gallery_data"]["items"]]
+    assert list(gal["media_metadata"]) != order, "media_metadata is a map: order must come from gallery_data"
+    kinds = {m["status"] + "/" + m["e"] for m in gal["media_metadata"].values()}
+    assert {"valid/Image", "failed/Image", "valid/AnimatedImage"} <= kinds
+    null = next(p for p in emu.scenario.posts if p["id"] == "aa0008")
+    assert null["gallery_data"] is None and null["media_metadata"] is None
+
+
+def test_crosspost_parent_carries_the_media(emu: Emulator) -> None:
+    x = next(p for p in emu.scenario.posts if p.get("crosspost_parent_list"))
+    parent = x["crosspost_parent_list"][-1]
+    assert parent["url"].startswith(f"https://i.redd.it:{emu.port}/")
+    assert all(p["id"] != parent["id"] for p in emu.scenario.posts)
+
+
+def test_html_escaping_unless_raw_json(emu: Emulator, http: HttpClient) -> None:
+    esc, _ = http.get_json(emu.url("www.reddit.com", "r/all/new.json"), params={"limit": 100})
+    raw, _ = http.get_json(emu.url("www.reddit.com", "r/all/new.json"), params={"limit": 100, "raw_json": 1})
+    esc_url = esc["data"]["children"][0]["data"]["preview"]["images"][0]["source"]["url"]
+    raw_url = raw["data"]["children"][0]["data"]["preview"]["images"][0]["source"]["url"]
+    assert "&amp;" in esc_url and "&amp;" not in raw_url and "&" in raw_url
+
+
+def test_pagination_with_after_visits_every_post_once(emu: Emulator, http: HttpClient) -> None:
+    seen: list[str] = []
+    after = None
+    for _ in range(50):
+        data, _ = http.get_json(emu.url("www.reddit.com", "r/all/new.json"), params={"limit": 7, "after": after, "raw_json": 1})
+        page = [c["data"]["name"] for c in data["data"]["children"]]
+        assert len(page) <= 7
+        seen += page
+        after = data["data"]["after"]
+        if after is None:
+            break
+        assert after == page[-1]
+    assert seen == [p["name"] for p in emu.scenario.posts]
+    data, _ = http.get_json(emu.url("www.reddit.com", "r/all/new.json"), params={"limit": 500})
+    assert data["data"]["dist"] == min(100, len(emu.scenario.posts))
+
+
+def test_subreddit_filter(emu: Emulator, http: HttpClient) -> None:
+    data, _ = http.get_json(emu.url("www.reddit.com", "r/EarthPorn+nosuchsub/new.json"), params={"raw_json": 1})
+    subs = {c["data"]["subreddit"] for c in data["data"]["children"]}
+    assert subs == {"EarthPorn"}
+
+
+def test_rate_limit_headers_and_429() -> None:
+    with Emulator(Scenario(), rate_limit=3, rate_window=0.8) as e:
+        c = HttpClient(HttpConfig(resolve=e.resolve_entries(), ca_bundle=e.ca_bundle, retries=0))
+        url = e.url("www.reddit.com", "r/all/new.json")
+        remaining = []
+        for _ in range(3):
+            _, r = c.get_json(url)
+            remaining.append(float(r.headers["X-Ratelimit-Remaining"]))
+            assert 0 <= float(r.headers["X-Ratelimit-Reset"]) <= 1
+        assert remaining == [2.0, 1.0, 0.0]
+        with pytest.raises(HttpStatusError) as ei:
+            c.get_json(url)
+        assert ei.value.status == 429 and ei.value.headers["X-Ratelimit-Remaining"] == "0.0"
+        time.sleep(0.9)  # the window resets
+        _, r = c.get_json(url)
+        assert r.headers["X-Ratelimit-Used"] == "1"
+
+
+def test_oauth_token_flow_and_expiry() -> None:
+    scn = Scenario()
+    scn.token_ttl = 1
+    with Emulator(scn) as e:
+        c = HttpClient(HttpConfig(resolve=e.resolve_entries(), ca_bundle=e.ca_bundle, retries=0))
+        env = e.nomad_env()
+        token_url = e.url("www.reddit.com", "api/v1/access_token")
+        listing = e.url("oauth.reddit.com", "r/all/new")
+        with pytest.raises(HttpStatusError) as ei:
+            c.request("POST", token_url, data={"grant_type": "client_credentials"}, auth=(env["REDDIT_CLIENT_ID"], "wrong"))
+        assert ei.value.status == 401
+        tok = c.request("POST", token_url, data={"grant_type": "client_credentials"},
+                        auth=(env["REDDIT_CLIENT_ID"], env["REDDIT_CLIENT_SECRET"])).json()
+        assert tok["token_type"] == "bearer" and tok["expires_in"] == 1
+        with pytest.raises(HttpStatusError) as ei:
+            c.get_json(listing)
+        assert ei.value.status == 401
+        data, r = c.get_json(listing, headers={"Authorization": f"bearer {tok['access_token']}"})
+        assert data["kind"] == "Listing" and "X-Ratelimit-Remaining" in r.headers
+        time.sleep(1.1)
+        with pytest.raises(HttpStatusError) as ei:
+            c.get_json(listing, headers={"Authorization": f"bearer {tok['access_token']}"})
+        assert ei.value.status == 401, "expired tokens are refused: nomad must refresh"
+
+
+# -- imgur --------------------------------------------------------------------------------
+
+
+def test_imgur_album_shape_matches_fixture(emu: Emulator, http: HttpClient) -> None:
+    fx = fixture("imgur_album_images.json")
+    hdr = {"Authorization": f"Client-ID {emu.nomad_env()['IMGUR_CLIENT_ID']}"}
+    data, _ = http.get_json(emu.url("api.imgur.com", "3/album/Xy7Pq2Z/images"), headers=hdr)
+    assert set(data) == set(fx)
+    assert [set(i) - {"gifv"} for i in data["data"]] == [set(i) for i in fx["data"]]
+    assert [i["id"] for i in data["data"]] == [i["id"] for i in fx["data"]]
+    album, _ = http.get_json(emu.url("api.imgur.com", "3/gallery/album/Ga1Le2R"), headers=hdr)
+    assert album["data"]["is_album"] and len(album["data"]["images"]) == 1
+    img, _ = http.get_json(emu.url("api.imgur.com", "3/image/Ab1Cd2E"), headers=hdr)
+    assert img["data"]["link"] == emu.url("i.imgur.com", "Ab1Cd2E.jpg")
+    with pytest.raises(HttpStatusError) as ei:
+        http.get_json(emu.url("api.imgur.com", "3/album/Xy7Pq2Z/images"))
+    assert ei.value.status == 401
+    with pytest.raises(HttpStatusError) as ei:
+        http.get_json(emu.url("api.imgur.com", "3/album/nope/images"), headers=hdr)
+    assert ei.value.status == 404
+
+
+def test_imgur_removed_redirects_to_placeholder(emu: Emulator, http: HttpClient) -> None:
+    r = http.get(emu.url("i.imgur.com", "Rm0Vd9X.jpg"), allow_redirects=False)
+    assert r.status == 302 and r.headers["Location"] == emu.url("i.imgur.com", "removed.png")
+    dl = http.download_image(emu.url("i.imgur.com", "removed.png"))
+    assert dl.format == "png" and Image.open(io.BytesIO(dl.data)).size == (161, 81)
+    page = http.get(emu.url("i.imgur.com", "Gv6If7Y.gifv"))
+    assert page.headers["Content-Type"].startswith("text/html")
+
+
+# -- flickr -------------------------------------------------------------------------------
+
+
+def flickr(http: HttpClient, emu: Emulator, **params: Any) -> Any:
+    q = {"format": "json", "nojsoncallback": 1, "api_key": emu.nomad_env()["FLICKR_API_KEY"], **params}
+    return http.get_json(emu.url("api.flickr.com", "services/rest/"), params=q)[0]
+
+
+def test_flickr_getsizes_shape_matches_fixture(emu: Emulator, http: HttpClient) -> None:
+    fx = fixture("flickr_getsizes.json")
+    data = flickr(http, emu, method="flickr.photos.getSizes", photo_id="53712345678")
+    assert set(data) == set(fx) and set(data["sizes"]) == set(fx["sizes"])
+    assert {frozenset(s) for s in data["sizes"]["size"]} == {frozenset(s) for s in fx["sizes"]["size"]}
+    widths = [s["width"] for s in data["sizes"]["size"]]
+    assert widths == sorted(widths), "smallest to largest"
+    largest = [s for s in data["sizes"]["size"] if s["media"] == "photo"][-1]
+    dl = http.download_image(largest["source"])
+    assert Image.open(io.BytesIO(dl.data)).size == (largest["width"], largest["height"])
+    info = flickr(http, emu, method="flickr.photos.getInfo", photo_id="53712345678")
+    assert info["stat"] == "ok" and info["photo"]["license"] == "4"
+    assert info["photo"]["urls"]["url"][0]["_content"].startswith(f"https://www.flickr.com:{emu.port}/photos/")
+
+
+def test_flickr_errors(emu: Emulator, http: HttpClient) -> None:
+    assert flickr(http, emu, method="flickr.photos.getSizes", photo_id="53799999999") == \
+        {"stat": "fail", "code": 1, "message": "Photo not found"}
+    bad = flickr(http, emu, method="flickr.photos.getSizes", photo_id="53712345678", api_key="wrong")
+    assert bad["stat"] == "fail" and bad["code"] == 100
+
+
+def test_flic_kr_short_link(emu: Emulator, http: HttpClient) -> None:
+    assert base58(53700000001) and set(base58(53700000001)) <= set(FLICKR_ALPHABET)
+    n = 0
+    for ch in base58(53700000001):
+        n = n * 58 + FLICKR_ALPHABET.index(ch)
+    assert n == 53700000001
+    r = http.get(emu.url("flic.kr", f"p/{base58(53700000001)}"))
+    assert r.url == emu.url("www.flickr.com", "photos/shortlinker/53700000001/") and len(r.history) == 1
+
+
+# -- the default scenario -----------------------------------------------------------------
+
+
+def test_default_scenario_covers_the_brief(emu: Emulator) -> None:
+    labels = set(emu.scenario.expected.values())
+    assert labels >= {
+        "accept_candidate", "skip_small", "skip_aspect", "skip_nsfw", "skip_spoiler", "skip_video", "skip_removed",
+        "skip_not_image", "skip_animated", "skip_failed", "skip_no_media", "fail_removed", "fail_not_found",
+        "fail_not_image", "fail_truncated", "fail_bomb", "fail_timeout", "fail_blocked_address",
+    }
+    ids = {p["id"] for p in emu.scenario.posts}
+    for key in emu.scenario.expected:
+        assert key.split("/")[0] in ids, key
+    for p in emu.scenario.posts:
+        assert p["id"] in emu.scenario.expected or any(k.startswith(p["id"] + "/") for k in emu.scenario.expected)
+        if "://" in p["url"] and "169.254" not in p["url"]:
+            assert f":{emu.port}/" in p["url"], f"{p['url']} lacks the emulator port"
+
+
+def test_scenario_images_are_what_they_claim(emu: Emulator, http: HttpClient) -> None:
+    checked = 0
+    for (host, path), res in emu.scenario.files.items():
+        if res.kind != "image" or res.fmt == "gif" or max(res.width, res.height) > 2000:
+            continue
+        dl = http.download_image(emu.url(host, path))
+        with Image.open(io.BytesIO(dl.data)) as im:
+            assert im.size == (res.width, res.height) and dl.format == res.fmt, (host, path)
+        checked += 1
+    assert checked >= 20
+
+
+def test_images_are_deterministic() -> None:
+    a = default_scenario(1234)
+    b = default_scenario(1234)
+    assert a.posts == b.posts and a.expected == b.expected
+    assert {k: v.seed for k, v in a.files.items()} == {k: v.seed for k, v in b.files.items()}
+
+
+def test_requests_recorded_and_counted(emu: Emulator, http: HttpClient) -> None:
+    before = emu.count(host="i.redd.it", path="/bigdirect1.jpeg")
+    http.download_image(emu.url("i.redd.it", "bigdirect1.jpeg"))
+    assert emu.count(host="i.redd.it", path="/bigdirect1.jpeg") == before + 1
+    rec = emu.records()[-1]
+    assert rec.method == "GET" and rec.status == 200 and rec.headers["User-Agent"]
+    assert emu.count(host="i.redd.it", path="/big*") >= 1
+
+
+def test_unknown_path_404(emu: Emulator, http: HttpClient) -> None:
+    with pytest.raises(FetchError) as ei:
+        http.get(emu.url("i.redd.it", "does-not-exist.jpg"))
+    assert ei.value.reason == "http_404"
+
+
+def test_nomad_args_and_ca_bundle(emu: Emulator) -> None:
+    args = emu.nomad_args()
+    pins = [args[i + 1] for i, a in enumerate(args) if a == "--resolve"]
+    assert f"www.reddit.com:{emu.port}:127.0.0.1" in pins and f"live.staticflickr.com:{emu.port}:127.0.0.1" in pins
+    assert args[args.index("--ca-bundle") + 1] == emu.ca_bundle
+    assert Path(emu.ca_bundle).read_text().startswith("-----BEGIN CERTIFICATE-----")
+    assert args[args.index("--reddit-url") + 1] == f"https://www.reddit.com:{emu.port}"
+    for flag in ("--reddit-oauth-url", "--imgur-api-url", "--flickr-api-url"):
+        assert args[args.index(flag) + 1].endswith(f":{emu.port}")
+
+
+def test_wildcard_cert_covers_farm_hosts(emu: Emulator) -> None:
+    c = HttpClient(HttpConfig(resolve=[f"farm42.staticflickr.com:{emu.port}:127.0.0.1"], ca_bundle=emu.ca_bundle, retries=0))
+    with pytest.raises(HttpStatusError) as ei:  # TLS is fine; the file just does not exist
+        c.get(f"https://farm42.staticflickr.com:{emu.port}/x.jpg")
+    assert ei.value.status == 404
+
+
+def test_standalone_main_prints_flags_and_stops() -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.emulator"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(lines) < 3:
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                break
+            lines.append(line)
+        text = "".join(lines)
+        assert "--resolve www.reddit.com:" in text and "--ca-bundle" in text and "REDDIT_CLIENT_ID=" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
