@@ -23,7 +23,8 @@ VIDEO = "video"
 REMOVED = "removed"
 ANIMATED = "animated"
 UNAVAILABLE = "unavailable"
-NO_IMAGE = "no_image"
+NO_IMAGE = "no_image"  # the post links to something that is not an image (article, youtube)
+NO_MEDIA = "no_media"  # a gallery whose media is gone (null gallery_data/media_metadata)
 DOMAIN_DENIED = "domain_denied"
 DOMAIN_NOT_ALLOWED = "domain_not_allowed"
 SUBREDDIT_DENIED = "subreddit_denied"
@@ -59,7 +60,7 @@ class Rules:
         if post.is_video:
             return VIDEO
         if not post.links:
-            return NO_IMAGE
+            return NO_MEDIA if post.is_gallery else NO_IMAGE
         return None
 
     def check_domain(self, url: str) -> str | None:
@@ -75,12 +76,13 @@ class Rules:
         """Resolution and aspect rules; unknown sizes pass (they are checked after decoding)."""
         if not width or not height:
             return None
-        if max(width, height) < self.min_long or min(width, height) < self.min_short:
-            return TOO_SMALL
+        # Aspect first: a panorama is rejected for its shape, whatever its size.
         if width / height > self.max_wide:
             return TOO_WIDE
         if height / width > self.max_tall:
             return TOO_TALL
+        if max(width, height) < self.min_long or min(width, height) < self.min_short:
+            return TOO_SMALL
         return None
 
     def check_ref(self, ref: ImageRef) -> str | None:

@@ -218,7 +218,8 @@ class Store:
 
     def images_of(self, post_id: str) -> list[tuple[str, str, str | None]]:
         """(key, state, reason or error) of every image of a post, in key order."""
-        return [tuple(r) for r in self._all("SELECT key, state, COALESCE(reason, error) FROM images WHERE post_id = ? ORDER BY key", (post_id,))]
+        rows = [tuple(r) for r in self._all("SELECT key, state, COALESCE(reason, error) FROM images WHERE post_id = ?", (post_id,))]
+        return sorted(rows, key=lambda r: int(r[0].rsplit(":", 1)[1]) if r[0].rsplit(":", 1)[1].isdigit() else 0)
 
     # --- spool and outbox ----------------------------------------------------------
     def spool_path(self, key: str, ext: str) -> Path:

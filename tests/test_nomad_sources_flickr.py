@@ -96,3 +96,8 @@ def test_without_key_static_files_pass_pages_do_not() -> None:
     with pytest.raises(SourceError) as err:
         client.expand(Link("https://www.flickr.com/photos/u/53712345678"), "k")
     assert err.value.reason == "flickr_no_api_key"
+
+
+def test_bare_api_base_gets_the_rest_path() -> None:
+    assert FlickrClient(FakeHttp([]), api_url="https://api.flickr.com:8443").api_url == "https://api.flickr.com:8443/services/rest"
+    assert FlickrClient(FakeHttp([]), api_url="https://mirror.example/flickr/rest").api_url == "https://mirror.example/flickr/rest"

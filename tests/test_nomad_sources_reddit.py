@@ -277,3 +277,27 @@ def test_top_pages_to_limit() -> None:
     top = client.top("EarthPorn", t="year", limit=3)
     assert [p.post_id for p in top] == ["t3_a", "t3_b", "t3_c"]
     assert http.calls[0][1].endswith("/r/EarthPorn/top.json") and http.calls[0][2]["params"]["t"] == "year"
+
+
+def test_gallery_file_url_keeps_the_preview_port(listing: dict) -> None:
+    data = post(listing, "1d4k2p2")
+    for entry in data["media_metadata"].values():
+        entry["s"]["u"] = entry["s"]["u"].replace("preview.redd.it/", "preview.redd.it:8443/")
+    assert parse_post(data).links[0].url == "https://i.redd.it:8443/k3j5zq1.jpg"
+
+
+def test_deleted_gallery_is_no_media_and_imgur_gallery_is_not_a_reddit_gallery(listing: dict) -> None:
+    from nomad.rules import NO_IMAGE, NO_MEDIA, Rules
+
+    data = post(listing, "1d4k2p2")
+    data["gallery_data"] = data["media_metadata"] = None
+    c = parse_post(data)
+    assert c.is_gallery and Rules().check_post(c) == NO_MEDIA
+    imgur = post(listing, "1d4k2p5")
+    imgur["url"] = imgur["url_overridden_by_dest"] = "https://imgur.com/gallery/title-Xy7Pq2Z"
+    c = parse_post(imgur)
+    assert not c.is_gallery and site_of(c.links[0].url) == "imgur"
+    yt = post(listing, "1d4k2p4")
+    yt["url"] = yt["url_overridden_by_dest"] = "https://www.youtube.com/watch?v=x"
+    yt["post_hint"] = "rich:video"
+    assert Rules().check_post(parse_post(yt)) == NO_IMAGE

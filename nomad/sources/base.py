@@ -87,6 +87,7 @@ class Candidate:
     over_18: bool = False
     spoiler: bool = False
     is_video: bool = False
+    is_gallery: bool = False
     removed: bool = False
     links: list[Link] = field(default_factory=list)
 

@@ -123,7 +123,9 @@ class FlickrClient:
 
     def __init__(self, http: HttpClient, *, api_url: str = DEFAULT_API, api_key: str | None = None) -> None:
         self.http = http
-        self.api_url = api_url
+        # A bare base URL (a mirror, the test emulator) gets flickr's REST path appended.
+        parts = urlsplit(api_url)
+        self.api_url = api_url.rstrip("/") + "/services/rest" if parts.path in ("", "/") else api_url
         self.api_key = api_key
 
     def call(self, method: str, **params: Any) -> Mapping[str, Any]:

@@ -14,10 +14,11 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
+from urllib.parse import urlsplit
 
 from nomad.http import FetchError, HttpClient, HttpStatusError
 
-from .base import Candidate, Link, SourceError, extension_of, site_of
+from .base import Candidate, Link, SourceError, extension_of, host_matches, host_of, site_of
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,19 @@ def _preview_size(post: Mapping[str, Any]) -> tuple[int | None, int | None]:
         return None, None
 
 
+def _i_redd_it(media_id: str, ext: str, like: str) -> str:
+    """The full-size gallery file ``https://i.redd.it/<media_id>.<ext>``.
+
+    The port of the preview URL is kept when it has one, so mirrors and the
+    test emulator (which serve every host on one port) work like reddit.
+    """
+    try:
+        port = urlsplit(like).port if like else None
+    except ValueError:
+        port = None
+    return f"https://i.redd.it{':' + str(port) if port else ''}/{media_id}.{ext}"
+
+
 def _gallery_links(post: Mapping[str, Any]) -> list[Link]:
     """One link per gallery item, in ``gallery_data.items`` order (media_metadata is unordered).
 
@@ -55,13 +69,15 @@ def _gallery_links(post: Mapping[str, Any]) -> list[Link]:
     rules record a reason for them instead of silently dropping them.
     """
     items = (post.get("gallery_data") or {}).get("items") or []
-    metadata = post.get("media_metadata") or {}
+    metadata = post.get("media_metadata")
+    if not isinstance(metadata, Mapping) or not metadata:
+        return []  # deleted gallery: nothing left to fetch (the rules say "no_media")
     links: list[Link] = []
     for item in items:
         if not isinstance(item, Mapping):
             continue
         media_id = str(item.get("media_id") or "")
-        entry = metadata.get(media_id) if isinstance(metadata, Mapping) else None
+        entry = metadata.get(media_id)
         if not media_id or not isinstance(entry, Mapping):
             links.append(Link(url="", media="unavailable", meta={"media_id": media_id}))
             continue
@@ -74,13 +90,14 @@ def _gallery_links(post: Mapping[str, Any]) -> list[Link]:
         if entry.get("status") != "valid":
             links.append(Link(url="", media="unavailable", meta=meta))
         elif kind == "AnimatedImage":
-            links.append(Link(url=f"https://i.redd.it/{media_id}.gif", animated=True, meta=meta))
+            gif = _url(source.get("gif")) or _i_redd_it(media_id, "gif", "")
+            links.append(Link(url=gif, width=_int(source.get("x")), height=_int(source.get("y")), animated=True, meta=meta))
         elif kind != "Image":
             links.append(Link(url="", media="video" if kind == "RedditVideo" else "unknown", meta=meta))
         else:
             links.append(
                 Link(
-                    url=f"https://i.redd.it/{media_id}.{ext}",
+                    url=_i_redd_it(media_id, ext, _url(source.get("u"))),
                     width=_int(source.get("x")),
                     height=_int(source.get("y")),
                     animated=ext == "gif",
@@ -90,15 +107,21 @@ def _gallery_links(post: Mapping[str, Any]) -> list[Link]:
     return links
 
 
+def _is_gallery(post: Mapping[str, Any]) -> bool:
+    url = _url(post.get("url"))
+    on_reddit = host_matches(host_of(url), "reddit.com")
+    return bool(post.get("is_gallery") or post.get("gallery_data") is not None or (on_reddit and "/gallery/" in url))
+
+
 def _media_links(post: Mapping[str, Any]) -> list[Link]:
     """What one post (or a crosspost's parent) points at."""
     if post.get("is_video") or post.get("post_hint") == "hosted:video":
         return [Link(url=_url(post.get("url")), media="video")]
-    if post.get("is_gallery") or post.get("gallery_data") is not None or "/gallery/" in _url(post.get("url")):
+    if _is_gallery(post):
         return _gallery_links(post)
     url = _url(post.get("url_overridden_by_dest") or post.get("url"))
     site = site_of(url)
-    if site == "video" or post.get("post_hint") in ("rich:video",):
+    if site == "video":
         return [Link(url=url, media="video")]
     if site == "unsupported":
         return []
@@ -131,6 +154,7 @@ def parse_post(data: Mapping[str, Any]) -> Candidate:
         over_18=bool(data.get("over_18") or media_post.get("over_18")),
         spoiler=bool(data.get("spoiler") or media_post.get("spoiler")),
         is_video=bool(media_post.get("is_video")),
+        is_gallery=_is_gallery(media_post),
         removed=removed,
         links=[] if removed else _media_links(media_post),
     )

@@ -1,0 +1,449 @@
+"""The crawl loop, as a pipeline of small stages.
+
+    listings -> posts (rules) -> links expanded to image refs (rules on the
+    reported size) -> download (bounded thread pool) -> decode (rules on the
+    real size) -> batch -> anti_sus -> outbox -> gallery_bridge / --save-dir
+
+Every image key ends in the store with an outcome and a reason; the store is
+consulted before anything is fetched, so a restart never downloads twice.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from anti_sus.client import AntiSusError
+from nomad import images
+from nomad.delivery import Batcher, Deliverer, Downloaded, FilterStage, Stopped, drain_outbox, ingest_meta
+from nomad.http import FetchError, HttpClient, reject_removed_placeholder
+from nomad.rules import Rules
+from nomad.sources.base import Candidate, ImageRef, SourceError, direct_ref, site_of
+from nomad.sources.flickr import FlickrClient
+from nomad.sources.imgur import ImgurClient
+from nomad.sources.reddit import RedditClient
+from nomad.store import Store
+
+log = logging.getLogger(__name__)
+
+# Fetch error codes that will not get better by retrying: a rejection, not a failure.
+PERMANENT_FETCH = {
+    "removed", "not_image", "unsupported_format", "too_large", "blocked_address", "bad_url",
+    "bad_scheme", "too_many_redirects",
+}
+
+
+def classify_fetch(exc: FetchError) -> tuple[str, str]:
+    """('rejected'|'failed', reason code) for a download error."""
+    reason = exc.reason
+    if reason in PERMANENT_FETCH:
+        return "rejected", reason
+    if reason.startswith("http_") and reason not in ("http_429", "http_5xx", "http_408"):
+        return "rejected", reason  # 404, 410, 403: the image is gone or not ours to take
+    return "failed", reason
+
+
+@dataclass
+class CrawlerConfig:
+    """The crawl's own knobs (rules, HTTP and endpoints are configured elsewhere)."""
+
+    listings: list[str] = field(default_factory=lambda: ["r/all/new"])
+    backfill: bool = False
+    workers: int = 4
+    batch_size: int = 64
+    batch_timeout: float = 30.0
+    max_retries: int = 3
+    max_pixels: int = images.DEFAULT_MAX_PIXELS
+    backoff_max: float = 30.0
+
+
+@dataclass
+class CycleStats:
+    """What one poll cycle did: the content of the per-cycle log line."""
+
+    posts_seen: int = 0
+    new_posts: int = 0
+    candidates: int = 0
+    downloaded: int = 0
+    accepted: int = 0
+    delivered: int = 0
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    failed: collections.Counter[str] = field(default_factory=collections.Counter)
+    ratelimit: str = "unknown"
+    outbox: int = 0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        def fmt(c: collections.Counter[str]) -> str:
+            return ",".join(f"{k}:{v}" for k, v in sorted(c.items())) or "-"
+
+        return (
+            f"cycle: posts_seen={self.posts_seen} new_posts={self.new_posts} candidates={self.candidates} "
+            f"downloaded={self.downloaded} accepted={self.accepted} delivered={self.delivered} "
+            f"rejected={sum(self.rejected.values())}[{fmt(self.rejected)}] failed={sum(self.failed.values())}[{fmt(self.failed)}] "
+            f"outbox={self.outbox} ratelimit=({self.ratelimit}) took={self.seconds:.1f}s"
+        )
+
+    def fields(self) -> dict[str, Any]:
+        """The same numbers as structured fields for ``--log-format json``."""
+        return {
+            "posts_seen": self.posts_seen, "new_posts": self.new_posts, "candidates": self.candidates,
+            "downloaded": self.downloaded, "accepted": self.accepted, "delivered": self.delivered,
+            "rejected": dict(self.rejected), "failed": dict(self.failed), "outbox": self.outbox,
+            "ratelimit": self.ratelimit, "seconds": round(self.seconds, 3),
+        }
+
+
+class Metrics:
+    """Prometheus counters (process-wide: prometheus_client registers each name once)."""
+
+    _made: dict[str, Any] | None = None
+
+    def __init__(self) -> None:
+        if Metrics._made is None:
+            from prometheus_client import Counter
+
+            Metrics._made = {
+                "posts": Counter("nomad_posts", "Posts seen in listings, by outcome", ["outcome"]),
+                "images": Counter("nomad_images", "Image keys decided, by outcome and reason", ["outcome", "reason"]),
+                "waits": Counter("nomad_ratelimit_waits", "Waits forced by rate limits", ["source"]),
+                "errors": Counter("nomad_errors", "Errors by kind", ["kind"]),
+            }
+        self.m = Metrics._made
+
+    def post(self, outcome: str) -> None:
+        self.m["posts"].labels(outcome).inc()
+
+    def image(self, outcome: str, reason: str = "") -> None:
+        self.m["images"].labels(outcome, reason).inc()
+
+    def wait(self, source: str) -> None:
+        self.m["waits"].labels(source).inc()
+
+    def error(self, kind: str) -> None:
+        self.m["errors"].labels(kind).inc()
+
+
+class Crawler:
+    """One crawler: sources, rules, store, download pool, batcher, anti_sus and delivery."""
+
+    def __init__(
+        self,
+        config: CrawlerConfig,
+        *,
+        store: Store,
+        rules: Rules,
+        http: HttpClient,
+        reddit: RedditClient,
+        imgur: ImgurClient,
+        flickr: FlickrClient,
+        filter_stage: FilterStage,
+        deliverer: Deliverer,
+        stop: threading.Event | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.cfg = config
+        self.store = store
+        self.rules = rules
+        self.http = http
+        self.reddit = reddit
+        self.imgur = imgur
+        self.flickr = flickr
+        self.filter_stage = filter_stage
+        self.deliverer = deliverer
+        self.stop = stop or threading.Event()
+        self.metrics = metrics or Metrics()
+        self.batcher = Batcher(size=config.batch_size, timeout=config.batch_timeout)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, config.workers), thread_name_prefix="nomad-dl")
+        self._stats = CycleStats()
+        filter_stage.sleep = self.sleep
+        cleared = store.clear_spool()
+        if cleared:
+            log.info("removed %d originals of an unfinished batch (their keys are fetched again)", cleared)
+
+    def sleep(self, seconds: float) -> bool:
+        """Wait that a stop request interrupts; True when interrupted."""
+        return self.stop.wait(max(0.0, seconds))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # --- stage 1: listings and posts -------------------------------------------------
+    def expand(self, post: Candidate) -> list[ImageRef]:
+        """Image refs of a post, keyed ``<source>:<post id>:<index>``; raises SourceError."""
+        prefix = f"{post.source}:{post.post_id}"
+        refs: list[ImageRef] = []
+        for link in post.links:
+            key = f"{prefix}:{len(refs)}"
+            site = site_of(link.url) if link.url else "none"
+            if link.media != "image" or site in ("none", "video", "unsupported"):
+                media = link.media if link.media != "image" else ("video" if site == "video" else "unavailable")
+                refs.append(ImageRef(key, link.url, animated=link.animated, media=media, meta=dict(link.meta)))
+            elif site == "imgur":
+                refs.extend(self.imgur.expand(link, prefix, len(refs)))
+            elif site == "flickr":
+                refs.extend(self.flickr.expand(link, prefix, len(refs)))
+            else:
+                refs.append(direct_ref(key, link, site))
+        base = post.meta()
+        for ref in refs:
+            ref.meta = {**base, **ref.meta}
+        return refs
+
+    def handle_post(self, post: Candidate, stats: CycleStats) -> None:
+        """Post rules, expansion, image rules on reported sizes; everything recorded."""
+        reason = self.rules.check_post(post)
+        if reason:
+            self.store.record_post(post, "rejected", reason=reason)
+            stats.rejected[reason] += 1
+            self.metrics.post("rejected")
+            return
+        try:
+            refs = self.expand(post)
+        except SourceError as exc:
+            if exc.reason == "stopped":
+                raise Stopped() from exc
+            if exc.transient:
+                self.store.record_post(post, "failed", error=exc.reason)
+                stats.failed[exc.reason] += 1
+                self.metrics.post("failed")
+                self.metrics.error(exc.reason)
+            else:
+                self.store.record_post(post, "rejected", reason=exc.reason)
+                stats.rejected[exc.reason] += 1
+                self.metrics.post("rejected")
+            log.info("post %s: %s (%s)", post.post_id, exc.reason, exc)
+            return
+        for ref in refs:
+            reason = self.rules.check_ref(ref)
+            if not reason and self.store.url_taken(ref.url, ref.key):
+                reason = "duplicate_url"  # crossposts and reposts of the same file
+            if self.store.add_image(ref, post.post_id, state="rejected" if reason else "pending", reason=reason):
+                stats.candidates += 1
+                if reason:
+                    stats.rejected[reason] += 1
+                    self.metrics.image("rejected", reason)
+        self.store.record_post(post, "expanded")
+        self.metrics.post("expanded")
+
+    def read_listings(self, stats: CycleStats) -> None:
+        handled: set[str] = set()
+        for path in self.cfg.listings:
+            try:
+                for post in self.reddit.poll(path, backfill=self.cfg.backfill, is_seen=self.store.seen_post):
+                    stats.posts_seen += 1
+                    if self.store.seen_post(post.post_id):
+                        continue
+                    stats.new_posts += 1
+                    handled.add(post.post_id)
+                    self.handle_post(post, stats)
+                    if self.stop.is_set():
+                        return
+            except SourceError as exc:
+                if exc.reason == "stopped":
+                    return
+                stats.failed["listing_" + exc.reason] += 1
+                self.metrics.error("listing_" + exc.reason)
+                log.warning("listing %s: %s", path, exc)
+        for post in self.store.retry_posts(self.cfg.max_retries):
+            if self.stop.is_set():
+                return
+            if post.post_id not in handled:  # one try per cycle
+                self.handle_post(post, stats)
+
+    # --- stage 2: download and decode (worker threads) ---------------------------------
+    def fetch(self, ref: ImageRef) -> tuple[str, str, Downloaded | None]:
+        """Download and decode one image: ('ok', '', item) | ('rejected'|'failed', reason, None)."""
+        check = reject_removed_placeholder if ref.site == "imgur" else None
+        try:
+            dl = self.http.download_image(ref.url, redirect_check=check)
+            if check is not None:
+                check(dl.url)
+            dec = images.decode(dl.data, max_pixels=self.cfg.max_pixels)
+        except FetchError as exc:
+            outcome, reason = classify_fetch(exc)
+            return outcome, reason, None
+        except images.ImageError as exc:
+            return "rejected", exc.reason, None
+        reason = self.rules.check_size(dec.width, dec.height)
+        if reason:
+            return "rejected", reason, None
+        spool = self.store.spool_path(ref.key, "." + dec.format)
+        spool.write_bytes(dl.data)
+        return "ok", "", Downloaded(ref, dec.wire, spool, dec.width, dec.height, dec.format)
+
+    def _fetched(self, ref: ImageRef, fut: Future[tuple[str, str, Downloaded | None]], stats: CycleStats) -> None:
+        try:
+            outcome, reason, item = fut.result()
+        except Exception as exc:  # a bug in a worker must not kill the crawl: record it
+            log.exception("download of %s crashed", ref.key)
+            outcome, reason, item = "failed", f"crash_{type(exc).__name__}", None
+        if outcome == "ok" and item is not None:
+            stats.downloaded += 1
+            self.batcher.add(item)
+            return
+        self.store.set_image(ref.key, outcome, reason=reason)
+        (stats.rejected if outcome == "rejected" else stats.failed)[reason] += 1
+        self.metrics.image(outcome, reason)
+        if outcome == "failed":
+            self.metrics.error(reason)
+
+    def download(self, stats: CycleStats) -> None:
+        """Download every pending image; batches go to anti_sus as they fill or time out.
+
+        At most ``2 x workers`` downloads are in flight, and while a batch waits
+        for anti_sus nothing new is submitted: memory stays bounded.
+        """
+        work = iter(self.store.work(self.cfg.max_retries))
+        inflight: dict[Future[Any], ImageRef] = {}
+        exhausted = False
+        while True:
+            while not exhausted and not self.stop.is_set() and len(inflight) < 2 * self.cfg.workers:
+                ref = next(work, None)
+                if ref is None:
+                    exhausted = True
+                    break
+                inflight[self._pool.submit(self.fetch, ref)] = ref
+            if not inflight:
+                break
+            due = self.batcher.due_in()
+            done, _ = wait(list(inflight), timeout=0.5 if due is None else max(0.01, min(0.5, due)), return_when=FIRST_COMPLETED)
+            for fut in done:
+                self._fetched(inflight.pop(fut), fut, stats)
+            if self.batcher.due():
+                self.flush(stats)
+
+    # --- stage 3: anti_sus and the outbox ------------------------------------------------
+    def flush(self, stats: CycleStats | None = None, *, force: bool = False) -> None:
+        """Send due batches (all of them with ``force``); waits while anti_sus is down."""
+        stats = stats or self._stats
+        while self.batcher.items and (force or self.batcher.due()):
+            items = self.batcher.take()
+            try:
+                result = self.filter_stage.filter(np.stack([i.wire for i in items]))
+            except Stopped:
+                # Stopped while anti_sus was down: the keys stay pending, fetched again next run.
+                for it in items + self.batcher.take():
+                    it.spool.unlink(missing_ok=True)
+                return
+            except AntiSusError as exc:
+                for it in items:
+                    self.store.set_image(it.ref.key, "failed", reason=f"anti_sus_{exc.code}", error=str(exc))
+                    it.spool.unlink(missing_ok=True)
+                    stats.failed[f"anti_sus_{exc.code}"] += 1
+                self.metrics.error(f"anti_sus_{exc.code}")
+                log.error("anti_sus refused a batch of %d: %s", len(items), exc)
+                continue
+            self._record_verdicts(items, result, stats)
+
+    def _record_verdicts(self, items: list[Downloaded], result: Any, stats: CycleStats) -> None:
+        rows = {idx: row for row, idx in enumerate(result.good)}
+        answered: set[int] = set()
+        for r in result.results:
+            if not 0 <= r.index < len(items):
+                continue
+            answered.add(r.index)
+            it = items[r.index]
+            scores = {"gmm": r.gmm, "watermark": r.watermark}
+            if r.verdict == "good":
+                features = None
+                if result.features is not None and r.index in rows:
+                    features = result.features[rows[r.index]]
+                meta = ingest_meta(it.ref, it.width, it.height, it.format, scores)
+                self.store.accept(it.ref.key, it.spool, meta, features, scores)
+                stats.accepted += 1
+                self.metrics.image("accepted")
+            else:
+                self.store.set_image(it.ref.key, "rejected", reason=r.verdict, scores={**scores, "verdict": r.verdict})
+                it.spool.unlink(missing_ok=True)
+                stats.rejected[r.verdict] += 1
+                self.metrics.image("rejected", r.verdict)
+        for i, it in enumerate(items):
+            if i not in answered:
+                self.store.set_image(it.ref.key, "failed", reason="anti_sus_no_result")
+                it.spool.unlink(missing_ok=True)
+                stats.failed["anti_sus_no_result"] += 1
+
+    def deliver(self, stats: CycleStats, *, wait: bool) -> None:
+        def counted(status: str) -> None:
+            stats.delivered += 1
+            self.metrics.image("delivered", status)
+
+        _, stats.outbox = drain_outbox(
+            self.store, self.deliverer, sleep=self.sleep, wait=wait, backoff_max=self.cfg.backoff_max, on_delivered=counted
+        )
+
+    # --- cycles --------------------------------------------------------------------------
+    def cycle(self, *, final: bool = False) -> CycleStats:
+        """One poll cycle. ``final``: flush every batch and wait until the outbox is delivered."""
+        t0 = time.monotonic()
+        stats = self._stats = CycleStats()
+        try:
+            self.deliver(stats, wait=False)  # redeliver what a previous run left
+            self.read_listings(stats)
+            self.download(stats)
+            self.flush(stats, force=final or self.stop.is_set())
+            self.deliver(stats, wait=final)
+        except Stopped:
+            pass
+        stats.ratelimit = self.reddit.rate.describe(time.monotonic())
+        stats.outbox = self.store.outbox_size()
+        stats.seconds = time.monotonic() - t0
+        log.info(stats.line(), extra={"cycle": stats.fields()})
+        return stats
+
+    def run(self, interval: float) -> None:
+        """Poll every ``interval`` seconds until stopped; partial batches go out on their timeout."""
+        while not self.stop.is_set():
+            started = time.monotonic()
+            self.cycle()
+            while not self.stop.is_set():
+                left = started + interval - time.monotonic()
+                if left <= 0:
+                    break
+                due = self.batcher.due_in()
+                self.sleep(left if due is None else max(0.0, min(left, due)))
+                if self.batcher.due():
+                    try:
+                        self.flush()
+                        self.deliver(self._stats, wait=False)
+                    except Stopped:
+                        break
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Graceful stop: flush what was downloaded (if anti_sus answers soon), deliver once, close.
+
+        The stop flag is already set, so the flush gets its own bounded patience;
+        if anti_sus stays down the keys simply stay pending for the next run.
+        """
+        stats = self._stats
+        deadline = time.monotonic() + self.cfg.backoff_max
+
+        def patient(seconds: float) -> bool:
+            if time.monotonic() + seconds > deadline:
+                return True
+            time.sleep(seconds)
+            return False
+
+        if self.batcher.items:
+            self.filter_stage.sleep = patient
+            try:
+                self.flush(stats, force=True)
+            finally:
+                self.filter_stage.sleep = self.sleep
+        try:
+            _, stats.outbox = drain_outbox(self.store, self.deliverer, sleep=patient, wait=False)
+        except Stopped:
+            pass
+        self.close()
+
+    def pending(self) -> int:
+        """Image keys not yet decided (pending, or failed with retries left) plus the outbox."""
+        return len(self.store.work(self.cfg.max_retries)) + self.store.outbox_size()
