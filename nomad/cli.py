@@ -127,7 +127,7 @@ def build_crawler(args: argparse.Namespace, stop: threading.Event, environ: Mapp
         backoff_max=args.backoff_max,
         on_unavailable=lambda: metrics.error("anti_sus_unavailable"),
     )
-    deliverer = SaveDirDeliverer(args.save_dir) if args.save_dir else GalleryDeliverer(args.gallery)
+    deliverer = SaveDirDeliverer(args.save_dir) if args.save_dir else GalleryDeliverer(args.gallery, timeout=args.gallery_timeout)
     store = Store(args.state_dir)
     return Crawler(
         CrawlerConfig(
