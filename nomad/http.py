@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
 import urllib3
+import urllib3.connection
 from urllib3._collections import HTTPHeaderDict
 from urllib3.exceptions import (
     HTTPError,
@@ -45,6 +46,7 @@ from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from .net.errors import BlockedAddress, FetchError, HttpStatusError, status_reason
 from .net.guard import AddressPolicy, Pin, Resolver, Target, blocked_reason, parse_resolve
 from .net.sniff import IMAGE_FORMATS, looks_like_html, sniff_format
+from .net.watchdog import WATCHDOG
 
 __all__ = [
     "HttpConfig",
@@ -169,6 +171,50 @@ def _default_port(scheme: str) -> int:
     return 443 if scheme == "https" else 80
 
 
+_in_flight = threading.local()
+
+
+class _Exchange:
+    """The connection one request is using, so the watchdog can cut it at the deadline."""
+
+    def __init__(self) -> None:
+        self.conn: urllib3.connection.HTTPConnection | None = None
+        self.lock = threading.Lock()
+        self.done = False
+        self.cut = False
+
+    def cut_now(self) -> None:
+        with self.lock:
+            if self.done or self.conn is None:
+                return
+            sock = self.conn.sock
+            self.cut = True
+        if sock is not None:
+            try:
+                # Wakes the worker blocked in recv(); the connection is then discarded.
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _track(conn: urllib3.connection.HTTPConnection) -> None:
+    ex = getattr(_in_flight, "exchange", None)
+    if ex is not None:
+        ex.conn = conn
+
+
+class _TrackedHTTPConnection(urllib3.connection.HTTPConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        _track(self)
+        super().request(*args, **kwargs)
+
+
+class _TrackedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        _track(self)
+        super().request(*args, **kwargs)
+
+
 class HttpClient:
     """Thread-safe HTTP client with the SSRF guard, caps, deadlines, retries and per-host limits.
 
@@ -235,6 +281,7 @@ class HttpClient:
                 pool = urllib3.HTTPConnectionPool(
                     target.address, target.port, maxsize=self.config.per_host, block=False, retries=False
                 )
+            pool.ConnectionCls = _TrackedHTTPSConnection if scheme == "https" else _TrackedHTTPConnection
             self._pools[key] = pool
             while len(self._pools) > self.max_pools:
                 _, old = self._pools.popitem(last=False)
@@ -471,6 +518,11 @@ class HttpClient:
         )
         resp = None
         clean = False
+        exchange = _Exchange()
+        _in_flight.exchange = exchange
+        # Socket timeouts bound each read; the watchdog bounds the whole exchange
+        # (a status line and headers trickled a byte at a time included).
+        alarm = WATCHDOG.schedule(deadline.end, exchange.cut_now)
         try:
             resp = pool.urlopen(
                 method, path, body=body, headers=hdrs, retries=False, redirect=False,
@@ -491,20 +543,36 @@ class HttpClient:
             return status, rh, data
         except FetchError:
             raise
-        except SSLError as exc:
-            raise FetchError("tls", f"{url}: {exc}", url=url) from exc
-        except NewConnectionError as exc:
-            raise FetchError("connection", f"{url}: {exc}", url=url) from exc
-        except (Urllib3Timeout, ReadTimeoutError, socket.timeout, TimeoutError) as exc:
-            raise FetchError("timeout", f"{url}: {exc}", url=url) from exc
-        except (ProtocolError, HTTPError, OSError) as exc:
-            raise FetchError("connection", f"{url}: {exc}", url=url) from exc
+        except Exception as exc:
+            if exchange.cut or deadline.left() <= 0:
+                raise FetchError("timeout", f"deadline exceeded fetching {url}", url=url) from exc
+            mapped = self._map_error(exc, url)
+            if mapped is exc:
+                raise
+            raise mapped from exc
         finally:
+            with exchange.lock:
+                exchange.done = True
+            WATCHDOG.cancel(alarm)
+            _in_flight.exchange = None
             if resp is not None:
-                if not clean:
+                if not clean or exchange.cut:
                     # A body left mid-stream makes the connection unusable: never pool it.
                     resp.close()
                 resp.release_conn()
+
+    @staticmethod
+    def _map_error(exc: Exception, url: str) -> Exception:
+        """urllib3/socket exceptions -> FetchError with a stats reason."""
+        if isinstance(exc, SSLError):
+            return FetchError("tls", f"{url}: {exc}", url=url)
+        if isinstance(exc, NewConnectionError):
+            return FetchError("connection", f"{url}: {exc}", url=url)
+        if isinstance(exc, (Urllib3Timeout, ReadTimeoutError, socket.timeout, TimeoutError)):
+            return FetchError("timeout", f"{url}: {exc}", url=url)
+        if isinstance(exc, (ProtocolError, HTTPError, OSError)):
+            return FetchError("connection", f"{url}: {exc}", url=url)
+        return exc
 
     def _read_body(
         self,

@@ -331,6 +331,28 @@ def test_slow_endless_body_hits_the_deadline(emu: Emulator) -> None:
     assert 0.9 <= elapsed < 2.5, f"deadline 1 s, took {elapsed:.2f} s"
 
 
+def test_trickled_headers_hit_the_deadline() -> None:
+    """Each header byte arrives inside the read timeout; the deadline still ends the request."""
+
+    def trickle(r: BaseHTTPRequestHandler) -> None:
+        r.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(100):
+            r.wfile.write(b"X")
+            r.wfile.flush()
+            time.sleep(0.1)
+
+    srv, port = plain_server(trickle)
+    try:
+        c = HttpClient(HttpConfig(resolve=[f"slowloris.example:{port}:127.0.0.1"], deadline=1.0, read_timeout=5.0, retries=0))
+        t0 = time.monotonic()
+        with pytest.raises(FetchError) as ei:
+            c.get(f"http://slowloris.example:{port}/")
+        assert ei.value.reason == "timeout"
+        assert time.monotonic() - t0 < 2.5
+    finally:
+        srv.shutdown()
+
+
 def test_html_served_as_jpg_is_rejected(client: HttpClient, emu: Emulator) -> None:
     with pytest.raises(FetchError) as ei:
         client.download_image(emu.url("hostile.example", "html.jpg"))
