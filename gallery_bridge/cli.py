@@ -115,7 +115,7 @@ def _password(args: argparse.Namespace) -> str:
     return pw
 
 
-def open_ingester(args: argparse.Namespace, *, read_only_page: bool = False):  # -> Ingester
+def open_ingester(args: argparse.Namespace):  # -> Ingester
     """Catalogue + target + indexes from the common flags (runs crash recovery)."""
     from .catalogue import Catalogue
     from .dedup import DedupConfig

@@ -12,7 +12,7 @@ import math
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -186,6 +186,3 @@ def check_features(frame: bytes | None, declared: Any, limits: Limits) -> np.nda
         raise ProtocolError("bad_shape", "features contain NaN or infinity")
     return vec
 
-
-def scores_from(meta: Mapping[str, Any]) -> dict[str, float]:
-    return dict(meta.get("scores") or {})

@@ -1,0 +1,116 @@
+"""The gallery-bridge command line: import, list, rebuild, ping, info and its error messages."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import ImageOps
+
+from gallery_bridge import testing as T
+from gallery_bridge.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GALLERY_BRIDGE_")}
+    base.update(env or {})
+    return subprocess.run([sys.executable, "-m", "gallery_bridge", *args], cwd=REPO, env=base,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_import_list_rebuild(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "photos"
+    (src / "sub").mkdir(parents=True)
+    a, b = T.photo(70, (800, 600)), T.photo(71, (800, 600))
+    (src / "a.jpg").write_bytes(T.encode(a))
+    (src / "sub" / "b.png").write_bytes(T.encode(b, "PNG"))
+    (src / "a_copy.jpg").write_bytes(T.encode(a))  # exact duplicate
+    (src / "a_mirror.webp").write_bytes(T.encode(ImageOps.mirror(a), "WEBP"))  # near duplicate
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xffnot really")
+    (src / "notes.txt").write_text("ignored")
+    gallery = tmp_path / "gallery"
+    assert main(["import", str(src), "--target", f"folder:{gallery}"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary == {"files": 5, "added": 2, "duplicate": 2, "rejected": 0, "error": 1}
+    # Importing again adds nothing: same keys.
+    assert main(["import", str(src), "--target", f"folder:{gallery}"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["added"] == 0
+
+    assert main(["list", "--json", "--target", f"folder:{gallery}"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["title"] for r in listed] == ["b", "a"]  # newest first
+
+    thumb = gallery / "thumbs" / f"{listed[0]['id']}.jpg"
+    thumb.unlink()
+    (gallery / "index.html").unlink()
+    db = sqlite3.connect(gallery / "catalogue.sqlite")
+    db.execute("UPDATE entries SET phash='00' || substr(phash, 3)")
+    db.commit()
+    db.close()
+    assert main(["rebuild", "--target", f"folder:{gallery}"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"entries": 2, "unusable": 0}
+    assert thumb.is_file() and (gallery / "index.html").is_file()
+    db = sqlite3.connect(gallery / "catalogue.sqlite")
+    hashes = {p for (p,) in db.execute("SELECT phash FROM entries")}
+    db.close()
+    from PIL import Image
+
+    from gallery_bridge.dedup import fingerprint
+    with Image.open(src / "a.jpg") as ia, Image.open(src / "sub" / "b.png") as ib:
+        assert hashes == {fingerprint(ia).phash_hex, fingerprint(ib).phash_hex}  # the damaged hash was recomputed
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    cases = [
+        (["list", "--target", "ftp://x"], "target must be folder:PATH or scenery:URL"),
+        (["import", str(tmp_path / "missing"), "--target", f"folder:{tmp_path / 'g'}"], "is not a folder"),
+        (["list", "--target", "scenery:not-a-url"], "http(s) URL"),
+    ]
+    for args, text in cases:
+        out = _run(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert text in out.stderr and "Traceback" not in out.stderr
+    out = _run("list", env={"GALLERY_BRIDGE_PAGE_LIMIT": "many"})
+    assert out.returncode == 2 and "GALLERY_BRIDGE_PAGE_LIMIT" in out.stderr
+
+
+def test_every_flag_names_its_env_var() -> None:
+    parser = build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():  # type: ignore[union-attr]
+        for action in sub._actions:
+            if action.option_strings and action.dest not in ("help", "json"):
+                assert "GALLERY_BRIDGE_" in (action.help or ""), (name, action.dest)
+
+
+def test_ping_exit_codes(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"tcp://127.0.0.1:{port}"
+    down = _run("ping", "--connect", endpoint, "--timeout", "0.3", "--retries", "0")
+    assert down.returncode == 1 and "no reply" in down.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "gallery_bridge", "serve", "--target", f"folder:{tmp_path / 'g'}",
+                             "--log-format", "json"],
+                            cwd=REPO, env={**os.environ, "GALLERY_BRIDGE_BIND": endpoint},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        up = _run("ping", "--connect", endpoint, "--timeout", "0.5", "--retries", "60")
+        assert up.returncode == 0 and json.loads(up.stdout)["pong"] is True
+        info = _run("info", "--connect", endpoint)
+        assert info.returncode == 0 and json.loads(info.stdout)["target"]["kind"] == "folder"
+        busy = _run("serve", "--bind", endpoint, "--target", f"folder:{tmp_path / 'g2'}")
+        assert busy.returncode == 2 and "cannot bind" in busy.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    first = json.loads(err.splitlines()[0])  # --log-format json: one JSON object per line
+    assert first["level"] in ("info", "warning")
