@@ -79,6 +79,8 @@ class Broker:
                 if self.frontend in events and self.idle:
                     self._to_worker(self.frontend.recv_multipart(copy=False))
         finally:
+            log.info("broker stopped; requests forwarded per worker: %s",
+                     " ".join(f"{w.hex()}={n}" for w, n in self.forwarded.items()) or "none")
             self.frontend.close()
             self.backend.close()
             if self._auth is not None:

@@ -1,0 +1,125 @@
+"""Scale-out and security: the load-balancing broker and CURVE (fake pipeline, in threads)."""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import zmq
+
+from anti_sus.broker import Broker
+from anti_sus.client import AntiSusUnavailable, FilterClient
+from anti_sus.security import keygen
+from anti_sus.server import READY, FilterServer, ServerConfig
+from anti_sus.wire import Limits
+
+from .test_anti_sus_support import LOOPBACK, FakeStages, fake_server, image, running
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@contextlib.contextmanager
+def broker_running(**kw) -> Iterator[Broker]:
+    b = Broker([LOOPBACK], [LOOPBACK], **kw)
+    t = threading.Thread(target=b.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+        t.join(timeout=10)
+        assert not t.is_alive()
+
+
+@contextlib.contextmanager
+def worker(backend: str, stages: FakeStages) -> Iterator[FilterServer]:
+    w = FilterServer(stages, ServerConfig(connect=backend, limits=Limits(16, 512 * 512)))
+    with running(w):
+        yield w
+
+
+def wait_for(cond, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_broker_spreads_work_over_two_workers():
+    s1, s2 = FakeStages(delay=0.05), FakeStages(delay=0.05)
+    with broker_running() as b, worker(b.backend_endpoints[0], s1), worker(b.backend_endpoints[0], s2):
+        wait_for(lambda: len(set(b.idle)) == 2)
+        out: list[list[int]] = []
+        errors: list[BaseException] = []
+
+        def client(k: int) -> None:
+            try:
+                with FilterClient(b.frontend_endpoints[0], timeout=10) as c:
+                    for _ in range(4):
+                        out.append(c.filter(np.stack([image(150, 0), image(20)])).good)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+        assert out == [[0]] * 16
+        assert s1.batches and s2.batches  # both workers received work
+        assert len(s1.batches) + len(s2.batches) == 16
+        with FilterClient(b.frontend_endpoints[0], timeout=5) as c:  # ping and info go through too
+            assert c.ping() > 0 and c.info()["thresholds"]["gmm"] == 100.0
+
+
+def test_request_held_by_a_dead_worker_is_served_after_client_retry():
+    """A worker takes a request and dies without replying: the Lazy Pirate retry lands on the live worker."""
+    ctx = zmq.Context()
+    live = FakeStages()
+    try:
+        with broker_running() as b:
+            dead = ctx.socket(zmq.DEALER)
+            dead.setsockopt(zmq.LINGER, 0)
+            dead.connect(b.backend_endpoints[0])
+            dead.send(READY)
+            wait_for(lambda: len(b.idle) == 1)
+            with worker(b.backend_endpoints[0], live):
+                wait_for(lambda: len(b.idle) == 2)
+                results = []
+                with FilterClient(b.frontend_endpoints[0], timeout=0.5, retries=3) as c:
+                    for _ in range(4):
+                        results.append(c.filter(np.stack([image(150, 0)])).good)
+                        if dead is not None and dead.poll(0):
+                            dead.recv_multipart()  # it took a request ...
+                            dead.close(0)          # ... and dies with it
+                            dead = None
+                assert dead is None, "the dying worker was never given a request"
+                assert results == [[0]] * 4
+                assert len(live.batches) == 4
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_curve_known_client_served_unknown_refused(tmp_path: Path):
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    server_pub, server_secret = keygen(keys, "server")
+    client_pub, client_secret = keygen(keys, "client")
+    _, stranger_secret = keygen(keys, "stranger")
+    allowed.mkdir()
+    (allowed / "client.key").write_bytes(client_pub.read_bytes())
+    server = fake_server(curve_secret_key=server_secret, curve_allow=allowed)
+    with running(server) as ep:
+        with FilterClient(ep, timeout=5, curve_server_key=server_pub, curve_client_keys=client_secret) as c:
+            assert c.filter(np.stack([image(150, 0)])).good == [0]
+            assert c.info()["curve"] is True
+        with FilterClient(ep, timeout=0.5, retries=1, curve_server_key=server_pub, curve_client_keys=stranger_secret) as c:
+            with pytest.raises(AntiSusUnavailable):
+                c.ping()
+        with FilterClient(ep, timeout=0.5, retries=0) as c:  # no CURVE at all
+            with pytest.raises(AntiSusUnavailable):
+                c.ping()
