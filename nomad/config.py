@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NoReturn
 
 
 VERSION = "0.1.0"
 DEFAULT_USER_AGENT = f"python:nomad-photo-miner:{VERSION} (by /u/nomad_operator)"
+
+
+def fail(message: str) -> NoReturn:
+    """A configuration mistake: one line on stderr and exit status 2, like argparse."""
+    print(f"nomad: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def env_name(flag: str) -> str:
@@ -38,8 +45,8 @@ class _Flags:
                     default = [type(v.strip()) for v in raw.split(sep) if v.strip()]
                 else:
                     default = type(raw)
-            except (TypeError, ValueError) as exc:
-                raise SystemExit(f"nomad: error: environment variable {name}={raw!r}: {exc}") from None
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+                fail(f"environment variable {name}={raw!r}: {exc}")
         shown = ",".join(map(str, default)) if many and default else default
         listed = (", comma-separated" if sep == "," else ", space-separated") if many else ""
         text = f"{help} (default: {shown}) [env {name}{listed}]"
@@ -59,7 +66,7 @@ class _Flags:
             elif raw.lower() in ("0", "false", "no", "off"):
                 default = False
             else:
-                raise SystemExit(f"nomad: error: environment variable {name}={raw!r}: expected 1/0, true/false")
+                fail(f"environment variable {name}={raw!r}: expected 1/0, true/false")
         self.parser.add_argument(
             flag, action=argparse.BooleanOptionalAction, default=default, help=f"{help} (default: {default}) [env {name}]"
         )
@@ -81,7 +88,7 @@ def secret(name: str, environ: Mapping[str, str] | None = None) -> str | None:
         try:
             return Path(path).read_text().strip() or None
         except OSError as exc:
-            raise SystemExit(f"nomad: error: cannot read {name}_FILE={path}: {exc}") from None
+            fail(f"cannot read {name}_FILE={path}: {exc}")
     return None
 
 

@@ -1,0 +1,125 @@
+"""The nomad command line: flags and env vars, stats, clear errors, and `nomad run` stopping on SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from nomad.cli import build_parser, main
+from nomad.sources.base import Candidate, ImageRef
+from nomad.store import Store
+from stack.procs import Service, free_port, python_module
+from tests.emulator import Emulator
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_every_flag_names_its_env_var() -> None:
+    parser = build_parser({})
+    for sub in ("run", "once", "stats"):
+        action = next(a for a in parser._subparsers._group_actions if a.choices)  # type: ignore[union-attr]
+        sp = action.choices[sub]
+        for act in sp._actions:
+            if act.option_strings and act.dest not in ("help", "json"):
+                assert "[env NOMAD_" in (act.help or ""), (sub, act.option_strings)
+    help_text = subprocess.run([sys.executable, "-m", "nomad", "once", "--help"], capture_output=True, text=True).stdout
+    assert "NOMAD_BATCH_SIZE" in help_text and "NOMAD_REDDIT_URL" in help_text and "(default: 64)" in help_text
+
+
+def test_env_vars_set_defaults_and_flags_win() -> None:
+    env = {"NOMAD_BATCH_SIZE": "7", "NOMAD_LISTING": "r/pics/new,r/EarthPorn/new", "NOMAD_SKIP_NSFW": "0",
+           "NOMAD_RESOLVE": "a.example:443:127.0.0.1 b.example:443:127.0.0.1"}
+    from nomad.config import many
+
+    args = build_parser(env).parse_args(["once"])
+    assert args.batch_size == 7 and args.skip_nsfw is False
+    assert many(args, "listing") == ["r/pics/new", "r/EarthPorn/new"]
+    assert many(args, "resolve") == ["a.example:443:127.0.0.1", "b.example:443:127.0.0.1"]
+    args = build_parser(env).parse_args(["once", "--batch-size", "9", "--listing", "r/all/new"])
+    assert args.batch_size == 9 and many(args, "listing") == ["r/all/new"]
+
+
+def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "nomad", *argv], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize(
+    "argv,env,message",
+    [
+        (["once", "--batch-size", "0"], {}, "must be > 0"),
+        (["once"], {"NOMAD_BATCH_SIZE": "lots"}, "NOMAD_BATCH_SIZE"),
+        (["once", "--ca-bundle", "/nonexistent/ca.pem"], {}, "ca-bundle"),
+        (["once", "--resolve", "nonsense"], {}, "--resolve"),
+        (["once"], {"REDDIT_CLIENT_ID": "only-the-id"}, "REDDIT_CLIENT_SECRET"),
+        (["stats", "--state-dir", "/nonexistent/state"], {}, "no state DB"),
+    ],
+)
+def test_user_errors_are_one_clear_line_not_a_traceback(argv: list[str], env: dict[str, str], message: str, tmp_path: Path) -> None:
+    if "--state-dir" not in argv:
+        argv = [*argv, "--state-dir", str(tmp_path / "state")]
+    proc = run_cli(*argv, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_stats_text_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with Store(tmp_path) as s:
+        s.record_post(Candidate("reddit", "t3_a"), "expanded")
+        s.record_post(Candidate("reddit", "t3_b"), "rejected", reason="nsfw")
+        s.add_image(ImageRef("reddit:t3_a:0", "https://i.redd.it/a.jpg"), "t3_a", state="rejected", reason="too_small")
+    assert main(["stats", "--state-dir", str(tmp_path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["posts"] == {"expanded": 1, "rejected": 1} and data["images_rejected"] == {"too_small": 1}
+    assert main(["stats", "--state-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"posts_rejected\s+nsfw=1", out)
+
+
+def test_run_polls_serves_metrics_and_stops_on_sigterm(tiny_models: Path, tmp_path: Path) -> None:
+    a_ep, port = f"tcp://127.0.0.1:{free_port()}", free_port()
+    anti = Service("anti_sus", python_module("anti_sus", "serve", "--models", str(tiny_models), "--bind", a_ep, "--threads", "1"),
+                   log_path=tmp_path / "anti_sus.log").start()
+    with Emulator() as emu:
+        cmd = python_module(
+            "nomad", "run", *emu.nomad_args(), "--interval", "2", "--state-dir", str(tmp_path / "state"),
+            "--save-dir", str(tmp_path / "out"), "--anti-sus", a_ep, "--anti-sus-timeout", "5",
+            "--gmm-threshold=-1e30", "--watermark-threshold=1.0", "--deadline", "2", "--http-retries", "0",
+            "--metrics-port", str(port), "--batch-timeout", "1",
+        )
+        nomad = subprocess.Popen(cmd, env={**os.environ, **emu.nomad_env()}, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            metrics = ""
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                time.sleep(1)
+                try:
+                    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+                except OSError:
+                    continue
+                if 'nomad_images_total{outcome="delivered"' in metrics:
+                    break
+            time.sleep(2.5)  # let a second cycle start
+            nomad.send_signal(signal.SIGTERM)
+            _, err = nomad.communicate(timeout=60)
+        finally:
+            if nomad.poll() is None:
+                nomad.kill()
+            anti.stop()
+    assert nomad.returncode == 0, err[-3000:]
+    assert 'nomad_posts_total{outcome="expanded"}' in metrics and 'nomad_images_total{outcome="rejected",reason="too_small"}' in metrics
+    assert err.count("cycle: posts_seen=") >= 2  # one line per cycle; the second cycle saw no new post
+    assert "new_posts=0" in err
+    with Store(tmp_path / "state") as s:
+        assert s.outbox_size() == 0 and list(s.spool_dir.iterdir()) == []
+        assert s.stats()["images"].get("delivered", 0) >= 10
+    assert len(list((tmp_path / "out").glob("*.json"))) >= 10
