@@ -163,7 +163,7 @@ class _Deadline:
     def bound(self, seconds: float, url: str) -> float:
         left = self.left()
         if left <= 0:
-            raise FetchError("timeout", f"deadline exceeded fetching {url}", url=url)
+            raise FetchError("timeout", f"deadline exceeded fetching {url}", url=url, retryable=False)
         return max(0.001, min(seconds, left))
 
 
@@ -362,7 +362,12 @@ class HttpClient:
             try:
                 return self._follow(method, url, hdrs, body, cap, allow_redirects, redirect_check, first_bytes_check)
             except FetchError as exc:
-                if attempt + 1 >= attempts or exc.reason not in RETRY_REASONS or self._closed.is_set():
+                if (
+                    attempt + 1 >= attempts
+                    or exc.reason not in RETRY_REASONS
+                    or exc.retryable is False
+                    or self._closed.is_set()
+                ):
                     raise
                 retry_after = exc.retry_after if isinstance(exc, HttpStatusError) else None
                 self._wait(self._backoff(attempt, retry_after), url)
@@ -545,7 +550,7 @@ class HttpClient:
             raise
         except Exception as exc:
             if exchange.cut or deadline.left() <= 0:
-                raise FetchError("timeout", f"deadline exceeded fetching {url}", url=url) from exc
+                raise FetchError("timeout", f"deadline exceeded fetching {url}", url=url, retryable=False) from exc
             mapped = self._map_error(exc, url)
             if mapped is exc:
                 raise
@@ -614,7 +619,7 @@ class HttpClient:
                 break
             chunks.append(chunk)
             if deadline.left() <= 0:
-                raise FetchError("timeout", f"deadline exceeded reading {url}", url=url)
+                raise FetchError("timeout", f"deadline exceeded reading {url}", url=url, retryable=False)
         return b"".join(chunks), complete
 
     @staticmethod

@@ -322,13 +322,35 @@ def test_byte_cap_never_trusts_content_length(handler: Callable) -> None:
 
 
 def test_slow_endless_body_hits_the_deadline(emu: Emulator) -> None:
-    c = client_for(emu, retries=0, deadline=1.0, read_timeout=5.0)
+    # retries=3: a server that used the whole deadline is not given another one.
+    c = client_for(emu, retries=3, deadline=1.0, read_timeout=5.0)
     t0 = time.monotonic()
     with pytest.raises(FetchError) as ei:
         c.download_image(emu.url("hostile.example", "slow.jpg"))
     elapsed = time.monotonic() - t0
     assert ei.value.reason == "timeout"
     assert 0.9 <= elapsed < 2.5, f"deadline 1 s, took {elapsed:.2f} s"
+
+
+def test_read_timeout_is_retried() -> None:
+    calls = []
+
+    def stall_once(r: BaseHTTPRequestHandler) -> None:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            time.sleep(1.0)  # past the read timeout: the client gives up on this attempt
+        r.send_response(200)
+        r.send_header("Content-Length", "2")
+        r.end_headers()
+        r.wfile.write(b"ok")
+
+    srv, port = plain_server(stall_once)
+    try:
+        c = HttpClient(HttpConfig(resolve=[f"stall.example:{port}:127.0.0.1"], read_timeout=0.3, retries=1, backoff=0.01))
+        assert c.get(f"http://stall.example:{port}/").body == b"ok"
+        assert len(calls) == 2
+    finally:
+        srv.shutdown()
 
 
 def test_trickled_headers_hit_the_deadline() -> None:

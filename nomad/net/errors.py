@@ -7,9 +7,12 @@ from typing import Mapping
 class FetchError(Exception):
     """A fetch failed; ``reason`` is a short code ("timeout", "too_large", "http_404", …)."""
 
-    def __init__(self, reason: str, message: str = "", *, url: str | None = None) -> None:
+    def __init__(self, reason: str, message: str = "", *, url: str | None = None, retryable: bool | None = None) -> None:
         self.reason = reason
         self.url = url
+        # None: decided by reason; False: never retried within the same request
+        # (e.g. a server that already used the whole deadline).
+        self.retryable = retryable
         super().__init__(f"{reason}: {message}" if message else reason)
 
 
