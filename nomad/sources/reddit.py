@@ -326,6 +326,7 @@ class RedditClient:
         """GET one reddit JSON document, obeying rate limits and retrying 429/5xx/timeouts."""
         cfg = self.config
         params = {**(params or {}), "raw_json": 1}
+        path = path.strip("/").removesuffix(".json")
         refreshed = False
         with self._lock:
             for attempt in range(cfg.max_retries + 1):
