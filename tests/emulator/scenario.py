@@ -303,13 +303,14 @@ def default_scenario(port: int) -> Scenario:
     s.add_imgur_image(ImgurImage("Pg2Hi3J", *big))
     s.add_file("imgur.com", "/Pg2Hi3J", Resource("html", body=f'<meta property="og:image" content="{s.url("i.imgur.com", "Pg2Hi3J.jpg")}">'.encode()))
     s.add_post("bb0002", s.url("imgur.com", "Pg2Hi3J"), expected="accept_candidate", post_hint="link")
+    # 1600x1000: short side under 1024, so the second album entry is too small.
     album = [ImgurImage("Kq3Lm9a", *big), ImgurImage("Zr8Tn2b", 1600, 1000, "image/png", title="second"),
              ImgurImage("Gf5Yh7c", 480, 270, "image/gif", animated=True)]
     for img in album:
         s.add_imgur_image(img)
     s.imgur_albums["Xy7Pq2Z"] = [i.id for i in album]
     s.add_post("bb0003", s.url("imgur.com", "a/Xy7Pq2Z"), post_hint="link")
-    s.expected.update({"bb0003/0": "accept_candidate", "bb0003/1": "accept_candidate", "bb0003/2": "skip_animated"})
+    s.expected.update({"bb0003/0": "accept_candidate", "bb0003/1": "skip_small", "bb0003/2": "skip_animated"})
     s.add_imgur_image(ImgurImage("Gl4Ry5K", *big))
     s.imgur_albums["Ga1Le2R"] = ["Gl4Ry5K"]
     s.add_post("bb0004", s.url("imgur.com", "gallery/Ga1Le2R"), post_hint="link")
