@@ -516,7 +516,8 @@ class HttpClient:
         target = self.policy.target(host, port, url=url)
         pool = self._pool(scheme, target)
         hdrs = dict(headers)
-        hdrs["Host"] = host if port == _default_port(scheme) else f"{host}:{port}"
+        name = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets
+        hdrs["Host"] = name if port == _default_port(scheme) else f"{name}:{port}"
         cfg = self.config
         timeout = urllib3.Timeout(
             connect=deadline.bound(cfg.connect_timeout, url), read=deadline.bound(cfg.read_timeout, url)

@@ -222,6 +222,41 @@ def test_allow_private_turns_the_guard_off() -> None:
         srv.shutdown()
 
 
+def test_ipv6_literal_and_pin_with_guard_off_or_pinned() -> None:
+    class V6(_Plain):
+        address_family = socket.AF_INET6
+
+    def echo_host(r: BaseHTTPRequestHandler) -> None:
+        body = r.headers["Host"].encode()
+        r.send_response(200)
+        r.send_header("Content-Length", str(len(body)))
+        r.end_headers()
+        r.wfile.write(body)
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+        do_GET = echo_host
+
+    try:
+        srv = V6(("::1", 0), H)
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    port = srv.server_address[1]
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        with pytest.raises(BlockedAddress):
+            HttpClient(HttpConfig(retries=0)).get(f"http://[::1]:{port}/")
+        assert HttpClient(HttpConfig(retries=0, allow_private=True)).get(f"http://[::1]:{port}/").body == f"[::1]:{port}".encode()
+        pinned = HttpClient(HttpConfig(retries=0, resolve=[f"v6.example:{port}:[::1]"]))
+        assert pinned.get(f"http://v6.example:{port}/").body == f"v6.example:{port}".encode()
+    finally:
+        srv.shutdown()
+
+
 # -- --resolve ----------------------------------------------------------------------------
 
 
