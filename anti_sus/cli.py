@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("keygen", help="make a CURVE key pair (NAME.key public, NAME.key_secret secret)")
     k.add_argument("directory", type=Path, help="where to write the key files")
-    k.add_argument("--name", default="server", help="file name stem [default: server]")
+    opt(k, "--name", "ANTI_SUS_KEYGEN_NAME", default="server", help="file name stem")
 
     for name, helptext in (("ping", "exit 0 if the server answers (health checks)"), ("info", "print the server's models, thresholds and limits")):
         c = sub.add_parser(name, help=helptext)

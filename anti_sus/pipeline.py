@@ -132,6 +132,15 @@ def evaluate(stages: Stages, tasks: Sequence[Task], *, watermark_all: bool = Fal
     return outcomes
 
 
+def _load(name: str, d: Path, make: Any) -> Any:
+    """Build one stage; a file that verifies but cannot be loaded becomes a ModelDirError with the fix."""
+    try:
+        return make()
+    except Exception as exc:  # ORT and numpy raise many types for a broken model file
+        raise ModelDirError(f"{name} in {d} cannot be loaded ({type(exc).__name__}: {str(exc)[:300]}); "
+                            f"rebuild it with: {build_hint(name, d)}") from None
+
+
 class Pipeline:
     """The real stages, loaded from a model directory verified against its manifest."""
 
@@ -180,8 +189,8 @@ class Pipeline:
                 raise ModelDirError(f"{arts['gmm_meta'].path} has no suggested_threshold; pass --gmm-threshold or refit with: {build_hint('gmm', d)}")
             gmm_threshold = float(suggested)
 
-        clip = ClipStage.from_entry(arts[clip_name].path, arts[clip_name].entry, threads, max_batch)
-        gmm = GmmScorer.load(arts["gmm"].path)
+        clip = _load(clip_name, d, lambda: ClipStage.from_entry(arts[clip_name].path, arts[clip_name].entry, threads, max_batch))
+        gmm = _load("gmm", d, lambda: GmmScorer.load(arts["gmm"].path))
         if clip.dim is not None and int(gmm.dim) != clip.dim:
             raise ModelDirError(f"GMM dimension {gmm.dim} != CLIP feature dimension {clip.dim}; refit with: {build_hint('gmm', d)}")
         watermark = None
@@ -190,7 +199,8 @@ class Pipeline:
         elif "watermark" not in arts:
             notes.append(f"no watermark model in {d}: the watermark stage is off; build it with: {build_hint('watermark', d)}")
         else:
-            watermark = WatermarkStage.from_entry(arts["watermark"].path, arts["watermark"].entry, threads, max_batch)
+            watermark = _load("watermark", d, lambda: WatermarkStage.from_entry(arts["watermark"].path, arts["watermark"].entry,
+                                                                                 threads, max_batch))
         details = {
             "models_dir": str(d.resolve()),
             "clip": {"artifact": clip_name, "file": arts[clip_name].path.name, "sha256": arts[clip_name].sha256,

@@ -183,7 +183,7 @@ class FilterServer:
 
     def _reply_error(self, envelope: list[bytes], exc: ProtocolError) -> None:
         ERRORS.labels(exc.code).inc()
-        REQUESTS.labels("?", "error").inc()
+        REQUESTS.labels("invalid", "error").inc()
         log.info("request refused: %s", exc, extra={"request_id": exc.request_id, "code": exc.code})
         self._send(envelope, [error_reply(exc.code, exc.message, exc.request_id)])
 
@@ -191,8 +191,6 @@ class FilterServer:
         received = time.perf_counter()
         envelope_frames, body = split_envelope(frames)
         envelope = [f.bytes for f in envelope_frames]
-        if self.config.connect and not envelope_frames:
-            return
         try:
             req = parse_request(body, self.config.limits)
         except ProtocolError as exc:
@@ -268,10 +266,11 @@ class FilterServer:
                 IMAGES.labels(v).inc()
             REQUESTS.labels("filter", "ok").inc()
             req = job.request
+            elapsed = (time.perf_counter() - job.received) * 1000.0
             if req.legacy:
+                log.info("legacy filter images=%d good=%d batch=%d %.1f ms", len(oc.verdicts), len(good), n, elapsed)
                 out.append((job.envelope, [np.asarray(good, dtype="<i4").tobytes()]))
                 continue
-            elapsed = (time.perf_counter() - job.received) * 1000.0
             fields: dict[str, Any] = {"good": good, "results": oc.results(), "elapsed_ms": round(elapsed, 3)}
             frames: list[Any] = []
             if req.return_features:
@@ -279,7 +278,8 @@ class FilterServer:
                 fields["features_shape"] = list(feats.shape)
                 frames.append(feats.tobytes())
             out.append((job.envelope, [ok_reply(req.id, **fields), *frames]))
-            log.debug("filtered %d images, %d good", len(good), len(oc.verdicts), extra={"request_id": req.id})
+            log.info("filter id=%s images=%d good=%d batch=%d %.1f ms", req.id, len(oc.verdicts), len(good), n, elapsed,
+                     extra={"request_id": req.id})
         return out
 
     # -- shutdown --------------------------------------------------------------

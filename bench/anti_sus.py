@@ -1,0 +1,192 @@
+"""Benchmark: anti_sus server throughput vs bare ONNX CLIP vs the upstream batch-1 PIL approach.
+
+Real architectures with random weights (no download): CLIP ViT-B/16 visual
+tower (open_clip) and timm tf_efficientnetv2_b0, exported by the models
+package's own export code; the GMM (16 components, full covariance) is fitted on
+CLIP features of procedural images. All figures come from one run, measured in
+interleaved rounds on the same images; medians are printed.
+
+    .venv/bin/python bench/anti_sus.py                 # builds models into .cache/bench-anti-sus once
+    .venv/bin/python bench/anti_sus.py --images 64 --rounds 3
+
+Measured, in images/s:
+- bare CLIP:      ORT session.run on already-normalised [32,3,224,224] tensors (model only)
+- bare models:    bare CLIP + GMM + bare watermark on the survivors (the model work the server must do)
+- server:         `anti-sus serve` in its own process, this process as client, uint8 batches of 32 at 512x512
+                  over tcp loopback (watermark on GMM survivors, as deployed)
+- server -wm:     same with --no-watermark (CLIP + GMM only), comparable to bare CLIP
+- upstream:       per image: PIL bicubic resize, normalise, CLIP batch 1, GMM, watermark batch 1 if kept
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from anti_sus.client import FilterClient  # noqa: E402
+from anti_sus.modeldir import open_model_dir  # noqa: E402
+from anti_sus.preprocess import PreprocessSpec, model_input, normalise, stack_wire  # noqa: E402
+from anti_sus.stages.gmm import GmmScorer  # noqa: E402
+from anti_sus.stages.onnx import open_session  # noqa: E402
+from anti_sus.stages.watermark import sigmoid  # noqa: E402
+
+
+def build_models(out: Path, threads: int, gmm_images: int) -> None:
+    """ViT-B/16 + tf_efficientnetv2_b0 (random weights) and a GMM(16, full) in ``out``."""
+    from models import fit_gmm, synth
+    from models.export_clip import export_clip
+    from models.export_watermark import export_watermark
+    from models.watermark_net import build as build_watermark
+
+    t0 = time.perf_counter()
+    print(f"building benchmark models in {out} (once; reuse with --models) ...", flush=True)
+    export_clip(out, arch="ViT-B-16", pretrained=None, threads=threads)
+    clip = fit_gmm.ClipModel.from_dir(out)
+    imgs = synth.backgrounds(gmm_images, seed=1, size=256)
+    feats = fit_gmm.encode_wire((stack_wire(imgs[i:i + 16]) for i in range(0, len(imgs), 16)), clip, threads)
+    gm, _ = fit_gmm.fit(feats.astype(np.float64), [16], "full", reg_covar=1e-3)
+    fit_gmm.save(out, gm, feats.astype(np.float64), clip, percentile=5.0, sweep=[],
+                 source=f"bench: {gmm_images} procedural images")
+    export_watermark(build_watermark("tf_efficientnetv2_b0"), out, arch="tf_efficientnetv2_b0", threads=threads,
+                     provenance={"pretrained": "none", "built_by": "bench/anti_sus.py"})
+    print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(models: Path, threads: int, batch: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([sys.executable, "-m", "anti_sus", "serve", "--models", str(models), "--bind", ep,
+                             "--threads", str(threads), "--max-batch", str(batch), "--log-level", "WARNING", *extra],
+                            cwd=REPO)
+    with FilterClient(ep, timeout=2, retries=0) as c:
+        for _ in range(120):
+            try:
+                c.ping()
+                return proc, ep
+            except Exception:
+                if proc.poll() is not None:
+                    raise SystemExit("server failed to start")
+    raise SystemExit("server did not answer")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", type=Path, default=REPO / ".cache" / "bench-anti-sus", help="model directory (built if empty)")
+    ap.add_argument("--images", type=int, default=64, help="images per measurement")
+    ap.add_argument("--batch", type=int, default=32, help="images per request / model call")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    ap.add_argument("--threads", type=int, default=0, help="ORT threads (0: all cores), same for every contender")
+    ap.add_argument("--gmm-images", type=int, default=64, help="procedural images the benchmark GMM is fitted on")
+    args = ap.parse_args()
+
+    if not (args.models / "manifest.json").is_file():
+        args.models.mkdir(parents=True, exist_ok=True)
+        build_models(args.models, max(args.threads, os.cpu_count() or 1), args.gmm_images)
+    arts = open_model_dir(args.models)
+    clip_spec = PreprocessSpec.from_dict(arts["clip"].entry["preprocess"])
+    wm_spec = PreprocessSpec.from_dict(arts["watermark"].entry["preprocess"])
+    clip = open_session(arts["clip"].path, args.threads)
+    wm = open_session(arts["watermark"].path, args.threads)
+    gmm = GmmScorer.load(arts["gmm"].path)
+    threshold = float(json.loads(arts["gmm_meta"].path.read_text())["suggested_threshold"])
+
+    from models import synth
+
+    # Photo-like test images: procedural backgrounds (the GMM's own kind, so most survive and the
+    # watermark stage does real work) at the 512x512 wire size.
+    images = stack_wire(synth.backgrounds(args.images, seed=99, size=512))
+    clip_x = model_input(images, clip_spec)  # bare CLIP gets its tensors ready-made
+    n = len(images)
+    b = args.batch
+
+    def bare_clip() -> float:
+        t0 = time.perf_counter()
+        feats = [clip.run(None, {"image": clip_x[i:i + b]})[0] for i in range(0, n, b)]
+        bare_clip.feats = np.concatenate(feats)  # type: ignore[attr-defined]
+        return n / (time.perf_counter() - t0)
+
+    def bare_models() -> float:
+        t0 = time.perf_counter()
+        feats = np.concatenate([clip.run(None, {"image": clip_x[i:i + b]})[0] for i in range(0, n, b)])
+        keep = np.flatnonzero(gmm.score(feats) >= threshold)
+        for i in range(0, len(keep), b):
+            wm.run(None, {"image": normalise(images[keep[i:i + b]], wm_spec)})
+        bare_models.kept = len(keep)  # type: ignore[attr-defined]
+        return n / (time.perf_counter() - t0)
+
+    def upstream() -> float:
+        from PIL import Image
+
+        t0 = time.perf_counter()
+        for im in images:
+            small = np.asarray(Image.fromarray(im).resize((clip_spec.size, clip_spec.size), Image.Resampling.BICUBIC))
+            f = clip.run(None, {"image": normalise(small[None], clip_spec)})[0]
+            if gmm.score(f)[0] >= threshold:
+                sigmoid(wm.run(None, {"image": normalise(im[None], wm_spec)})[0])
+        return n / (time.perf_counter() - t0)
+
+    servers = {}
+    try:
+        servers["server"] = start_server(args.models, args.threads, b, [])
+        servers["server -wm"] = start_server(args.models, args.threads, b, ["--no-watermark"])
+        clients = {k: FilterClient(ep, timeout=600, retries=0) for k, (_, ep) in servers.items()}
+
+        def via(name: str):
+            def run() -> float:
+                c = clients[name]
+                t0 = time.perf_counter()
+                for i in range(0, n, b):
+                    c.filter(images[i:i + b])
+                return n / (time.perf_counter() - t0)
+            return run
+
+        contenders = {"bare CLIP": bare_clip, "bare models": bare_models, "server": via("server"),
+                      "server -wm": via("server -wm"), "upstream": upstream}
+        # Warm-up: first runs allocate ORT arenas.
+        clip.run(None, {"image": clip_x[:2]})
+        for c in clients.values():
+            c.filter(images[:2])
+        results: dict[str, list[float]] = {k: [] for k in contenders}
+        for r in range(args.rounds):
+            for name, fn in contenders.items():
+                results[name].append(fn())
+                print(f"round {r + 1}/{args.rounds} {name:12s} {results[name][-1]:7.2f} img/s", flush=True)
+        for c in clients.values():
+            c.close()
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=60)
+
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print()
+    print(f"anti_sus benchmark: {n} images of 512x512, batches of {b}, {args.rounds} rounds, "
+          f"ORT threads {args.threads or 'all'} on {os.cpu_count()} CPUs; "
+          f"{bare_models.kept}/{n} images pass the GMM (watermark runs on those)")  # type: ignore[attr-defined]
+    print(f"{'contender':14s} {'img/s (median)':>15s} {'vs bare CLIP':>13s} {'vs bare models':>15s}")
+    for k, v in med.items():
+        print(f"{k:14s} {v:15.2f} {v / med['bare CLIP']:12.2f}x {v / med['bare models']:14.2f}x")
+    print(f"\nserver -wm / bare CLIP = {med['server -wm'] / med['bare CLIP']:.2f}x (goal >= 0.8x); "
+          f"server / bare models = {med['server'] / med['bare models']:.2f}x; "
+          f"server / upstream = {med['server'] / med['upstream']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
