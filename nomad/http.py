@@ -60,6 +60,7 @@ __all__ = [
     "parse_resolve",
     "blocked_reason",
     "reject_removed_placeholder",
+    "status_reason",
     "Pin",
 ]
 

@@ -26,7 +26,7 @@ from nomad.http import (
     reject_removed_placeholder,
     sniff_format,
 )
-from tests.emulator import Emulator, Resource, Scenario
+from tests.emulator import Emulator, Resource
 
 pytestmark = pytest.mark.timeout(60)
 

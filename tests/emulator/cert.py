@@ -9,6 +9,7 @@ import os
 import ssl
 import tempfile
 from dataclasses import dataclass
+from typing import Sequence
 
 import trustme
 
@@ -25,7 +26,7 @@ class EmulatorTLS:
         self._dir.cleanup()
 
 
-def make_tls(hosts: list[str], wildcards: list[str] = ()) -> EmulatorTLS:  # type: ignore[assignment]
+def make_tls(hosts: Sequence[str], wildcards: Sequence[str] = ()) -> EmulatorTLS:
     """Issue one certificate whose SAN list covers ``hosts`` (and ``*.domain`` wildcards)."""
     ca = trustme.CA(organization_name="nomad emulator test CA")
     leaf = ca.issue_cert(*hosts, *wildcards, common_name=hosts[0])

@@ -21,7 +21,6 @@ import html
 import json
 import secrets
 import socket
-import threading
 import time
 import zlib
 from dataclasses import dataclass, field
