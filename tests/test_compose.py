@@ -1,0 +1,142 @@
+"""docker-compose.yml and the Dockerfile, tested without a Docker engine.
+
+The compose file must parse, every service's command must be a real entry point
+of this project, and the very same commands (with container paths and host
+names swapped for local ones) must start here and answer their health checks.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stack.procs import Service, free_port, wait_until
+from tests.conftest import REPO
+
+COMPOSE = REPO / "docker-compose.yml"
+SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+MODULE_OF_SCRIPT = {name: target.split(":")[0].split(".")[0] for name, target in SCRIPTS.items()}
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ``${NAME:-default}`` / ``${NAME}`` substitution."""
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(3) or ""
+        return env.get(name) or default
+    return re.sub(r"\$\{([A-Z0-9_]+)(:-([^}]*))?\}", sub, value)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def to_local_argv(cmd: list[str]) -> list[str]:
+    """A container command as a local command of this venv (console script -> python -m)."""
+    cmd = [interpolate(c, {}) for c in cmd]
+    if cmd[0] in MODULE_OF_SCRIPT:
+        return [sys.executable, "-m", MODULE_OF_SCRIPT[cmd[0]], *cmd[1:]]
+    assert cmd[0] == "python" and cmd[1] == "-m", f"not an entry point of this project: {cmd}"
+    return [sys.executable, *cmd[1:]]
+
+
+def service_env(svc: dict) -> dict[str, str]:
+    env = {}
+    for k, v in (svc.get("environment") or {}).items():
+        env[k] = interpolate(str(v), {})
+    return env
+
+
+def test_compose_shape(compose: dict) -> None:
+    svcs = compose["services"]
+    assert set(svcs) == {"models", "anti_sus", "gallery_bridge", "nomad"}
+    for name in ("anti_sus", "gallery_bridge"):
+        # Reachable only inside the compose network unless published on purpose.
+        assert "ports" not in svcs[name], f"{name} must not be published by default"
+        assert svcs[name]["healthcheck"]["test"][0] == "CMD"
+        assert svcs[name]["restart"] == "unless-stopped"
+    assert svcs["models"]["restart"] == "no"
+    assert svcs["anti_sus"]["depends_on"]["models"]["condition"] == "service_completed_successfully"
+    assert svcs["nomad"]["depends_on"]["anti_sus"]["condition"] == "service_healthy"
+    assert set(compose["volumes"]) == {"models", "gallery", "state"}
+    # Every console script named in the compose file is one this project installs.
+    for name, svc in svcs.items():
+        cmds = [svc["command"]] + ([svc["healthcheck"]["test"][1:]] if "healthcheck" in svc else [])
+        for cmd in cmds:
+            assert cmd[0] in SCRIPTS or cmd[:2] == ["python", "-m"], f"{name}: {cmd[0]} is not ours"
+
+
+def test_dockerfile_stages() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM .* AS runtime$", text, re.M) and re.search(r"^FROM .* AS models$", text, re.M)
+    runtime = text.split("AS runtime", 1)[1].split("FROM", 1)[0]
+    assert "[models]" not in runtime and "torch" not in runtime, "the runtime image must not install torch"
+    assert "USER miner" in runtime
+    # Everything the images COPY exists.
+    for src in re.findall(r"^COPY (\S+)", text, re.M):
+        assert (REPO / src).exists(), src
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="no docker client on this machine")
+def test_docker_compose_config_when_plugin_present() -> None:
+    probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip("docker compose plugin not installed (only the bare docker client)")
+    out = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_compose_commands_start_locally(compose: dict, tiny_models: Path, tmp_path: Path) -> None:
+    """models (one-shot) -> anti_sus + gallery_bridge (health checks pass) -> nomad (runs, stops on SIGTERM)."""
+    from tests.emulator import Emulator
+
+    svcs = compose["services"]
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    gallery, state = tmp_path / "gallery", tmp_path / "state"
+    gallery.mkdir()
+    a_port, g_port = free_port(), free_port()
+
+    def local(cmd: list[str]) -> list[str]:
+        out = []
+        for c in to_local_argv(cmd):
+            c = re.sub(r"(^|:)/(models|gallery|state)\b", lambda m: m.group(1) + str(tmp_path / m.group(2)), c)
+            c = c.replace("tcp://0.0.0.0:7777", f"tcp://127.0.0.1:{a_port}").replace("tcp://anti_sus:7777", f"tcp://127.0.0.1:{a_port}")
+            c = c.replace("tcp://0.0.0.0:7778", f"tcp://127.0.0.1:{g_port}").replace("tcp://gallery_bridge:7778", f"tcp://127.0.0.1:{g_port}")
+            c = c.replace("tcp://127.0.0.1:7777", f"tcp://127.0.0.1:{a_port}").replace("tcp://127.0.0.1:7778", f"tcp://127.0.0.1:{g_port}")
+            out.append(c)
+        return out
+
+    # The one-shot models service: the directory is complete, so it only verifies (no internet needed).
+    m = subprocess.run(local(svcs["models"]["command"]), env={**os.environ, **service_env(svcs["models"])},
+                       capture_output=True, text=True, timeout=120)
+    assert m.returncode == 0, m.stdout + m.stderr
+
+    started: list[Service] = []
+    try:
+        for name in ("anti_sus", "gallery_bridge"):
+            svc = Service(name, local(svcs[name]["command"]), tmp_path / f"{name}.log", env=service_env(svcs[name])).start()
+            started.append(svc)
+            health = local(svcs[name]["healthcheck"]["test"][1:])
+            wait_until(lambda: subprocess.run(health, capture_output=True, timeout=30).returncode == 0 or not svc.running,
+                       90, 0.5, f"{name} health check")
+            assert svc.running, svc.tail()
+        with Emulator() as emu:
+            argv = local(svcs["nomad"]["command"]) + ["--interval", "3600", *emu.nomad_args()]
+            nomad = Service("nomad", argv, tmp_path / "nomad.log", env={**service_env(svcs["nomad"]), **emu.nomad_env()}).start()
+            started.append(nomad)
+            wait_until(lambda: "cycle:" in nomad.tail(200) or not nomad.running, 240, 1.0, "nomad's first cycle")
+            assert nomad.running, nomad.tail()
+            nomad.proc.send_signal(signal.SIGTERM)
+            assert nomad.proc.wait(timeout=90) == 0, nomad.tail()
+    finally:
+        for svc in reversed(started):
+            svc.stop()
