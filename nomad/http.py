@@ -45,6 +45,7 @@ from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from .net.errors import BlockedAddress, FetchError, HttpStatusError, status_reason
 from .net.guard import AddressPolicy, Pin, Resolver, Target, blocked_reason, parse_resolve
+from .net.limits import HostLimiter
 from .net.sniff import IMAGE_FORMATS, looks_like_html, sniff_format
 from .net.watchdog import WATCHDOG
 
@@ -235,9 +236,9 @@ class HttpClient:
         self.policy = AddressPolicy(self.config.resolve, allow_private=self.config.allow_private, resolver=resolver)
         self._ssl = self._make_ssl_context(self.config.ca_bundle)
         self._pools: OrderedDict[tuple[str, str, str, int], urllib3.HTTPConnectionPool] = OrderedDict()
-        self._host_slots: dict[str, threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self.limiter = HostLimiter(self.config.per_host, self._closed)
         self._sleep = sleep
         self._rng = random.Random()
 
@@ -288,13 +289,6 @@ class HttpClient:
                 _, old = self._pools.popitem(last=False)
                 old.close()
             return pool
-
-    def _slot(self, host: str) -> threading.BoundedSemaphore:
-        with self._lock:
-            sem = self._host_slots.get(host)
-            if sem is None:
-                sem = self._host_slots[host] = threading.BoundedSemaphore(max(1, self.config.per_host))
-            return sem
 
     def close(self) -> None:
         """Close pooled connections; sleeping retries wake up and fail with "closed"."""
@@ -445,7 +439,7 @@ class HttpClient:
         origin = (urlsplit(url).hostname or "").lower()
         while True:
             scheme, host, port, target_path = self._split(url)
-            with self._slot(host):
+            with self.limiter.slot(host):
                 # The clock starts once a slot is ours: queueing behind the per-host
                 # limit is the crawler's pacing, not the server's slowness.
                 if deadline is None:

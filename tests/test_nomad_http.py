@@ -590,5 +590,6 @@ def test_per_host_limit_and_thread_safety() -> None:
             t.join(20)
         assert not errors and results == ["png"] * 8
         assert state["max"] == 2, f"at most 2 in flight per host, saw {state['max']}"
+        assert c.limiter.in_flight() == 0 and not c.limiter._busy, "idle hosts are forgotten"
     finally:
         srv.shutdown()
