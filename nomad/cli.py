@@ -21,6 +21,7 @@ log = logging.getLogger("nomad")
 
 EXIT_USAGE = 2
 EXIT_UNFINISHED = 3
+EXIT_NO_LISTING = 4
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
@@ -98,6 +99,7 @@ def build_crawler(args: argparse.Namespace, stop: threading.Event, environ: Mapp
             client_secret=client_secret,
             user_agent=args.user_agent,
             ratelimit_reserve=args.ratelimit_reserve,
+            max_retries=max(0, args.reddit_retries),
         ),
         sleep=stop.wait,
         on_wait=lambda why, s: metrics.wait("reddit"),
@@ -212,10 +214,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             timer = threading.Timer(args.wait_limit, stop.set)
             timer.daemon = True
             timer.start()
-        crawler.cycle(final=True)
+        stats = crawler.cycle(final=True)
         if timer is not None:
             timer.cancel()
         crawler.shutdown()
+        if stats.listings_failed and stats.listings_failed == len(crawler.cfg.listings) and not stats.posts_seen:
+            print(f"nomad: error: could not read any listing ({stats.listing_error})", file=sys.stderr)
+            return EXIT_NO_LISTING
         left = crawler.store.outbox_size()
         if left or (stop.is_set() and crawler.pending()):
             print(f"nomad: stopped with {crawler.pending()} image(s) undecided or undelivered (kept in {args.state_dir})", file=sys.stderr)

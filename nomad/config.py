@@ -115,6 +115,7 @@ def add_crawl_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str])
     g.add("--imgur-api-url", default="https://api.imgur.com", help="imgur API base URL (needs IMGUR_CLIENT_ID)")
     g.add("--flickr-api-url", default="https://api.flickr.com/services/rest", help="flickr REST endpoint (needs FLICKR_API_KEY)")
     g.add("--user-agent", default=DEFAULT_USER_AGENT, help="User-Agent, reddit's form '<platform>:<app id>:<version> (by /u/<user>)'")
+    g.add("--reddit-retries", type=int, default=4, help="retries of a reddit request on 429/5xx/timeouts (backoff with jitter)")
     g.add("--ratelimit-reserve", type=float, default=1.0, help="sleep until reddit's window resets when this many requests remain")
 
     r = _Flags(parser.add_argument_group("rules"), environ)

@@ -78,6 +78,8 @@ class CycleStats:
     ratelimit: str = "unknown"
     outbox: int = 0
     seconds: float = 0.0
+    listings_failed: int = 0
+    listing_error: str = ""
 
     def line(self) -> str:
         def fmt(c: collections.Counter[str]) -> str:
@@ -173,6 +175,7 @@ class Crawler:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self.http.close()
 
     # --- stage 1: listings and posts -------------------------------------------------
     def expand(self, post: Candidate) -> list[ImageRef]:
@@ -248,6 +251,8 @@ class Crawler:
             except SourceError as exc:
                 if exc.reason == "stopped":
                     return
+                stats.listings_failed += 1
+                stats.listing_error = f"{path}: {exc}"
                 stats.failed["listing_" + exc.reason] += 1
                 self.metrics.error("listing_" + exc.reason)
                 log.warning("listing %s: %s", path, exc)
@@ -402,7 +407,11 @@ class Crawler:
         """Poll every ``interval`` seconds until stopped; partial batches go out on their timeout."""
         while not self.stop.is_set():
             started = time.monotonic()
-            self.cycle()
+            try:
+                self.cycle()
+            except Exception:  # noqa: BLE001 - months unattended: log, count, try again next interval
+                log.exception("cycle failed; trying again in %.0fs", interval)
+                self.metrics.error("cycle_crash")
             while not self.stop.is_set():
                 left = started + interval - time.monotonic()
                 if left <= 0:

@@ -162,6 +162,10 @@ class FilterStage:
                 log.warning("anti_sus unavailable (%s); keeping the batch of %d and retrying", exc, len(wires))
                 backoff.wait()
             except AntiSusError as exc:
+                if exc.code == "too_large" and len(wires) > 1:
+                    # The server takes fewer images per request than --batch-size: halve it.
+                    half = len(wires) // 2
+                    return merge_results(self.filter(wires[:half]), self.filter(wires[half:]), half)
                 if exc.code == "internal":
                     log.warning("anti_sus internal error (%s); retrying the batch", exc)
                     backoff.wait()
@@ -169,6 +173,21 @@ class FilterStage:
                         raise
                     continue
                 raise
+
+
+def merge_results(a: FilterResult, b: FilterResult, offset: int) -> FilterResult:
+    """One FilterResult for two halves of a batch (``b``'s indexes shifted by ``offset``)."""
+    from anti_sus.client import ImageResult
+
+    features = None
+    if a.features is not None and b.features is not None:
+        features = np.concatenate([a.features, b.features])  # both float32[n_good, D]
+    return FilterResult(
+        a.good + [i + offset for i in b.good],
+        a.results + [ImageResult(r.index + offset, r.gmm, r.watermark, r.verdict) for r in b.results],
+        features,
+        a.elapsed_ms + b.elapsed_ms,
+    )
 
 
 class DeliveryUnavailable(Exception):

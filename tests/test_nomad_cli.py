@@ -123,3 +123,12 @@ def test_run_polls_serves_metrics_and_stops_on_sigterm(tiny_models: Path, tmp_pa
         assert s.outbox_size() == 0 and list(s.spool_dir.iterdir()) == []
         assert s.stats()["images"].get("delivered", 0) >= 10
     assert len(list((tmp_path / "out").glob("*.json"))) >= 10
+
+
+def test_once_with_unreachable_reddit_says_so(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    proc = run_cli("once", "--reddit-url", f"http://127.0.0.1:{port}", "--allow-private-addresses",
+                   "--connect-timeout", "1", "--reddit-retries", "0", "--state-dir", str(tmp_path / "state"), "--save-dir", str(tmp_path / "out"),
+                   env={"REDDIT_CLIENT_ID": "", "REDDIT_CLIENT_SECRET": ""})
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "could not read any listing" in proc.stderr and "Traceback" not in proc.stderr
