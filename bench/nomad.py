@@ -6,7 +6,9 @@
    (``uint8[512,512,3]`` via ``anti_sus.preprocess.to_wire``): ``nomad.images.decode``
    (JPEG draft mode) vs a full decode of the same bytes; median per image and ratio.
 2. download + decode throughput against the loopback emulator (real TLS, SSRF
-   guard on, ``--resolve`` pins), 1 worker vs N workers in a thread pool, same run.
+   guard on, ``--resolve`` pins; the emulator in its own process), 1 worker vs N
+   workers in a thread pool, same run: once with an instant server, once with an
+   emulated server latency (``--delay-ms``), which is what workers are for.
 
 Every figure is a median measured side by side in this one run.
 """
@@ -14,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing
 import os
 import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
 from typing import Callable
 
 import numpy as np
@@ -80,16 +84,30 @@ def bench_decode(n_images: int, repeats: int, grain_std: float) -> dict[str, flo
     return {"full_ms": f * 1000, "draft_ms": d * 1000, "ratio": f / d}
 
 
-def bench_download(n: int, workers: int, rounds: int) -> dict[str, float]:
+def _serve(conn: Connection, n: int, delay: float) -> None:
+    """Child process: the emulator with ``n`` images spread over four hosts."""
     from tests.emulator import Emulator, Scenario
 
     scn = Scenario()
     with Emulator(scn) as emu:
-        # Spread over several hosts, as a real crawl is (per-host limit 2 applies per host).
         hosts = ["i.redd.it", "i.imgur.com", "live.staticflickr.com", "cdn.photohost.example"]
-        urls = [scn.add_image(hosts[i % len(hosts)], f"bench/{i}.jpg", 2000, 1500, "jpeg", seed=i) for i in range(n)]
-        cfg = HttpConfig(resolve=emu.resolve_entries(), ca_bundle=emu.ca_bundle, per_host=2, retries=0)
-        # Encode every image once up front (the emulator caches bytes) so encoding is not measured.
+        urls = [scn.add_image(hosts[i % len(hosts)], f"bench/{i}.jpg", 2000, 1500, "jpeg", seed=i, delay=delay)
+                for i in range(n)]
+        conn.send((emu.resolve_entries(), emu.ca_bundle, urls))
+        conn.recv()  # until the parent is done
+
+
+def bench_download(n: int, workers: int, rounds: int, delay: float) -> dict[str, float]:
+    # The emulator runs in its own process, as a remote server would: it does not
+    # share this process's GIL with the downloading and decoding threads.
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_serve, args=(child, n, delay), daemon=True)
+    proc.start()
+    try:
+        resolve, ca_bundle, urls = parent.recv()
+        cfg = HttpConfig(resolve=resolve, ca_bundle=ca_bundle, per_host=2, retries=0)
+        # Fetch every image once up front (the emulator caches the encoded bytes).
         with HttpClient(cfg) as c:
             for u in urls:
                 c.download_image(u)
@@ -108,8 +126,12 @@ def bench_download(n: int, workers: int, rounds: int) -> dict[str, float]:
         for _ in range(rounds):
             one.append(run(1))
             many.append(run(workers))
+    finally:
+        parent.send("stop")
+        proc.join(10)
     o, m = statistics.median(one), statistics.median(many)
-    print(f"download + decode on loopback HTTPS (emulator, guard on), {n} x 2000x1500 JPEG ({total_mb:.1f} MB), {rounds} rounds")
+    print(f"download + decode, loopback HTTPS (emulator in its own process, guard on), server delay {delay * 1000:.0f} ms,")
+    print(f"  {n} x 2000x1500 JPEG ({total_mb:.1f} MB) over 4 hosts, per-host limit 2, {rounds} rounds")
     print(f"  1 worker             : {o:7.1f} img/s median")
     print(f"  {workers} workers            : {m:7.1f} img/s median")
     print(f"  ratio                : {m / o:7.2f}x   (cpu cores: {os.cpu_count()})")
@@ -129,11 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--downloads", type=int, default=24, help="images per download round")
     ap.add_argument("--workers", type=int, default=4, help="thread-pool size compared with 1")
     ap.add_argument("--rounds", type=int, default=3, help="download rounds per configuration")
+    ap.add_argument("--delay-ms", type=float, default=100.0, help="emulated server latency for the second download run")
     args = ap.parse_args(argv)
     print(f"python {sys.version.split()[0]}, Pillow {Image.__version__}, {os.cpu_count()} cpu")
     for grain in (10.0, 0.0):
         bench_decode(args.images, args.repeats, grain)
-    bench_download(args.downloads, args.workers, args.rounds)
+    bench_download(args.downloads, args.workers, args.rounds, 0.0)
+    bench_download(args.downloads, args.workers, args.rounds, args.delay_ms / 1000)
     return 0
 
 

@@ -284,6 +284,13 @@ def test_requests_recorded_and_counted(emu: Emulator, http: HttpClient) -> None:
     assert emu.count(host="i.redd.it", path="/big*") >= 1
 
 
+def test_resource_delay(emu: Emulator, http: HttpClient) -> None:
+    url = emu.scenario.add_image("cdn.photohost.example", "slowish.jpg", 64, 48, delay=0.3)
+    t0 = time.monotonic()
+    assert http.download_image(url).format == "jpeg"
+    assert time.monotonic() - t0 >= 0.3
+
+
 def test_unknown_path_404(emu: Emulator, http: HttpClient) -> None:
     with pytest.raises(FetchError) as ei:
         http.get(emu.url("i.redd.it", "does-not-exist.jpg"))

@@ -70,7 +70,8 @@ class Resource:
     kind: ``image`` (generated from width/height/fmt/seed/orientation), ``bytes``
     (``body`` with ``content_type``), ``truncated``, ``bomb``, ``html``, ``slow``
     (endless body, one small piece every ``interval`` seconds), ``redirect``
-    (``location`` with ``status``).
+    (``location`` with ``status``). ``delay``: seconds to wait before answering
+    (a distant or busy server).
     """
 
     kind: str
@@ -84,6 +85,7 @@ class Resource:
     location: str = ""
     status: int = 200
     interval: float = 0.2
+    delay: float = 0.0
 
 
 @dataclass
@@ -158,11 +160,11 @@ class Scenario:
 
     def add_image(
         self, host: str, path: str, width: int, height: int, fmt: str = "jpeg", seed: int | None = None,
-        orientation: int = 1,
+        orientation: int = 1, delay: float = 0.0,
     ) -> str:
         """Serve a generated image (deterministic from size, format and seed); returns its URL."""
         seed = zlib.crc32(f"{host}{path}".encode()) & 0xFFFF if seed is None else seed
-        return self.add_file(host, path, Resource("image", width, height, fmt, seed, orientation))
+        return self.add_file(host, path, Resource("image", width, height, fmt, seed, orientation, delay=delay))
 
     def add_imgur_image(self, img: ImgurImage, *, removed: bool = False) -> str:
         """Register an imgur image (API + i.imgur.com file, or a removed.png redirect)."""

@@ -304,6 +304,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _serve(self, res: Resource) -> None:
         kind = res.kind
+        if res.delay > 0:
+            self.emu._stopping.wait(res.delay)
         if kind == "image":
             data = images.picture(res.width, res.height, res.fmt, res.seed, res.orientation)
             return self._send(200, data, f"image/{res.fmt}")
