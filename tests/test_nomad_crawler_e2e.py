@@ -112,3 +112,37 @@ def test_services_start_late_nothing_lost(tiny_models: Path, tmp_path: Path) -> 
             gal.stop()
         assert nomad.returncode == 0, err[-4000:]
         check_outcomes(emu, tmp_path / "state")
+
+
+def test_anti_sus_killed_mid_run_and_restarted_nothing_lost(tiny_models: Path, tmp_path: Path) -> None:
+    anti, gal, a_ep, g_ep = services(tmp_path, tiny_models)
+    with Emulator() as emu:
+        fix_expectations(emu)
+        anti.start()
+        gal.start()
+        cmd = nomad_cmd(emu, tmp_path, a_ep, g_ep) + ["--batch-size", "1", "--workers", "1"]
+        nomad = subprocess.Popen(cmd, env={**os.environ, **emu.nomad_env()}, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            decided = pending = 0
+            while time.monotonic() < deadline and not decided:
+                time.sleep(0.2)
+                with Store(tmp_path / "state") as store:
+                    images = store.stats()["images"]
+                    decided = images.get("accepted", 0) + images.get("delivered", 0)
+                    pending = len(store.work(3))
+            anti.kill9()  # mid-run: one batch answered, the rest still to send
+            assert decided >= 1 and pending >= 3, (decided, pending)
+            time.sleep(12)  # longer than the client's own retries (2 x 5 s): nomad's patience takes over
+            assert nomad.poll() is None, "nomad gave up while anti_sus was away"
+            anti.start()
+            _, err = nomad.communicate(timeout=180)
+        finally:
+            if nomad.poll() is None:
+                nomad.kill()
+            anti.stop()
+            gal.stop()
+        assert nomad.returncode == 0, err[-4000:]
+        assert "anti_sus unavailable" in err
+        check_outcomes(emu, tmp_path / "state")
