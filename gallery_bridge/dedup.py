@@ -21,8 +21,9 @@ of them with vectorised XOR + ``np.bitwise_count``: no Python loop per entry.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, ContextManager, Iterable
 
 import imagehash
 import numpy as np
@@ -97,73 +98,123 @@ def fingerprint(image: Image.Image) -> Fingerprint:
 
 
 class HashIndex:
-    """Packed binary hashes with ids; Hamming-distance search over all of them at once."""
+    """Packed binary hashes with ids; Hamming-distance search over all of them at once.
+
+    Stored word-major (``words x capacity``): each 64-bit word of every hash is
+    one contiguous array, so a query is ``words`` passes of XOR + popcount over
+    contiguous memory, done in cache-sized blocks; a query reads only the
+    first words of every hash (see ``PREFIX_WORDS``). bench/gallery.py
+    measures it at 10k, 100k and 1M hashes.
+    """
+
+    BLOCK = 1 << 15
 
     def __init__(self, words: int, capacity: int = 1024) -> None:
         self.words = words
-        self._hashes = np.zeros((capacity, words), dtype=np.uint64)
+        self._cols = np.zeros((words, capacity), dtype=np.uint64)
         self._ids = np.zeros(capacity, dtype=np.int64)
         self._n = 0
 
     def __len__(self) -> int:
         return self._n
 
+    def _reserve(self, need: int) -> None:
+        if need <= self._ids.shape[0]:
+            return
+        cap = max(1024, need, 2 * self._ids.shape[0])
+        cols = np.zeros((self.words, cap), dtype=np.uint64)
+        cols[:, : self._n] = self._cols[:, : self._n]
+        ids = np.zeros(cap, dtype=np.int64)
+        ids[: self._n] = self._ids[: self._n]
+        self._cols, self._ids = cols, ids
+
     def add(self, entry_id: int, words: np.ndarray) -> None:
         """Append one hash (amortised O(1): capacity doubles)."""
-        if self._n == len(self._ids):
-            cap = max(1024, 2 * len(self._ids))
-            self._hashes = np.resize(self._hashes, (cap, self.words))
-            self._ids = np.resize(self._ids, cap)
-        self._hashes[self._n] = words
+        self._reserve(self._n + 1)
+        self._cols[:, self._n] = np.asarray(words, dtype=np.uint64).reshape(self.words)
         self._ids[self._n] = entry_id
         self._n += 1
 
     def add_many(self, ids: np.ndarray, hashes: np.ndarray) -> None:
-        """Bulk load (startup, benchmarks)."""
+        """Bulk load (startup, benchmarks): ``hashes`` is (n, words)."""
         ids = np.asarray(ids, dtype=np.int64)
         hashes = np.asarray(hashes, dtype=np.uint64).reshape(len(ids), self.words)
         need = self._n + len(ids)
-        if need > len(self._ids):
-            cap = max(1024, need)
-            self._hashes = np.resize(self._hashes, (cap, self.words))
-            self._ids = np.resize(self._ids, cap)
-        self._hashes[self._n:need] = hashes
+        self._reserve(need)
+        self._cols[:, self._n:need] = hashes.T
         self._ids[self._n:need] = ids
         self._n = need
 
     def remove(self, entry_id: int) -> None:
         """Drop every hash of an entry (rare: rollback of a failed write)."""
-        keep = self._ids[: self._n] != entry_id
-        kept = int(keep.sum())
-        self._hashes[:kept] = self._hashes[: self._n][keep]
-        self._ids[:kept] = self._ids[: self._n][keep]
+        keep = np.flatnonzero(self._ids[: self._n] != entry_id)
+        kept = len(keep)
+        self._cols[:, :kept] = self._cols[:, keep]
+        self._ids[:kept] = self._ids[keep]
         self._n = kept
 
-    def distances(self, query: np.ndarray) -> np.ndarray:
-        """Hamming distance from ``query`` to every stored hash (uint16[n])."""
-        hashes = self._hashes[: self._n]
-        if self.words == 1:
-            return np.bitwise_count(hashes[:, 0] ^ query[0]).astype(np.uint16)
-        acc = np.zeros(self._n, dtype=np.uint16)
-        # Word by word keeps the temporaries at n elements instead of n*words.
-        for w in range(self.words):
-            acc += np.bitwise_count(hashes[:, w] ^ query[w])
-        return acc
+    PREFIX_WORDS = 3
+    """Words scanned for every entry before the rest: 192 bits of unrelated hashes sit
+    ~96 +- 7 apart, so a prefix already over a threshold of 64 rules an entry out
+    and the remaining words are read for a handful of entries only."""
+
+    def _scan(self, qs: list[np.ndarray], words: int) -> np.ndarray:
+        """Min over queries of the distance on the first ``words`` words, for every entry."""
+        n, block = self._n, self.BLOCK
+        out = np.empty(n, dtype=np.uint16)
+        xor = np.empty(block, dtype=np.uint64)
+        cnt = np.empty(block, dtype=np.uint8)
+        acc = np.empty((len(qs), block), dtype=np.uint16)
+        # Block by block so that the temporaries stay in cache; no Python loop per entry.
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            m = stop - start
+            acc[:, :m] = 0
+            for w in range(words):
+                col = self._cols[w, start:stop]
+                for k, q in enumerate(qs):
+                    np.bitwise_xor(col, q[w], out=xor[:m])
+                    np.bitwise_count(xor[:m], out=cnt[:m])
+                    np.add(acc[k, :m], cnt[:m], out=acc[k, :m])
+            np.min(acc[:, :m], axis=0, out=out[start:stop])
+        return out
+
+    def distances(self, *queries: np.ndarray) -> np.ndarray:
+        """Hamming distance from the nearest of ``queries`` to every stored hash (uint16[n]).
+
+        Several queries (an image and its mirror) share one pass over memory:
+        at a million hashes the scan is bound by memory bandwidth, not popcount.
+        """
+        qs = [np.asarray(q, dtype=np.uint64).reshape(self.words) for q in queries]
+        return self._scan(qs, self.words)
 
     def search(self, queries: Iterable[np.ndarray], max_distance: int, limit: int = 16) -> list[tuple[int, int]]:
         """(entry_id, distance) of hashes within ``max_distance`` of any query, nearest first."""
-        if self._n == 0:
+        qs = [np.asarray(q, dtype=np.uint64).reshape(self.words) for q in queries]
+        if self._n == 0 or not qs:
             return []
-        best: np.ndarray | None = None
-        for q in queries:
-            d = self.distances(np.asarray(q, dtype=np.uint64))
-            best = d if best is None else np.minimum(best, d)
-        assert best is not None
-        hits = np.flatnonzero(best <= max_distance)
-        if len(hits) > limit:
-            hits = hits[np.argpartition(best[hits], limit)[:limit]]
-        order = hits[np.argsort(best[hits], kind="stable")]
-        return [(int(self._ids[i]), int(best[i])) for i in order]
+        prefix = min(self.PREFIX_WORDS, self.words)
+        # A prefix distance is a lower bound of the full one (for each query,
+        # hence for their minimum): entries over the threshold are out for sure.
+        bound = self._scan(qs, prefix)
+        cand = np.flatnonzero(bound <= max_distance)
+        if prefix < self.words and len(cand):
+            cols = self._cols[:, cand]  # only the survivors' words
+            full = np.stack([np.bitwise_count(cols ^ q[:, None]).sum(axis=0, dtype=np.uint16) for q in qs]).min(axis=0)
+        else:
+            full = bound[cand]
+        keep = full <= max_distance
+        cand, full = cand[keep], full[keep]
+        if len(cand) > limit:
+            part = np.argpartition(full, limit)[:limit]
+            cand, full = cand[part], full[part]
+        order = np.argsort(full, kind="stable")
+        return [(int(self._ids[cand[i]]), int(full[i])) for i in order]
+
+    def hash_of(self, entry_id: int) -> np.ndarray | None:
+        """The stored hash of an entry (first match), for explaining a hit."""
+        pos = np.flatnonzero(self._ids[: self._n] == entry_id)
+        return self._cols[:, pos[0]].copy() if len(pos) else None
 
 
 class FeatureIndex:
@@ -247,37 +298,110 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(n, 1e-6)
 
 
-def _blur(x: np.ndarray) -> np.ndarray:
-    """[1, 2, 1]/4 separable blur over the last two axes (edges replicated)."""
-    p = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)], mode="edge")
-    y = 0.25 * p[..., :-2, :] + 0.5 * p[..., 1:-1, :] + 0.25 * p[..., 2:, :]
-    return 0.25 * y[..., :, :-2] + 0.5 * y[..., :, 1:-1] + 0.25 * y[..., :, 2:]
+def _blur_matrix(n: int) -> np.ndarray:
+    """[1, 2, 1]/4 blur along one axis as an n x n matrix (edges replicated)."""
+    b = np.zeros((n, n), dtype=np.float32)
+    for i in range(n):
+        for j, w in ((i - 1, 0.25), (i, 0.5), (i + 1, 0.25)):
+            b[i, min(max(j, 0), n - 1)] += w
+    return b
 
 
-def _band_pass(x: np.ndarray) -> np.ndarray:
-    """Difference of Gaussians: keeps edges and texture, drops shading and pixel noise.
+_MATRIX_CACHE: dict[tuple[float, int], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _windows(pairs: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per crop pair, the resampling matrix with the band-pass folded in: two terms.
+
+    The band-pass is a difference of Gaussians, ``G1 - G3`` with ``G1`` the
+    [1, 2, 1] blur and ``G3`` that blur applied three times. Both are
+    separable, so a band-passed window of ``S`` is ``(B R) S (B R)^T -
+    (B^3 R) S (B^3 R)^T`` for the window's resampling matrix ``R``: everything
+    becomes batched matrix products, no per-window filtering.
 
     Raw correlation is dominated by smooth shading (sky, gradients), which two
     photos of one scene share even from another viewpoint; the band-pass
     image is what moves under parallax or a moved subject, and what a copy
     keeps. Measured on the test cases: copies >= 0.986, other photos <= 0.88.
     """
-    b = _blur(x)
-    return b - _blur(_blur(b))
-
-
-_MATRIX_CACHE: dict[tuple[float, float], np.ndarray] = {}
-
-
-def _windows(pairs: list[tuple[float, float]]) -> np.ndarray:
-    """Stacked resampling matrices (len(pairs), VERIFY, SIG) for the crop pairs."""
-    key = (pairs[-1][0], float(len(pairs)))
+    key = (pairs[-1][0], len(pairs))
     if key not in _MATRIX_CACHE:
         side = float(SIG_SIDE)
-        _MATRIX_CACHE[key] = np.stack(
-            [_resample_matrix(SIG_SIDE, _VERIFY_SIDE, a * side, side - b * side) for a, b in pairs]
-        )
+        r = np.stack([_resample_matrix(SIG_SIDE, _VERIFY_SIDE, a * side, side - b * side) for a, b in pairs])
+        blur = _blur_matrix(_VERIFY_SIDE)
+        blur3 = blur @ blur @ blur
+        _MATRIX_CACHE[key] = (blur @ r, blur3 @ r)
     return _MATRIX_CACHE[key]
+
+
+def _band_passed(m1: np.ndarray, m3: np.ndarray, img: np.ndarray) -> np.ndarray:
+    """All crop windows of ``img``, band-passed, materialised: (P*P, V*V).
+
+    The direct computation; :func:`_window_correlations` gets the same
+    correlations without building the windows (tests compare the two).
+    """
+    p, v, side = m1.shape
+    out = np.zeros((p * v, p * v), dtype=np.float32)
+    for m, sign in ((m1, 1.0), (m3, -1.0)):
+        flat = m.reshape(p * v, side)
+        out += sign * ((flat @ img) @ flat.T)
+    return out.reshape(p, v, p, v).transpose(0, 2, 1, 3).reshape(p * p, v * v)
+
+
+def _window_correlations(m1: np.ndarray, m3: np.ndarray, big: np.ndarray, small_unit: np.ndarray) -> np.ndarray:
+    """Correlation of every band-passed crop window of ``big`` with ``small_unit`` (P x P).
+
+    A window is ``W_ab = A - B`` with ``A = m1[a] S m1[b]^T`` and
+    ``B = m3[a] S m3[b]^T``. Its dot product with the (zero-mean, unit) query,
+    its sum and its sum of squares are all bilinear in per-row and per-column
+    factors, so each is one small matrix product over the P crop pairs:
+
+    * dot:   <m[a] S, Q m[b]>
+    * sum:   (m[a]^T 1)^T S (m[b]^T 1)
+    * sumsq: <L_a^T L'_a, m[b]^T m'[b]> with L_a = m[a] S, for (m, m') in
+      (m1, m1), (m1, m3), (m3, m3)
+
+    About 5x fewer operations than building the P*P windows.
+    """
+    p, v, side = m1.shape
+    q = small_unit.reshape(v, v)
+    l1, l3 = m1 @ big, m3 @ big  # (P, V, S)
+    dot = (l1.reshape(p, -1) @ (q @ m1).reshape(p, -1).T) - (l3.reshape(p, -1) @ (q @ m3).reshape(p, -1).T)
+    u1, u3 = m1.sum(axis=1), m3.sum(axis=1)  # (P, S): m^T 1
+    total = u1 @ big @ u1.T - u3 @ big @ u3.T
+
+    def gram(la: np.ndarray, lb: np.ndarray, ma: np.ndarray, mb: np.ndarray) -> np.ndarray:
+        g = (la.transpose(0, 2, 1) @ lb).reshape(p, -1)  # (P, S*S)
+        h = (ma.transpose(0, 2, 1) @ mb).reshape(p, -1)
+        return g @ h.T
+
+    sumsq = gram(l1, l1, m1, m1) - 2.0 * gram(l1, l3, m1, m3) + gram(l3, l3, m3, m3)
+    var = np.maximum(sumsq - total * total / (v * v), 1e-6)
+    return dot / np.sqrt(var)
+
+
+_BLAS: object | None = None
+
+
+def _one_blas_thread() -> ContextManager[object]:
+    """Run BLAS single-threaded for the verification's small products.
+
+    The matrices are at most 96 x 720: threads only add synchronisation, and on a
+    small box shared with anti_sus, OpenBLAS's spinning threads made one
+    verification 50x slower (measured: 13 ms -> 1.2 s under load).
+    threadpoolctl comes with scikit-learn; without it this is a no-op.
+    """
+    global _BLAS
+    if _BLAS is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS = ThreadpoolController()
+        except ImportError:  # pragma: no cover
+            _BLAS = False
+    if _BLAS is False:
+        return contextlib.nullcontext()
+    return _BLAS.limit(limits=1, user_api="blas")  # type: ignore[union-attr]
 
 
 def crop_correlation(query_sig: bytes, stored_sig: bytes, *, max_crop: float = 0.04, step: float = 0.01, mirror: bool = False) -> float:
@@ -286,27 +410,38 @@ def crop_correlation(query_sig: bytes, stored_sig: bytes, *, max_crop: float = 0
     One of the two images may be the other with up to ``max_crop`` of each axis
     cut away (split between both borders in ``step`` increments). For each
     hypothesis the larger image's matching window is resampled to the full
-    frame and compared with the other image by normalised correlation; the best
-    value over all hypotheses (and both directions) is returned.
+    frame and compared with the other image by normalised correlation of their
+    band-pass images; the best value over all hypotheses (and both
+    directions) is returned.
     """
     q = np.frombuffer(query_sig, dtype=np.uint8).reshape(SIG_SIDE, SIG_SIDE).astype(np.float32)
     s = np.frombuffer(stored_sig, dtype=np.uint8).reshape(SIG_SIDE, SIG_SIDE).astype(np.float32)
     if mirror:
-        q = q[:, ::-1]
+        q = np.ascontiguousarray(q[:, ::-1])
     pairs = _crop_pairs(max_crop, step)
-    mats = _windows(pairs)  # (P, V, S); pairs[0] is (0, 0): the whole frame
-    full = mats[0]
+    m1, m3 = _windows(pairs)  # pairs[0] is (0, 0): the whole frame
     best = -1.0
-    for big, small in ((s, q), (q, s)):
-        small_vec = _unit_rows(_band_pass(full @ small @ full.T).reshape(1, -1))[0]
-        # Rows first for every vertical pair, then columns for every horizontal
-        # pair: (P, V, S) -> (P, P, V, V) windows in two batched products.
-        rows = mats @ big  # (P, V, S)
-        wins = np.einsum("ays,bxs->abyx", rows, mats, optimize=True)
-        wins = _band_pass(wins.reshape(len(pairs) * len(pairs), _VERIFY_SIDE, _VERIFY_SIDE))
-        flat = _unit_rows(wins.reshape(len(pairs) * len(pairs), -1))
-        best = max(best, float(np.max(flat @ small_vec)))
+    with _one_blas_thread():
+        for big, small in ((s, q), (q, s)):
+            whole = m1[0] @ small @ m1[0].T - m3[0] @ small @ m3[0].T
+            small_unit = _unit_rows(whole.reshape(1, -1))[0]
+            best = max(best, float(np.max(_window_correlations(m1, m3, big, small_unit))))
     return best
+
+
+def coarse_correlation(query_sig: bytes, stored_sig: bytes, mirror: bool = False) -> float:
+    """Correlation of 24x24 block means: a cheap gate before :func:`crop_correlation`.
+
+    Copies cropped by up to 4% per axis still score >= 0.74 here, while most
+    unrelated pairs score far lower, so most random candidates stop here.
+    """
+    vecs = []
+    for sig, flip in ((query_sig, mirror), (stored_sig, False)):
+        a = np.frombuffer(sig, dtype=np.uint8).reshape(SIG_SIDE, SIG_SIDE).astype(np.float32)
+        if flip:
+            a = a[:, ::-1]
+        vecs.append(a.reshape(24, 4, 24, 4).mean(axis=(1, 3)).reshape(1, -1))
+    return float(_unit_rows(vecs[0])[0] @ _unit_rows(vecs[1])[0])
 
 
 @dataclass(frozen=True)
@@ -326,6 +461,7 @@ class DedupConfig:
     coarse_threshold: int = 18
     crop_correlation: float = 0.94
     max_crop: float = 0.04
+    gate_correlation: float = 0.6
     clip_threshold: float | None = None  # cosine; None disables the CLIP check
     max_candidates: int = 8
 
@@ -356,10 +492,12 @@ class Deduplicator:
         cfg = self.config
         # Stored hashes are of unmirrored images; comparing the query's mirror
         # against them is the same as comparing the query against stored mirrors.
-        for words, reason in ((fp.phash, "phash"), (fp.phash_mirror, "phash_mirror")):
-            hits = self.phash.search([words], cfg.phash_threshold, limit=1)
-            if hits:
-                return Match(hits[0][0], reason, float(hits[0][1]))
+        hits = self.phash.search([fp.phash, fp.phash_mirror], cfg.phash_threshold, limit=1)
+        if hits:
+            entry_id, dist = hits[0]
+            stored = self.phash.hash_of(entry_id)
+            direct = int(np.bitwise_count(stored ^ fp.phash).sum()) if stored is not None else dist
+            return Match(entry_id, "phash" if direct == dist else "phash_mirror", float(dist))
         if cfg.max_crop > 0:
             seen: set[tuple[int, bool]] = set()
             for words, mirror in ((fp.coarse, False), (fp.coarse_mirror, True)):
@@ -368,7 +506,7 @@ class Deduplicator:
                         continue
                     seen.add((entry_id, mirror))
                     stored = self._signature_of(entry_id)
-                    if stored is None:
+                    if stored is None or coarse_correlation(fp.signature, stored, mirror) < cfg.gate_correlation:
                         continue
                     corr = crop_correlation(fp.signature, stored, max_crop=cfg.max_crop, mirror=mirror)
                     if corr >= cfg.crop_correlation:

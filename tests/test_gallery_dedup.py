@@ -148,3 +148,26 @@ def test_hash_index_matches_brute_force() -> None:
     assert idx.search([query], 64) == [(1234, 3)]
     idx.remove(1234)
     assert len(idx) == n - 1 and idx.search([query], 64) == []
+
+
+def test_prefix_pruned_search_is_exact() -> None:
+    """search() reads only a prefix for most entries; it must agree with the full distances."""
+    rng = np.random.default_rng(2)
+    n = 3000
+    base = rng.integers(0, 2**63, size=D.PHASH_WORDS, dtype=np.int64).view(np.uint64)
+    hashes = rng.integers(0, 2**63, size=(n, D.PHASH_WORDS), dtype=np.int64).view(np.uint64)
+    # Plant near neighbours at known distances, some with all their differences in the prefix.
+    for i, flips in enumerate((0, 10, 40, 63, 64, 65, 90)):
+        h = base.copy()
+        bits = rng.choice(576 if i % 2 else 192, size=flips, replace=False)
+        for b in bits:
+            h[b // 64] ^= np.uint64(1) << np.uint64(63 - b % 64)
+        hashes[100 * i] = h
+    idx = D.HashIndex(D.PHASH_WORDS)
+    idx.add_many(np.arange(n), hashes)
+    mirror = rng.integers(0, 2**63, size=D.PHASH_WORDS, dtype=np.int64).view(np.uint64)
+    full = idx.distances(base, mirror)
+    expected = sorted((int(full[i]), i) for i in np.flatnonzero(full <= 64))
+    got = idx.search([base, mirror], 64, limit=50)
+    assert [(d, i) for i, d in got] == expected
+    assert [d for d, _ in expected] == [0, 10, 40, 63, 64]
