@@ -223,6 +223,12 @@ class Crawler:
                 self.metrics.post("rejected")
             log.info("post %s: %s (%s)", post.post_id, exc.reason, exc)
             return
+        except Exception as exc:  # noqa: BLE001 - an API answer of an unexpected shape must not stop the crawl
+            log.exception("post %s: expanding its links crashed", post.post_id)
+            self.store.record_post(post, "failed", error=f"expand_crash_{type(exc).__name__}")
+            stats.failed["expand_crash"] += 1
+            self.metrics.error("expand_crash")
+            return
         for ref in refs:
             reason = self.rules.check_ref(ref)
             if not reason and self.store.url_taken(ref.url, ref.key):

@@ -174,3 +174,21 @@ def test_stop_while_anti_sus_down_keeps_keys_pending(emu: Emulator, tmp_path: Pa
         crawler.shutdown()
         crawler.store.close()
     assert stats.accepted >= 2
+
+
+def test_an_api_answer_of_unexpected_shape_fails_one_post_not_the_crawl(emu: Emulator, tmp_path: Path) -> None:
+    crawler = make(emu, tmp_path)
+
+    def broken(*_a: Any, **_k: Any) -> Any:
+        raise KeyError("size")
+
+    crawler.flickr.expand = broken  # type: ignore[method-assign]
+    try:
+        stats = crawler.cycle(final=True)
+        state = crawler.store.post_state("t3_cc0001")
+        other = crawler.store.image_state("reddit:t3_aa0001:0")
+    finally:
+        crawler.shutdown()
+        crawler.store.close()
+    assert state == ("failed", "expand_crash_KeyError", 1)
+    assert other[0] == "delivered" and stats.failed["expand_crash"] == 4
