@@ -364,7 +364,7 @@ def test_slow_endless_body_hits_the_deadline(emu: Emulator) -> None:
         c.download_image(emu.url("hostile.example", "slow.jpg"))
     elapsed = time.monotonic() - t0
     assert ei.value.reason == "timeout"
-    assert 0.9 <= elapsed < 2.5, f"deadline 1 s, took {elapsed:.2f} s"
+    assert 0.9 <= elapsed < 4.0, f"deadline 1 s, took {elapsed:.2f} s"
 
 
 def test_read_timeout_is_retried() -> None:
@@ -405,7 +405,7 @@ def test_trickled_headers_hit_the_deadline() -> None:
         with pytest.raises(FetchError) as ei:
             c.get(f"http://slowloris.example:{port}/")
         assert ei.value.reason == "timeout"
-        assert time.monotonic() - t0 < 2.5
+        assert time.monotonic() - t0 < 4.0, "without the watchdog this takes the whole 10 s trickle"
     finally:
         srv.shutdown()
 

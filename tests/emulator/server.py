@@ -135,6 +135,7 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         self.body = self.rfile.read(min(length, 1 << 20)) if length else b""
         self.status = 0
+        self._recorded = False
         try:
             injected = self.emu._injected(host, parts.path)
             if injected:
@@ -142,8 +143,16 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self._route()
         finally:
-            self.emu._record(RequestRecord(time.time(), self.command, host, parts.path, self.query,
-                                           {k: v for k, v in self.headers.items()}, self.status))
+            self._record(self.status)
+
+    def _record(self, status: int) -> None:
+        """Log the request once, *before* the response goes out: a client that has its
+        answer must find its request in ``emulator.requests``."""
+        if self._recorded:
+            return
+        self._recorded = True
+        self.emu._record(RequestRecord(time.time(), self.command, self.host, urlsplit(self.path).path, self.query,
+                                       {k: v for k, v in self.headers.items()}, status))
 
     do_GET = _dispatch
     do_POST = _dispatch
@@ -151,6 +160,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         self.status = status
+        self._record(status)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -327,6 +337,7 @@ class Handler(BaseHTTPRequestHandler):
     def _slow(self, res: Resource) -> None:
         """An endless body: JPEG magic, then a byte every ``interval`` s (stops when the client leaves)."""
         self.status = 200
+        self._record(200)
         self.send_response(200)
         self.send_header("Content-Type", "image/jpeg")
         self.send_header("Connection", "close")  # no length: the body ends only when we stop
