@@ -51,22 +51,28 @@ def nomad_stats(state: Path) -> dict[str, Any]:
     return json.loads(out.stdout)
 
 
+def _by_reason(counts: dict[str, int]) -> str:
+    return ", ".join(f"{r} {n}" for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
+
+
 def summary(stats: dict[str, Any], gallery: Path, emulated_posts: int) -> str:
     """The demo's closing report: outcomes by reason and the gallery page."""
-    lines = [f"emulated posts: {emulated_posts}"]
-    for key in ("posts", "images"):
-        section = stats.get(key)
-        if isinstance(section, dict):
-            lines.append(f"{key}: " + ", ".join(f"{k} {v}" for k, v in sorted(section.items()) if not isinstance(v, dict)))
-            for k, v in sorted(section.items()):
-                if isinstance(v, dict) and v:
-                    lines.append(f"  {k} by reason: " + ", ".join(f"{r} {n}" for r, n in sorted(v.items())))
-    for key, value in sorted(stats.items()):
-        if key not in ("posts", "images"):
-            lines.append(f"{key}: {value}")
-    images = sorted((gallery / "images").glob("*")) if (gallery / "images").is_dir() else []
-    lines.append(f"gallery: {len(images)} image(s) in {gallery / 'images'}")
-    lines.append(f"open {(gallery / 'index.html').resolve().as_uri()}")
+    posts, images = stats.get("posts", {}), stats.get("images", {})
+    accepted = images.get("accepted", 0) + images.get("delivered", 0)
+    files = sorted((gallery / "images").glob("*")) if (gallery / "images").is_dir() else []
+    rows = [
+        ("emulated posts", f"{emulated_posts}"),
+        ("posts read", f"{sum(posts.values())} ({posts.get('expanded', 0)} with images; "
+                       f"{posts.get('rejected', 0)} rejected: {_by_reason(stats.get('posts_rejected', {}))})"),
+        ("image candidates", f"{sum(images.values())}"),
+        ("accepted by anti_sus", f"{accepted} ({images.get('delivered', 0)} delivered to the gallery, outbox {stats.get('outbox', 0)})"),
+        ("rejected", f"{images.get('rejected', 0)}: {_by_reason(stats.get('images_rejected', {}))}"),
+        ("failed (retries spent)", f"{images.get('failed', 0)}: {_by_reason(stats.get('images_failed', {}))}"),
+        ("gallery", f"{len(files)} image(s) in {gallery / 'images'}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = ["summary"] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    lines.append(f"\nopen the gallery: {(gallery / 'index.html').resolve().as_uri()}")
     return "\n".join(lines)
 
 
