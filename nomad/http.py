@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import http.client
 import json as _json
 import random
 import socket
@@ -571,8 +572,11 @@ class HttpClient:
             return FetchError("connection", f"{url}: {exc}", url=url)
         if isinstance(exc, (Urllib3Timeout, ReadTimeoutError, socket.timeout, TimeoutError)):
             return FetchError("timeout", f"{url}: {exc}", url=url)
-        if isinstance(exc, (ProtocolError, HTTPError, OSError)):
+        if isinstance(exc, (ProtocolError, HTTPError, OSError, http.client.HTTPException)):
             return FetchError("connection", f"{url}: {exc}", url=url)
+        if isinstance(exc, (ValueError, UnicodeError)):
+            # A URL that only fails deep in the HTTP stack (odd characters, bad port).
+            return FetchError("bad_url", f"{url!r}: {exc}", url=url)
         return exc
 
     def _read_body(
