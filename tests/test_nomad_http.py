@@ -593,3 +593,25 @@ def test_per_host_limit_and_thread_safety() -> None:
         assert c.limiter.in_flight() == 0 and not c.limiter._busy, "idle hosts are forgotten"
     finally:
         srv.shutdown()
+
+
+def test_thread_pool_downloads_get_their_own_bytes(emu: Emulator) -> None:
+    """Many threads, several hosts, pooled TLS connections: every image arrives intact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.emulator import images as gen
+
+    files = [((h, p), r) for (h, p), r in emu.scenario.files.items()
+             if r.kind == "image" and r.fmt in ("jpeg", "png") and r.width * r.height <= 2_000_000]
+    assert len(files) >= 12
+    c = client_for(emu, retries=0, per_host=2)
+
+    def fetch(item: tuple[tuple[str, str], Resource]) -> bool:
+        (host, path), res = item
+        dl = c.download_image(emu.url(host, path))
+        return dl.data == gen.picture(res.width, res.height, res.fmt, res.seed, res.orientation)
+
+    with ThreadPoolExecutor(6) as pool:
+        assert all(pool.map(fetch, files * 2))
+    assert c.limiter.in_flight() == 0
+    c.close()
