@@ -72,8 +72,14 @@ class Known:
 class Catalogue:
     """One SQLite file; every write is its own committed transaction (synchronous=FULL)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
+        if read_only:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"no catalogue at {self.path}")
+            self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
@@ -148,12 +154,13 @@ class Catalogue:
         )
         return int(cur.lastrowid)
 
-    def complete(self, entry_id: int, gallery_id: int, origin: str = "added") -> None:
-        """Mark the entry complete: from this commit on it exists."""
-        self.db.execute(
+    def complete(self, entry_id: int, gallery_id: int, origin: str = "added") -> bool:
+        """Mark the entry complete: from this commit on it exists. False if it was not pending."""
+        cur = self.db.execute(
             "UPDATE entries SET state='complete', gallery_id=?, origin=?, added_at=? WHERE id=? AND state='pending'",
             (gallery_id, origin, now_iso(), entry_id),
         )
+        return cur.rowcount == 1
 
     def delete(self, entry_id: int) -> None:
         self.db.execute("DELETE FROM entries WHERE id=?", (entry_id,))

@@ -115,17 +115,24 @@ def _password(args: argparse.Namespace) -> str:
     return pw
 
 
-def open_ingester(args: argparse.Namespace):  # -> Ingester
-    """Catalogue + target + indexes from the common flags (runs crash recovery)."""
-    from .catalogue import Catalogue
-    from .dedup import DedupConfig
-    from .ingest import Ingester, crash_hook
+def _catalogue_path(args: argparse.Namespace) -> tuple[str, str, Path]:
     from .targets import parse_target
 
     try:
         kind, rest = parse_target(args.target)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    return kind, rest, (Path(rest) / "catalogue.sqlite" if kind == "folder" else Path(args.ledger))
+
+
+def open_ingester(args: argparse.Namespace):  # -> Ingester
+    """Catalogue + target + indexes from the common flags (takes the writer lock, runs crash recovery)."""
+    from .catalogue import Catalogue
+    from .dedup import DedupConfig
+    from .ingest import Ingester, crash_hook
+    from .lock import GalleryLocked
+
+    kind, rest, _ = _catalogue_path(args)
     cfg = DedupConfig(phash_threshold=args.phash_threshold, crop_correlation=args.crop_threshold,
                       max_crop=args.max_crop, clip_threshold=args.clip_threshold)
     if not 0 <= cfg.max_crop <= 0.2:
@@ -148,7 +155,11 @@ def open_ingester(args: argparse.Namespace):  # -> Ingester
             raise UserError(f"--scenery-tags must be a JSON list of strings, got {args.scenery_tags!r}")
         target = SceneryTarget(rest, _password(args), tags=tags, timeout=args.scenery_timeout, retries=args.scenery_retries)
         catalogue = Catalogue(Path(args.ledger))
-    return Ingester(catalogue, target, cfg)
+    try:
+        return Ingester(catalogue, target, cfg)
+    except GalleryLocked as exc:
+        catalogue.close()
+        raise UserError(str(exc)) from None
 
 
 def _limits(args: argparse.Namespace):
@@ -221,16 +232,23 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    ingester = open_ingester(args)
+    from .catalogue import Catalogue
+
+    # Read-only and without recovery: a running service may be mid-ingest.
+    _, _, path = _catalogue_path(args)
     try:
-        for row in ingester.catalogue.recent(args.n):
+        catalogue = Catalogue(path, read_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no gallery catalogue at {path}") from None
+    try:
+        for row in catalogue.recent(args.n):
             rec = {k: row[k] for k in ("id", "gallery_id", "added_at", "key", "ext", "width", "height", "title", "permalink", "source_url")}
             if args.json:
                 print(json.dumps(rec))
             else:
                 print(f"{rec['gallery_id']:>8}  {rec['added_at']}  {rec['width']}x{rec['height']}  {(rec['title'] or '')[:60]}  {rec['permalink'] or rec['source_url'] or ''}")
     finally:
-        ingester.close()
+        catalogue.close()
     return 0
 
 

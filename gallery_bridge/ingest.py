@@ -76,6 +76,10 @@ class Ingester:
     def __init__(self, catalogue: Catalogue, target: Target, dedup: DedupConfig | None = None) -> None:
         from .dedup import words_from_hex
 
+        from .lock import WriterLock
+
+        # Recovery deletes pending rows: only safe when no other writer is mid-ingest.
+        self._lock = WriterLock(catalogue.path.with_name(catalogue.path.name + ".lock"))
         self.catalogue = catalogue
         self.target = target
         self.dedup = Deduplicator(dedup or DedupConfig(), catalogue.signature)
@@ -130,7 +134,8 @@ class Ingester:
             self.catalogue.delete(entry_id)
             return Outcome("rejected", None, "gallery", stored.message)
         origin = "added" if stored.status == "added" else "known"
-        self.catalogue.complete(entry_id, stored.gallery_id, origin)
+        if not self.catalogue.complete(entry_id, stored.gallery_id, origin):
+            raise RuntimeError(f"entry {entry_id} vanished before its commit")  # never confirm what is not there
         self._crash("committed")
         self.dedup.add(entry_id, fp, features)
         try:
@@ -158,3 +163,4 @@ class Ingester:
     def close(self) -> None:
         self.target.close()
         self.catalogue.close()
+        self._lock.close()

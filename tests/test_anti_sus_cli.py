@@ -52,6 +52,8 @@ def test_bad_values_exit_cleanly(monkeypatch: pytest.MonkeyPatch, capsys: pytest
     assert exc.value.code == 2
     assert main(["serve", "--curve-allow", "/tmp"]) == 2
     assert "--curve-allow needs --curve-secret-key" in capsys.readouterr().err
+    assert main(["serve", "--connect", "tcp://127.0.0.1:7778", "--curve-secret-key", "/tmp/k"]) == 2
+    assert "secure the broker's frontend" in capsys.readouterr().err
 
 
 def test_keygen_writes_loadable_keys(tmp_path: Path):

@@ -84,7 +84,8 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
     cases = [
         (["list", "--target", "ftp://x"], "target must be folder:PATH or scenery:URL"),
         (["import", str(tmp_path / "missing"), "--target", f"folder:{tmp_path / 'g'}"], "is not a folder"),
-        (["list", "--target", "scenery:not-a-url"], "http(s) URL"),
+        (["import", str(tmp_path), "--target", "scenery:not-a-url"], "http(s) URL"),
+        (["list", "--target", f"folder:{tmp_path / 'nothing'}"], "no gallery catalogue"),
     ]
     for args, text in cases:
         out = _run(*args)
@@ -120,6 +121,11 @@ def test_ping_exit_codes(tmp_path: Path) -> None:
         assert info.returncode == 0 and json.loads(info.stdout)["target"]["kind"] == "folder"
         busy = _run("serve", "--bind", endpoint, "--target", f"folder:{tmp_path / 'g2'}")
         assert busy.returncode == 2 and "cannot bind" in busy.stderr
+        # One writer per gallery: a second one would run recovery under the first's feet.
+        (tmp_path / "src").mkdir()
+        second = _run("import", str(tmp_path / "src"), "--target", f"folder:{tmp_path / 'g'}")
+        assert second.returncode == 2 and "in use by another gallery-bridge process" in second.stderr
+        assert _run("list", "--target", f"folder:{tmp_path / 'g'}").returncode == 0  # reading is fine
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)

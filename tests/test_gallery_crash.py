@@ -124,8 +124,12 @@ def test_crash_before_the_commit_leaves_nothing_visible(tmp_path: Path) -> None:
     assert [state for _, state in entries] == ["pending"]
     page = (root / "index.html").read_text()
     assert "images/" not in page  # the half-written entry never reached the page
-    # The recovery pass (run by any command that opens the gallery) removes it.
-    out = subprocess.run([sys.executable, "-m", "gallery_bridge", "list", "--target", f"folder:{root}"],
+    # The recovery pass (run by every command that writes: serve, import, rebuild) removes it.
+    listed = subprocess.run([sys.executable, "-m", "gallery_bridge", "list", "--json", "--target", f"folder:{root}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and listed.stdout == ""  # list reads only complete entries, changes nothing
+    assert [state for _, state in _state(root)[0]] == ["pending"]
+    out = subprocess.run([sys.executable, "-m", "gallery_bridge", "rebuild", "--target", f"folder:{root}"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     entries, files = _state(root)

@@ -203,7 +203,7 @@ def test_scenery_down_is_an_error(tmp_path: Path) -> None:
 def test_cli_refuses_scenery_without_password(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     out = subprocess.run(
-        [sys.executable, "-m", "gallery_bridge", "list", "--target", "scenery:http://127.0.0.1:9",
+        [sys.executable, "-m", "gallery_bridge", "serve", "--bind", "tcp://127.0.0.1:*", "--target", "scenery:http://127.0.0.1:9",
          "--ledger", str(tmp_path / "l.sqlite")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
     )
