@@ -281,3 +281,36 @@ def test_restart_reloads_index(tmp_path: Path) -> None:
         assert (again.status, again.gallery_id) == ("duplicate", first.gallery_id)
     finally:
         run.stop()
+
+
+def test_curve_encrypted_socket(tmp_path: Path) -> None:
+    server_public, server_secret = zmq.curve_keypair()
+    client_public, client_secret = zmq.curve_keypair()
+    target = FolderTarget(tmp_path / "g")
+    ingester = Ingester(Catalogue(target.catalogue_path), target)
+    server = Server(ingester, ServerConfig(bind="tcp://127.0.0.1:*", curve_secret=server_secret))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        with IngestClient(server.endpoint, timeout=10, retries=0, curve=(server_public, client_public, client_secret)) as c:
+            assert c.ingest("curve:1", {}, T.encode(T.photo(13))).status == "added"
+        with IngestClient(server.endpoint, timeout=0.5, retries=0) as plain:  # no CURVE: no handshake, no answer
+            with pytest.raises(GalleryUnavailable):
+                plain.ping()
+    finally:
+        server.stop()
+        thread.join(10)
+        ingester.close()
+
+
+def test_metrics_count_ingests(gallery: Running) -> None:
+    from prometheus_client import REGISTRY
+
+    def count(status: str) -> float:
+        return REGISTRY.get_sample_value("gallery_bridge_ingests_total", {"status": status}) or 0.0
+
+    before = count("added"), count("duplicate")
+    data = T.encode(T.photo(14))
+    gallery.client.ingest("m:1", {}, data)
+    gallery.client.ingest("m:1", {}, data)
+    assert (count("added"), count("duplicate")) == (before[0] + 1, before[1] + 1)
