@@ -156,7 +156,9 @@ def check_image(data: bytes, limits: Limits) -> CheckedImage:
             width, height = image.size
             if width * height > limits.max_pixels:
                 raise ProtocolError("too_large", f"{width}x{height} pixels, limit {limits.max_pixels}")
-            if getattr(image, "n_frames", 1) > 1:
+            # Phone JPEGs are often MPO (the photo plus a depth map or preview):
+            # the first frame is the photo. Animated PNG/WebP are not photos.
+            if image.format in ("PNG", "WEBP") and getattr(image, "is_animated", False):
                 raise ProtocolError("bad_image", "animated images are not photos")
             image.load()
     except ProtocolError:

@@ -314,3 +314,19 @@ def test_metrics_count_ingests(gallery: Running) -> None:
     gallery.client.ingest("m:1", {}, data)
     gallery.client.ingest("m:1", {}, data)
     assert (count("added"), count("duplicate")) == (before[0] + 1, before[1] + 1)
+
+
+def test_phone_mpo_jpeg_is_a_photo_and_animated_png_is_not(gallery: Running) -> None:
+    import io
+
+    first, second = T.photo(15), T.photo(16)
+    buf = io.BytesIO()
+    first.save(buf, "MPO", save_all=True, append_images=[second])  # JPEG + a second picture, like phones write
+    r = gallery.client.ingest("mpo", {}, buf.getvalue())
+    assert r.status == "added"
+    assert (gallery.root / "images" / f"{r.gallery_id}.jpg").read_bytes() == buf.getvalue()
+    buf = io.BytesIO()
+    T.photo(17).save(buf, "PNG", save_all=True, append_images=[T.photo(18)])  # APNG
+    with pytest.raises(IngestError) as err:
+        gallery.client.ingest("apng", {}, buf.getvalue())
+    assert err.value.code == "bad_image" and "animated" in err.value.message
