@@ -479,7 +479,9 @@ class Deduplicator:
     def add(self, entry_id: int, fp: Fingerprint, features: np.ndarray | None = None) -> None:
         self.phash.add(entry_id, fp.phash)
         self.coarse.add(entry_id, fp.coarse)
-        if features is not None:
+        # Features are kept in memory only when the CLIP check is on (2 KB each);
+        # the catalogue stores them either way, so turning it on later works.
+        if features is not None and self.config.clip_threshold is not None:
             self.features.add(entry_id, features)
 
     def remove(self, entry_id: int) -> None:

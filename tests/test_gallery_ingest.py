@@ -330,3 +330,27 @@ def test_phone_mpo_jpeg_is_a_photo_and_animated_png_is_not(gallery: Running) -> 
     with pytest.raises(IngestError) as err:
         gallery.client.ingest("apng", {}, buf.getvalue())
     assert err.value.code == "bad_image" and "animated" in err.value.message
+
+
+def test_clip_near_duplicates_survive_a_restart(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=512).astype(np.float32)
+    near = feats + 0.05 * rng.normal(size=512).astype(np.float32)
+    cfg = DedupConfig(clip_threshold=0.95)
+    run = Running(tmp_path / "g", dedup=cfg)
+    try:
+        first = run.client.ingest("c:1", {}, T.encode(T.photo(20)), features=feats)
+        assert first.status == "added"
+        # A different picture whose CLIP features say "same content".
+        dup = run.client.ingest("c:2", {}, T.encode(T.photo(21)), features=near)
+        assert (dup.status, dup.gallery_id, dup.reason) == ("duplicate", first.gallery_id, "clip")
+    finally:
+        run.stop()
+    run = Running(tmp_path / "g", dedup=cfg)
+    try:
+        again = run.client.ingest("c:3", {}, T.encode(T.photo(22)), features=near)
+        assert (again.status, again.reason) == ("duplicate", "clip")
+        other = run.client.ingest("c:4", {}, T.encode(T.photo(23)), features=rng.normal(size=512).astype(np.float32))
+        assert other.status == "added"
+    finally:
+        run.stop()
