@@ -217,8 +217,10 @@ def cmd_import(args: argparse.Namespace) -> int:
         for path in tqdm(files, desc="import", unit="img"):
             rel = path.relative_to(root).as_posix()
             try:
-                image = check_image(path.read_bytes(), limits)
-                outcome = ingester.ingest(f"file:{rel}", Meta(title=path.stem[:300], source="import"), image, min_side=limits.min_side)
+                data = path.read_bytes()
+                key = f"file:{rel}"
+                outcome = ingester.known(key, data) or ingester.ingest(
+                    key, Meta(title=path.stem[:300], source="import"), check_image(data, limits), min_side=limits.min_side)
                 counts[outcome.status] += 1
             except (ProtocolError, OSError) as exc:
                 counts["error"] += 1

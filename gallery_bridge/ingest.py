@@ -100,16 +100,27 @@ class Ingester:
             self.dedup.coarse.add_many(np.array(ids), np.array(coarse, dtype=np.int64).view(np.uint64).reshape(-1, 1))
         log.info("loaded %d hashes in %.0f ms", len(ids), 1000 * (time.perf_counter() - t0))
 
-    def ingest(self, key: str, meta: Meta, image: CheckedImage, features: np.ndarray | None = None,
-               *, min_side: int = 0) -> Outcome:
+    def known(self, key: str, data: bytes) -> Outcome | None:
+        """Answer for a key or exact bytes seen before, without decoding anything.
+
+        Redeliveries are the common case after a sender's retry; they are
+        answered from the catalogue in well under a millisecond.
+        """
         known = self.catalogue.by_key(key)
         if known:
             return Outcome("duplicate", known.gallery_id, "key")
-        sha = hashlib.sha256(image.data).hexdigest()
-        known = self.catalogue.by_sha256(sha)
+        known = self.catalogue.by_sha256(hashlib.sha256(data).hexdigest())
         if known:
             self.catalogue.add_alias(key, known.entry_id, "sha256")
             return Outcome("duplicate", known.gallery_id, "sha256")
+        return None
+
+    def ingest(self, key: str, meta: Meta, image: CheckedImage, features: np.ndarray | None = None,
+               *, min_side: int = 0) -> Outcome:
+        seen = self.known(key, image.data)
+        if seen:
+            return seen
+        sha = hashlib.sha256(image.data).hexdigest()
         if min(image.width, image.height) < min_side:
             return Outcome("rejected", None, "too_small", f"{image.width}x{image.height} is below the {min_side} px minimum side")
         fp = fingerprint(image.image)

@@ -128,11 +128,15 @@ class Server:
             if len(frames) not in (1, 2):
                 raise ProtocolError("size_mismatch", f"ingest takes an image frame and optional features frame, got {len(frames)} frames")
             features = check_features(frames[1] if len(frames) == 2 else None, header.get("features_dim"), self.config.limits)
-            image = check_image(frames[0], self.config.limits)
+            # A redelivery (same key or same bytes) is answered before any decoding.
+            outcome = self.ingester.known(key, frames[0])
+            if outcome is None:
+                image = check_image(frames[0], self.config.limits)
         except ProtocolError as exc:
             exc.request_id = rid
             raise
-        outcome = self.ingester.ingest(key, meta, image, features, min_side=self.config.limits.min_side)
+        if outcome is None:
+            outcome = self.ingester.ingest(key, meta, image, features, min_side=self.config.limits.min_side)
         if INGESTS:
             INGESTS.labels(outcome.status).inc()
             SECONDS.observe(time.perf_counter() - t0)
