@@ -1,6 +1,7 @@
 """kill -9 at each point of an ingest, then redelivery: exactly one complete entry, no orphans."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -8,8 +9,6 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
-
-import json
 
 import pytest
 import zmq
