@@ -230,10 +230,13 @@ class Handler(BaseHTTPRequestHandler):
         if not ok:
             return self._json({"message": "Too Many Requests", "error": 429}, 429, headers)
         segs = self.route.strip("/").split("/")
-        if len(segs) < 3 or segs[2].split(".")[0] not in ("new",):
+        sort = segs[2].split(".")[0] if len(segs) >= 3 else ""
+        if sort not in ("new", "top"):
             return self._json({"message": "Not Found", "error": 404}, 404, headers)
         subs = {x.lower() for x in segs[1].split("+")}
         posts = [p for p in scn.posts if "all" in subs or p.get("subreddit", "").lower() in subs][: scn.listing_cap]
+        if sort == "top":  # the `t` window is ignored: every emulated post is "of all time"
+            posts = sorted(posts, key=lambda p: -int(p.get("score", 0) or 0))
         try:
             limit = max(1, min(100, int(self._q("limit", "25") or 25)))
         except ValueError:
