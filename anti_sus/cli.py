@@ -216,6 +216,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.curve_allow and not args.curve_secret_key:
         raise UserError("--curve-allow needs --curve-secret-key")
+    if args.connect and args.curve_secret_key:
+        raise UserError("a broker worker (--connect) takes no CURVE keys: secure the broker's frontend instead "
+                        "(anti-sus broker --curve-secret-key …) and keep its backend on a private network")
     pipeline = _load_pipeline(args, args.gmm_threshold, args.watermark_threshold, args.max_batch)
     cfg = ServerConfig(binds=list(args.bind), connect=args.connect, limits=Limits(args.max_images, args.max_pixels),
                        max_batch=args.max_batch, max_queue=max(args.max_queue, args.max_images), hwm=args.hwm,

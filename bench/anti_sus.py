@@ -9,11 +9,14 @@ interleaved rounds on the same images; medians are printed.
     .venv/bin/python bench/anti_sus.py                 # builds models into .cache/bench-anti-sus once
     .venv/bin/python bench/anti_sus.py --images 64 --rounds 3
 
-Measured, in images/s:
+Measured, in images/s (wall clock) and CPU-ms per image (user+system of every process involved,
+which stays meaningful when other jobs share the machine):
 - bare CLIP:      ORT session.run on already-normalised [32,3,224,224] tensors (model only)
 - bare models:    bare CLIP + GMM + bare watermark on the survivors (the model work the server must do)
+- bare all-wm:    bare CLIP + GMM + bare watermark on every image (worst case: everything passes the GMM)
 - server:         `anti-sus serve` in its own process, this process as client, uint8 batches of 32 at 512x512
                   over tcp loopback (watermark on GMM survivors, as deployed)
+- server all-wm:  same server, per-request gmm_threshold so low that the watermark stage sees every image
 - server -wm:     same with --no-watermark (CLIP + GMM only), comparable to bare CLIP
 - upstream:       per image: PIL bicubic resize, normalise, CLIP batch 1, GMM, watermark batch 1 if kept
 """
@@ -63,6 +66,14 @@ def build_models(out: Path, threads: int, gmm_images: int) -> None:
     print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system, all threads) of this process or of ``pid``: robust to other load on the box."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,27 +119,32 @@ def main() -> int:
 
     from models import synth
 
-    # Photo-like test images: procedural backgrounds (the GMM's own kind, so most survive and the
-    # watermark stage does real work) at the 512x512 wire size.
+    # Procedural backgrounds at the 512x512 wire size (the GMM's own kind of image; with random CLIP
+    # weights and a GMM fitted on only --gmm-images of them, few pass: the all-wm rows show the other extreme).
     images = stack_wire(synth.backgrounds(args.images, seed=99, size=512))
     clip_x = model_input(images, clip_spec)  # bare CLIP gets its tensors ready-made
     n = len(images)
     b = args.batch
 
+    kept = [0]
+
     def bare_clip() -> float:
         t0 = time.perf_counter()
-        feats = [clip.run(None, {"image": clip_x[i:i + b]})[0] for i in range(0, n, b)]
-        bare_clip.feats = np.concatenate(feats)  # type: ignore[attr-defined]
+        for i in range(0, n, b):
+            clip.run(None, {"image": clip_x[i:i + b]})
         return n / (time.perf_counter() - t0)
 
-    def bare_models() -> float:
-        t0 = time.perf_counter()
-        feats = np.concatenate([clip.run(None, {"image": clip_x[i:i + b]})[0] for i in range(0, n, b)])
-        keep = np.flatnonzero(gmm.score(feats) >= threshold)
-        for i in range(0, len(keep), b):
-            wm.run(None, {"image": normalise(images[keep[i:i + b]], wm_spec)})
-        bare_models.kept = len(keep)  # type: ignore[attr-defined]
-        return n / (time.perf_counter() - t0)
+    def bare_models(all_kept: bool = False):
+        def run() -> float:
+            t0 = time.perf_counter()
+            feats = np.concatenate([clip.run(None, {"image": clip_x[i:i + b]})[0] for i in range(0, n, b)])
+            scores = gmm.score(feats)
+            keep = np.arange(n) if all_kept else np.flatnonzero(scores >= threshold)
+            for i in range(0, len(keep), b):
+                sigmoid(wm.run(None, {"image": normalise(images[keep[i:i + b]], wm_spec)})[0])
+            kept[0] = int((scores >= threshold).sum())
+            return n / (time.perf_counter() - t0)
+        return run
 
     def upstream() -> float:
         from PIL import Image
@@ -147,26 +163,34 @@ def main() -> int:
         servers["server -wm"] = start_server(args.models, args.threads, b, ["--no-watermark"])
         clients = {k: FilterClient(ep, timeout=600, retries=0) for k, (_, ep) in servers.items()}
 
-        def via(name: str):
+        def via(name: str, gmm_threshold: float | None = None):
             def run() -> float:
                 c = clients[name]
                 t0 = time.perf_counter()
                 for i in range(0, n, b):
-                    c.filter(images[i:i + b])
+                    c.filter(images[i:i + b], gmm_threshold=gmm_threshold)
                 return n / (time.perf_counter() - t0)
             return run
 
-        contenders = {"bare CLIP": bare_clip, "bare models": bare_models, "server": via("server"),
-                      "server -wm": via("server -wm"), "upstream": upstream}
+        contenders = {"bare CLIP": bare_clip, "bare models": bare_models(), "bare all-wm": bare_models(True),
+                      "server": via("server"), "server all-wm": via("server", -1e30), "server -wm": via("server -wm"),
+                      "upstream": upstream}
         # Warm-up: first runs allocate ORT arenas.
         clip.run(None, {"image": clip_x[:2]})
         for c in clients.values():
             c.filter(images[:2])
         results: dict[str, list[float]] = {k: [] for k in contenders}
+        cpu: dict[str, list[float]] = {k: [] for k in contenders}
         for r in range(args.rounds):
             for name, fn in contenders.items():
+                key = name.split()[0] if name.startswith("server") and name != "server -wm" else name
+                pid = servers[key][0].pid if key in servers else None
+                c0, s0 = cpu_seconds(), cpu_seconds(pid) if pid else 0.0
                 results[name].append(fn())
-                print(f"round {r + 1}/{args.rounds} {name:12s} {results[name][-1]:7.2f} img/s", flush=True)
+                used = cpu_seconds() - c0 + (cpu_seconds(pid) - s0 if pid else 0.0)
+                cpu[name].append(used / n)
+                print(f"round {r + 1}/{args.rounds} {name:12s} {results[name][-1]:7.2f} img/s  "
+                      f"{cpu[name][-1] * 1000:7.1f} CPU-ms/img", flush=True)
         for c in clients.values():
             c.close()
     finally:
@@ -175,16 +199,24 @@ def main() -> int:
             proc.wait(timeout=60)
 
     med = {k: statistics.median(v) for k, v in results.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
     print()
     print(f"anti_sus benchmark: {n} images of 512x512, batches of {b}, {args.rounds} rounds, "
           f"ORT threads {args.threads or 'all'} on {os.cpu_count()} CPUs; "
-          f"{bare_models.kept}/{n} images pass the GMM (watermark runs on those)")  # type: ignore[attr-defined]
-    print(f"{'contender':14s} {'img/s (median)':>15s} {'vs bare CLIP':>13s} {'vs bare models':>15s}")
+          f"{kept[0]}/{n} images pass the GMM (watermark runs on those; on all in the all-wm rows); load average {os.getloadavg()[0]:.1f}")
+    print(f"{'contender':14s} {'img/s (median)':>15s} {'vs bare CLIP':>13s} {'vs bare models':>15s} "
+          f"{'CPU-ms/img':>11s} {'CPU vs bare CLIP':>17s}")
     for k, v in med.items():
-        print(f"{k:14s} {v:15.2f} {v / med['bare CLIP']:12.2f}x {v / med['bare models']:14.2f}x")
-    print(f"\nserver -wm / bare CLIP = {med['server -wm'] / med['bare CLIP']:.2f}x (goal >= 0.8x); "
-          f"server / bare models = {med['server'] / med['bare models']:.2f}x; "
-          f"server / upstream = {med['server'] / med['upstream']:.2f}x")
+        print(f"{k:14s} {v:15.2f} {v / med['bare CLIP']:12.2f}x {v / med['bare models']:14.2f}x "
+              f"{cpu_med[k] * 1000:11.1f} {cpu_med['bare CLIP'] / cpu_med[k]:16.2f}x")
+    print("(CPU vs bare CLIP: bare CLIP's CPU time per image / this one's, i.e. throughput on an otherwise idle machine)")
+    print(f"\nserver -wm / bare CLIP = {med['server -wm'] / med['bare CLIP']:.2f}x wall, "
+          f"{cpu_med['bare CLIP'] / cpu_med['server -wm']:.2f}x CPU (goal >= 0.8x); "
+          f"server / bare models = {med['server'] / med['bare models']:.2f}x wall, "
+          f"{cpu_med['bare models'] / cpu_med['server']:.2f}x CPU; "
+          f"server all-wm / bare all-wm = {med['server all-wm'] / med['bare all-wm']:.2f}x wall, "
+          f"{cpu_med['bare all-wm'] / cpu_med['server all-wm']:.2f}x CPU; "
+          f"server / upstream = {med['server'] / med['upstream']:.2f}x wall, {cpu_med['upstream'] / cpu_med['server']:.2f}x CPU")
     return 0
 
 
