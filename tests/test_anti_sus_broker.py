@@ -123,3 +123,18 @@ def test_curve_known_client_served_unknown_refused(tmp_path: Path):
         with FilterClient(ep, timeout=0.5, retries=0) as c:  # no CURVE at all
             with pytest.raises(AntiSusUnavailable):
                 c.ping()
+
+
+def test_broker_frontend_with_curve(tmp_path: Path):
+    server_pub, server_secret = keygen(tmp_path / "keys", "broker")
+    client_pub, client_secret = keygen(tmp_path / "keys", "client")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "client.key").write_bytes(client_pub.read_bytes())
+    with broker_running(curve_secret_key=server_secret, curve_allow=allowed) as b, worker(b.backend_endpoints[0], FakeStages()):
+        wait_for(lambda: len(b.idle) == 1)
+        with FilterClient(b.frontend_endpoints[0], timeout=5, curve_server_key=server_pub, curve_client_keys=client_secret) as c:
+            assert c.filter(np.stack([image(150, 0)])).good == [0]
+        with FilterClient(b.frontend_endpoints[0], timeout=0.5, retries=0, curve_server_key=server_pub) as c:
+            with pytest.raises(AntiSusUnavailable):  # a throwaway key pair is not in the allowed directory
+                c.ping()

@@ -58,6 +58,8 @@ def test_return_features_of_good_images_only():
         assert r.good == [0, 2]
         assert r.features is not None and r.features.dtype == np.float32 and r.features.shape == (2, 4)
         assert r.features[:, 0].tolist() == pytest.approx([150 - 50 / 192, 180 - 180 / 192], abs=1.0)
+        none = c.filter(np.stack([image(50)]), return_features=True)  # no good image: an empty features frame
+        assert none.good == [] and none.features is not None and none.features.shape == (0, 4)
 
 
 def test_threshold_overrides_change_verdicts():
