@@ -6,11 +6,11 @@ from collections import OrderedDict, deque
 from typing import Generic, Hashable, Protocol, TypeVar
 
 
-class Sized_(Protocol):
+class HasImages(Protocol):
     n_images: int
 
 
-J = TypeVar("J", bound=Sized_)
+J = TypeVar("J", bound=HasImages)
 
 
 class FairQueue(Generic[J]):
