@@ -1,42 +1,61 @@
-"""Load-balancing broker (the ZeroMQ guide's LRU pattern) for scaling out anti_sus workers.
+"""Load-balancing broker (the ZeroMQ guide's LRU pattern, with heartbeats) for scaling out anti_sus workers.
 
 Clients talk to the frontend ROUTER exactly as to a server. Workers
-(``anti-sus serve --connect BACKEND``) connect a DEALER to the backend ROUTER
-and announce capacity with ``READY`` frames; every reply also returns one unit.
-Requests go only to workers with capacity, least recently used first; while no
-worker is free the frontend is not read, so requests wait in ZeroMQ's queues.
-A worker that dies with a request in hand loses it: the client's Lazy Pirate
+(``anti-sus serve --connect BACKEND``) connect a DEALER to the backend ROUTER.
+
+Worker -> broker messages (after the worker's routing id):
+
+- ``READY <free> <received>``: "I can take ``free`` more requests and have
+  received ``received`` in all". Sent at start and then every heartbeat
+  interval, so a restarted broker learns its workers again and a silent worker
+  can be told from a live one. The broker subtracts the requests it sent that
+  the worker had not yet received, so a request crossing a heartbeat on the
+  wire is not counted twice.
+- ``BYE``: the worker is stopping; forget it.
+- anything else is a reply ``[client id…, '', reply…]``: forwarded to the client,
+  and it returns one unit of capacity.
+
+Requests go to the least recently used worker with free capacity; while none
+has any, the frontend is not read, so requests wait in ZeroMQ's queues. A
+worker not heard from for ``worker_timeout`` seconds is dropped, and one whose
+connection is gone is dropped at the first send (``ROUTER_MANDATORY``). A
+worker that dies with a request in hand loses it: the client's Lazy Pirate
 retry sends it again and it goes to another worker.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+import time
+from collections import OrderedDict
 from pathlib import Path
 
 import zmq
 
-from .server import BYE, READY
 from .wire import Limits
 
 log = logging.getLogger(__name__)
+
+READY = b"READY"
+BYE = b"BYE"
+DEFAULT_WORKER_TIMEOUT = 10.0
 
 
 class Broker:
     """Frontend ROUTER for clients, backend ROUTER for workers."""
 
     def __init__(self, frontends: list[str], backends: list[str], *, limits: Limits | None = None, hwm: int = 64,
-                 curve_secret_key: Path | None = None, curve_allow: Path | None = None,
-                 ctx: zmq.Context | None = None) -> None:
+                 worker_timeout: float = DEFAULT_WORKER_TIMEOUT, curve_secret_key: Path | None = None,
+                 curve_allow: Path | None = None, ctx: zmq.Context | None = None) -> None:
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         self._stop = threading.Event()
         self._auth = None
+        self.worker_timeout = worker_timeout
         limits = limits or Limits()
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.backend = self.ctx.socket(zmq.ROUTER)
-        # Sending to a worker that is gone must fail loudly so its capacity is dropped, not silently lost.
+        # Sending to a worker that is gone must fail loudly so it is dropped, not silently fed.
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         for s in (self.frontend, self.backend):
             s.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
@@ -49,13 +68,22 @@ class Broker:
             self._auth = secure_server(self.ctx, [self.frontend], curve_secret_key, curve_allow)
         self.frontend_endpoints = [self._bind(self.frontend, ep) for ep in frontends]
         self.backend_endpoints = [self._bind(self.backend, ep) for ep in backends]
-        self.idle: deque[bytes] = deque()
-        self.forwarded: dict[bytes, int] = {}
+        # worker id -> free capacity, in least-recently-used order (first = longest without work)
+        self.free: OrderedDict[bytes, int] = OrderedDict()
+        self.seen: dict[bytes, float] = {}
+        self.forwarded: dict[bytes, int] = {}  # per worker, for the whole run (logged at exit)
+        self._sent: dict[bytes, int] = {}      # since the worker joined
+        self._base: dict[bytes, int] = {}      # its 'received' count when it joined
 
     @staticmethod
     def _bind(sock: zmq.Socket, ep: str) -> str:
         sock.bind(ep)
         return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    @property
+    def capacity(self) -> int:
+        """Requests the known workers can take right now."""
+        return sum(self.free.values())
 
     def stop(self) -> None:
         self._stop.set()
@@ -67,16 +95,18 @@ class Broker:
         reading = False
         try:
             while not self._stop.is_set():
-                if bool(self.idle) != reading:  # read clients only while some worker is free
-                    if self.idle:
+                self._expire()
+                want = self.capacity > 0
+                if want != reading:  # read clients only while some worker can take a request
+                    if want:
                         poller.register(self.frontend, zmq.POLLIN)
                     else:
                         poller.unregister(self.frontend)
-                    reading = bool(self.idle)
+                    reading = want
                 events = dict(poller.poll(100))
                 if self.backend in events:
                     self._from_worker(self.backend.recv_multipart(copy=False))
-                if self.frontend in events and self.idle:
+                if self.frontend in events and self.capacity > 0:
                     self._to_worker(self.frontend.recv_multipart(copy=False))
         finally:
             log.info("broker stopped; requests forwarded per worker: %s",
@@ -88,34 +118,54 @@ class Broker:
             if self._own_ctx:
                 self.ctx.term()
 
+    def _drop(self, worker: bytes, why: str) -> None:
+        if self.free.pop(worker, None) is not None:
+            log.info("worker %s dropped: %s", worker.hex(), why)
+        for d in (self.seen, self._sent, self._base):
+            d.pop(worker, None)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for worker in [w for w, t in self.seen.items() if now - t > self.worker_timeout]:
+            self._drop(worker, f"silent for more than {self.worker_timeout:g} s")
+
     def _from_worker(self, frames: list[zmq.Frame]) -> None:
         worker = frames[0].bytes
-        if len(frames) == 2 and frames[1].bytes == READY:
-            self.idle.append(worker)
-            log.debug("worker %s ready (%d credits free)", worker.hex(), len(self.idle))
+        body = [f.bytes for f in frames[1:]] if len(frames) <= 4 else []
+        if body == [BYE]:
+            self._drop(worker, "said goodbye")
             return
-        if len(frames) == 2 and frames[1].bytes == BYE:
-            self.idle = deque(w for w in self.idle if w != worker)
-            log.info("worker %s left", worker.hex())
+        if len(body) == 3 and body[0] == READY and body[1].isdigit() and body[2].isdigit():
+            free, received = int(body[1]), int(body[2])
+            if worker not in self.free:
+                log.info("worker %s joined with capacity %d", worker.hex(), free)
+                self.free[worker] = 0
+                self._sent[worker], self._base[worker] = 0, received
+            on_the_wire = max(0, self._sent[worker] - (received - self._base[worker]))
+            self.free[worker] = max(0, free - on_the_wire)
+            self.seen[worker] = time.monotonic()
             return
         if len(frames) < 3:
             log.warning("malformed message from worker %s dropped", worker.hex())
             return
-        self.idle.append(worker)  # a reply returns the unit of capacity it used
+        if worker in self.free:  # a reply returns the unit of capacity it used
+            self.seen[worker] = time.monotonic()
+            self.free[worker] += 1
         try:
             self.frontend.send_multipart(frames[1:], copy=False)
         except zmq.ZMQError as exc:
             log.warning("reply to a departed client dropped: %s", exc)
 
     def _to_worker(self, frames: list[zmq.Frame]) -> None:
-        while self.idle:
-            worker = self.idle.popleft()
+        for worker in [w for w, n in self.free.items() if n > 0]:  # least recently used first
             try:
                 self.backend.send_multipart([worker, *frames], copy=False)
             except zmq.ZMQError as exc:  # EHOSTUNREACH: that worker is gone; try the next one
-                log.warning("worker %s unreachable (%s); dropped", worker.hex(), exc)
-                self.idle = deque(w for w in self.idle if w != worker)
+                self._drop(worker, f"unreachable ({exc})")
                 continue
+            self.free[worker] -= 1
+            self._sent[worker] += 1
+            self.free.move_to_end(worker)
             self.forwarded[worker] = self.forwarded.get(worker, 0) + 1
             return
         log.warning("no worker left for a request; the client will retry")

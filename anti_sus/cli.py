@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt(s, "--bind", "ANTI_SUS_BIND", default=[DEFAULT_SERVER], multiple=True, help="endpoint to bind (repeat for several)")
     opt(s, "--connect", "ANTI_SUS_CONNECT", help="work for a broker: connect to its backend endpoint instead of binding")
     opt(s, "--credits", "ANTI_SUS_CREDITS", default=1, type=positive_int, help="requests a broker worker takes at once")
+    opt(s, "--heartbeat", "ANTI_SUS_HEARTBEAT", default=2.0, type=float, help="seconds between a broker worker's READY heartbeats")
     _models(s)
     _thresholds(s, True)
     opt(s, "--max-batch", "ANTI_SUS_MAX_BATCH", default=32, type=positive_int, help="most images per model call (requests are batched together up to this)")
@@ -147,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("broker", help="load-balancing broker in front of several `serve --connect` workers")
     opt(b, "--frontend", "ANTI_SUS_FRONTEND", default=[DEFAULT_SERVER], multiple=True, help="endpoint for clients (repeat for several)")
     opt(b, "--backend", "ANTI_SUS_BACKEND", default=[DEFAULT_BACKEND], multiple=True, help="endpoint for workers (repeat for several)")
+    opt(b, "--worker-timeout", "ANTI_SUS_WORKER_TIMEOUT", default=10.0, type=float,
+        help="drop a worker not heard from for this many seconds (workers beat every --heartbeat)")
     _limits(b)
     _curve_server(b)
     _common(b)
@@ -222,7 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     pipeline = _load_pipeline(args, args.gmm_threshold, args.watermark_threshold, args.max_batch)
     cfg = ServerConfig(binds=list(args.bind), connect=args.connect, limits=Limits(args.max_images, args.max_pixels),
                        max_batch=args.max_batch, max_queue=max(args.max_queue, args.max_images), hwm=args.hwm,
-                       credits=args.credits, curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow)
+                       credits=args.credits, heartbeat=args.heartbeat, curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow)
     server = FilterServer(pipeline, cfg)
     server.bind()
     if args.metrics_port:
@@ -239,7 +242,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     if args.curve_allow and not args.curve_secret_key:
         raise UserError("--curve-allow needs --curve-secret-key")
     broker = Broker(list(args.frontend), list(args.backend), limits=Limits(args.max_images, args.max_pixels), hwm=args.hwm,
-                    curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow)
+                    worker_timeout=args.worker_timeout, curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow)
     _on_signals(broker.stop)
     broker.serve_forever()
     return 0

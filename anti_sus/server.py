@@ -21,6 +21,7 @@ import numpy as np
 import zmq
 
 from . import __version__
+from .broker import BYE, READY
 from .fairqueue import FairQueue
 from .metrics import BATCH_IMAGES, ERRORS, IMAGES, QUEUE_DEPTH, REQUESTS, STAGE_SECONDS
 from .pipeline import Stages, Task, Timings, evaluate
@@ -30,10 +31,6 @@ from .wire import Filter, Info, Limits, Ping, parse_request, split_envelope
 log = logging.getLogger(__name__)
 
 DEFAULT_BIND = "tcp://127.0.0.1:7777"
-READY = b"READY"
-"""Worker -> broker: one unit of capacity (sent ``credits`` times at start; every reply returns one)."""
-BYE = b"BYE"
-"""Worker -> broker: forget my remaining capacity, I am leaving."""
 
 
 @dataclass
@@ -47,6 +44,7 @@ class ServerConfig:
     max_queue: int = 256
     hwm: int = 16
     credits: int = 1
+    heartbeat: float = 2.0
     curve_secret_key: Path | None = None
     curve_allow: Path | None = None
     linger_ms: int = 2000
@@ -80,6 +78,8 @@ class FilterServer:
         self._sock: zmq.Socket | None = None
         self._wake_addr = f"inproc://anti-sus-wake-{id(self)}"
         self.processed = 0
+        self._in_flight = 0
+        self._received = 0
 
     # -- setup ---------------------------------------------------------------
     def bind(self) -> list[str]:
@@ -125,9 +125,7 @@ class FilterServer:
         wake.bind(self._wake_addr)
         compute = threading.Thread(target=self._compute_loop, name="anti-sus-compute", daemon=True)
         compute.start()
-        if self.config.connect:
-            for _ in range(max(1, self.config.credits)):
-                sock.send(READY)
+        last_beat = 0.0
         log.info("anti_sus %s serving on %s (max_batch=%d, max_images=%d, max_pixels=%d)", __version__,
                  ", ".join(self.endpoints), self.config.max_batch, self.config.limits.max_images, self.config.limits.max_pixels)
         poller = zmq.Poller()
@@ -135,6 +133,9 @@ class FilterServer:
         reading = False
         try:
             while not self._stop.is_set():
+                if self.config.connect and time.monotonic() - last_beat >= self.config.heartbeat:
+                    self._beat()
+                    last_beat = time.monotonic()
                 want = self._queue.images < self.config.max_queue
                 if want != reading:  # backpressure: stop reading while the queue is full
                     if want:
@@ -157,6 +158,15 @@ class FilterServer:
         finally:
             self._shutdown(compute, wake)
 
+    def _beat(self) -> None:
+        """Worker mode: tell the broker how many more requests we can take (also our heartbeat)."""
+        assert self._sock is not None
+        free = max(0, self.config.credits - self._in_flight)
+        try:
+            self._sock.send_multipart([READY, str(free).encode(), str(self._received).encode()], zmq.NOBLOCK)
+        except zmq.ZMQError:  # broker unreachable and HWM full: the next beat tries again
+            pass
+
     def _flush_wake(self, wake: zmq.Socket) -> None:
         while True:
             try:
@@ -176,6 +186,7 @@ class FilterServer:
 
     def _send(self, envelope: list[bytes], frames: list[Any]) -> None:
         assert self._sock is not None
+        self._in_flight = max(0, self._in_flight - 1)
         try:
             self._sock.send_multipart(envelope + frames, copy=False)
         except zmq.ZMQError as exc:  # peer gone or HWM reached: nothing else to do with this reply
@@ -189,6 +200,8 @@ class FilterServer:
 
     def _handle(self, frames: list[Any]) -> None:
         received = time.perf_counter()
+        self._in_flight += 1  # every message gets exactly one reply through _send
+        self._received += 1
         envelope_frames, body = split_envelope(frames)
         envelope = [f.bytes for f in envelope_frames]
         try:

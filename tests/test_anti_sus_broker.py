@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import zmq
 
-from anti_sus.broker import Broker
+from anti_sus.broker import READY, Broker
 from anti_sus.client import AntiSusUnavailable, FilterClient
 from anti_sus.security import keygen
-from anti_sus.server import READY, FilterServer, ServerConfig
+from anti_sus.server import FilterServer, ServerConfig
 from anti_sus.wire import Limits
 
 from .test_anti_sus_support import LOOPBACK, FakeStages, fake_server, image, running
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @contextlib.contextmanager
-def broker_running(**kw) -> Iterator[Broker]:
-    b = Broker([LOOPBACK], [LOOPBACK], **kw)
+def broker_running(backend: str = LOOPBACK, **kw) -> Iterator[Broker]:
+    b = Broker([LOOPBACK], [backend], **kw)
     t = threading.Thread(target=b.serve_forever, daemon=True)
     t.start()
     try:
@@ -37,7 +37,7 @@ def broker_running(**kw) -> Iterator[Broker]:
 
 @contextlib.contextmanager
 def worker(backend: str, stages: FakeStages) -> Iterator[FilterServer]:
-    w = FilterServer(stages, ServerConfig(connect=backend, limits=Limits(16, 512 * 512)))
+    w = FilterServer(stages, ServerConfig(connect=backend, limits=Limits(16, 512 * 512), heartbeat=0.2))
     with running(w):
         yield w
 
@@ -52,7 +52,7 @@ def wait_for(cond, seconds: float = 10.0) -> None:
 def test_broker_spreads_work_over_two_workers():
     s1, s2 = FakeStages(delay=0.05), FakeStages(delay=0.05)
     with broker_running() as b, worker(b.backend_endpoints[0], s1), worker(b.backend_endpoints[0], s2):
-        wait_for(lambda: len(set(b.idle)) == 2)
+        wait_for(lambda: len(b.free) == 2)
         out: list[list[int]] = []
         errors: list[BaseException] = []
 
@@ -86,10 +86,10 @@ def test_request_held_by_a_dead_worker_is_served_after_client_retry():
             dead = ctx.socket(zmq.DEALER)
             dead.setsockopt(zmq.LINGER, 0)
             dead.connect(b.backend_endpoints[0])
-            dead.send(READY)
-            wait_for(lambda: len(b.idle) == 1)
+            dead.send_multipart([READY, b"1", b"0"])  # says it is free once, then never beats again
+            wait_for(lambda: len(b.free) == 1)
             with worker(b.backend_endpoints[0], live):
-                wait_for(lambda: len(b.idle) == 2)
+                wait_for(lambda: len(b.free) == 2)
                 results = []
                 with FilterClient(b.frontend_endpoints[0], timeout=0.5, retries=3) as c:
                     for _ in range(4):
@@ -132,9 +132,30 @@ def test_broker_frontend_with_curve(tmp_path: Path):
     allowed.mkdir()
     (allowed / "client.key").write_bytes(client_pub.read_bytes())
     with broker_running(curve_secret_key=server_secret, curve_allow=allowed) as b, worker(b.backend_endpoints[0], FakeStages()):
-        wait_for(lambda: len(b.idle) == 1)
+        wait_for(lambda: b.capacity == 1)
         with FilterClient(b.frontend_endpoints[0], timeout=5, curve_server_key=server_pub, curve_client_keys=client_secret) as c:
             assert c.filter(np.stack([image(150, 0)])).good == [0]
         with FilterClient(b.frontend_endpoints[0], timeout=0.5, retries=0, curve_server_key=server_pub) as c:
             with pytest.raises(AntiSusUnavailable):  # a throwaway key pair is not in the allowed directory
                 c.ping()
+
+
+def test_silent_worker_is_dropped_and_workers_rejoin_a_restarted_broker():
+    ctx = zmq.Context()
+    try:
+        with broker_running(worker_timeout=0.5) as b:
+            backend = b.backend_endpoints[0]
+            silent = ctx.socket(zmq.DEALER)
+            silent.setsockopt(zmq.LINGER, 0)
+            silent.connect(backend)
+            silent.send_multipart([READY, b"1", b"0"])
+            wait_for(lambda: len(b.free) == 1)
+            wait_for(lambda: len(b.free) == 0, 5)  # no heartbeat within worker_timeout: dropped
+        stages = FakeStages()
+        with worker(backend, stages):
+            with broker_running(backend) as b2:  # a new broker on the same endpoint
+                wait_for(lambda: b2.capacity == 1, 10)  # the worker's heartbeat registers it again
+                with FilterClient(b2.frontend_endpoints[0], timeout=5) as c:
+                    assert c.filter(np.stack([image(150, 0)])).good == [0]
+    finally:
+        ctx.destroy(linger=0)
