@@ -9,7 +9,6 @@ compares ONNX Runtime with torch on the same tensors; failing it exits non-zero.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,7 +17,7 @@ from anti_sus.modeldir import ARTIFACTS, artifact_entry, write_manifest
 from anti_sus.preprocess import CLIP_SPEC, PreprocessSpec
 
 from ._cli import EnvParser, UserError, run_main, setup
-from .onnx_export import MAX_ABS, MIN_COSINE, OPSET, Parity, ParityError, compare, example_input, export_onnx, run_onnx, utc_now, versions
+from .onnx_export import MAX_ABS, MIN_COSINE, OPSET, ParityError, compare, example_input, export_onnx, run_onnx, utc_now, versions
 
 log = logging.getLogger(__name__)
 

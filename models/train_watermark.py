@@ -88,11 +88,21 @@ def load_base(items: Sequence[tuple[Path, int]], size: int, progress: bool = Tru
     return np.stack(arrays), np.asarray(labels, np.float32), bad
 
 
-def augmenter(size: int) -> Any:
-    """uint8 CHW tensor -> augmented uint8 CHW tensor; every step keeps the watermark in view."""
+AUGMENT = ("full", "light", "none")
+
+
+def augmenter(size: int, level: str = "full") -> Any:
+    """uint8 CHW tensor -> augmented uint8 CHW tensor; every step keeps the watermark in view.
+
+    ``light`` keeps only flips and JPEG artefacts (cheap; for short CPU runs), ``none`` is the identity.
+    """
     import torch
     from torchvision.transforms import v2 as T
 
+    if level == "none":
+        return T.Identity()
+    if level == "light":
+        return T.Compose([T.RandomHorizontalFlip(), T.RandomApply([T.JPEG(quality=(40, 95))], p=0.3), T.ToDtype(torch.uint8)])
     return T.Compose([
         T.RandomHorizontalFlip(),
         T.RandomApply([T.RandomAffine(degrees=10, translate=(0.04, 0.04), scale=(0.9, 1.1))], p=0.5),
@@ -135,7 +145,8 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray, spec: PreprocessSpec, bat
 
 def train(data: Path, out: Path, *, arch: str = DEFAULT_ARCH, size: int = WATERMARK_SPEC.size, epochs: int = 10,
           batch_size: int = 16, lr: float = 1e-3, weight_decay: float = 1e-4, val_fraction: float = 0.2, seed: int = 0,
-          pretrained: bool = False, max_minutes: float | None = None, progress: bool = True) -> dict[str, Any]:
+          pretrained: bool = False, max_minutes: float | None = None, val_data: Path | None = None,
+          augment: str = "full", progress: bool = True) -> dict[str, Any]:
     """Train, evaluate on the held-out split, save safetensors + metrics; returns the metrics."""
     import torch
     from tqdm import tqdm
@@ -143,11 +154,14 @@ def train(data: Path, out: Path, *, arch: str = DEFAULT_ARCH, size: int = WATERM
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     spec = PreprocessSpec("watermark", size, WATERMARK_SPEC.mean, WATERMARK_SPEC.std)
-    parts = split(list_data(data), val_fraction, seed)
+    if augment not in AUGMENT:
+        raise UserError(f"--augment must be one of {AUGMENT}")
+    # A separate held-out folder (e.g. synthetic data from another seed) replaces the split.
+    parts = Split(list_data(data), list_data(val_data)) if val_data else split(list_data(data), val_fraction, seed)
     xtr, ytr, bad_tr = load_base(parts.train, size, progress)
     xva, yva, bad_va = load_base(parts.val, size, progress)
     model = build(arch, pretrained=pretrained, seed=seed)
-    aug = augmenter(size)
+    aug = augmenter(size, augment)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, int(np.ceil(len(xtr) / batch_size)))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
@@ -172,7 +186,7 @@ def train(data: Path, out: Path, *, arch: str = DEFAULT_ARCH, size: int = WATERM
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             seen += len(idx)
             bar.set_postfix(loss=f"{total / max(seen, 1):.3f}")
         history.append({"epoch": epoch + 1, "train_loss": total / max(seen, 1), "seconds": time.monotonic() - t0})
@@ -185,7 +199,8 @@ def train(data: Path, out: Path, *, arch: str = DEFAULT_ARCH, size: int = WATERM
     metrics.update({
         "arch": arch, "size": size, "epochs_run": len(history), "epochs": epochs, "stopped_early": stopped_early,
         "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed, "pretrained": pretrained,
-        "n_train": int(len(xtr)), "n_val": int(len(xva)), "skipped_unreadable": bad_tr + bad_va,
+        "n_train": int(len(xtr)), "n_val": int(len(xva)), "augment": augment,
+        "val_source": str(val_data) if val_data else f"stratified {val_fraction:g} of {data}", "skipped_unreadable": bad_tr + bad_va,
         "train_seconds": round(time.monotonic() - t0, 1), "history": history, "data": str(data),
     })
     save_weights(model.eval(), out, arch=arch, size=size, extra={
@@ -207,6 +222,8 @@ def parser() -> EnvParser:
     p.add_env("--lr", type=float, default=1e-3, help="peak learning rate (one-cycle schedule, AdamW)")
     p.add_env("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_env("--val-fraction", type=float, default=0.2, help="held-out share of each class")
+    p.add_env("--val-data", type=Path, default=None, help="separate held-out folder (watermark/, clear/) instead of a split")
+    p.add_env("--augment", choices=list(AUGMENT), default="full", help="augmentation level (light: flips + JPEG only)")
     p.add_env("--max-minutes", type=float, default=None, help="stop after the epoch that passes this wall time")
     p.add_env("--seed", type=int, default=0, help="seed for split, init and augmentation")
     p.add_common()
@@ -220,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--size must be >= 32, --epochs >= 1 and --batch-size >= 2")
     m = train(args.data, args.out, arch=args.arch, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
               lr=args.lr, weight_decay=args.weight_decay, val_fraction=args.val_fraction, seed=args.seed,
-              pretrained=args.pretrained, max_minutes=args.max_minutes)
+              pretrained=args.pretrained, max_minutes=args.max_minutes, val_data=args.val_data, augment=args.augment)
     cm = m["confusion_matrix"]
     print(f"val ({m['n_val']} held-out images): accuracy {m['accuracy']:.3f}, precision {m['precision']:.3f}, "
           f"recall {m['recall']:.3f}")

@@ -22,7 +22,6 @@ a shortcut. ``--unpaired`` draws independent backgrounds per class instead.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
