@@ -66,11 +66,20 @@ def setup(args: argparse.Namespace, torch_threads: bool = True) -> None:
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Call ``main``; a :class:`UserError` becomes ``error: …`` on stderr and exit 2."""
+    """Call ``main``; a :class:`UserError` or ``OSError`` becomes ``error: …`` on stderr and exit 2."""
+    from anti_sus.modeldir import ModelDirError
+
     try:
         return main(argv)
     except UserError as exc:
         logging.getLogger("models").debug("user error", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModelDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable output, full disk, unreadable input: the message says which file
+        logging.getLogger("models").debug("OS error", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
