@@ -60,11 +60,15 @@ def test_gate_fails_on_divergent_graph(tmp_path: Path) -> None:
 
 def test_cli_gate_failure_exits_non_zero_with_figures(tmp_path: Path) -> None:
     # A cosine can never exceed 1, so this gate cannot pass: the CLI must refuse and print the figures.
-    env_free = [sys.executable, "-m", "models.export_clip", "--out", str(tmp_path), "--pretrained", "none",
-                "--arch", "ViT-B-32", "--min-cosine", "1.5", "--threads", "1"]
-    res = subprocess.run(env_free, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # The threshold comes from the environment, which every flag also reads.
+    import os
+
+    cmd = [sys.executable, "-m", "models.export_clip", "--out", str(tmp_path), "--pretrained", "none",
+           "--arch", "ViT-B-32", "--threads", "1"]
+    env = {**os.environ, "ANTI_SUS_EXPORT_CLIP_MIN_COSINE": "1.5"}
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 1, res.stdout + res.stderr
-    assert "parity gate failed" in res.stdout and "cosine" in res.stdout and "max-abs" in res.stdout
+    assert "parity gate failed" in res.stdout and "need >= 1.5" in res.stdout and "max-abs" in res.stdout
     assert not (tmp_path / "clip_visual.onnx").exists()
 
 
