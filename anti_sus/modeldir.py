@@ -169,6 +169,8 @@ def write_manifest(directory: str | os.PathLike[str], artifacts: Mapping[str, Ma
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp makes the file 0600; the server may run as another user (containers).
+        os.chmod(tmp, 0o644)
         os.replace(tmp, d / MANIFEST)
     except BaseException:
         if os.path.exists(tmp):

@@ -192,7 +192,8 @@ def ensure(args: argparse.Namespace) -> None:
     if not _have(models, ["watermark"]):
         bar = "!" * 78
         log.warning("\n%s\nNO WATERMARK MODEL in %s: the watermark stage is OFF and watermarked photos will pass.\n"
-                    "Train one: python -m models.train_watermark --data DIR --out %s (see docs/models.md)\n%s",
+                    "Train one: python -m models.train_watermark --data DIR --out wm.safetensors, then\n"
+                    "python -m models.export_watermark --weights wm.safetensors --out %s (see docs/models.md)\n%s",
                     bar, models, models, bar)
     problems = verify(models)
     if problems:
