@@ -25,10 +25,15 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Callable
 
-import numpy as np
-from PIL import Image, ImageOps
+from pathlib import Path
 
-from anti_sus.preprocess import to_wire
+# Run as a script, bench/ is sys.path[0], where bench/anti_sus.py would shadow the anti_sus package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+
+from anti_sus.preprocess import to_wire  # noqa: E402
 from nomad.http import HttpClient, HttpConfig
 from nomad.images import decode
 
