@@ -68,7 +68,9 @@ def _log_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _client_flags(p: argparse.ArgumentParser) -> None:
-    _add(p, "--connect", "CONNECT", "tcp://127.0.0.1:7778", "endpoint of a running gallery-bridge")
+    # --server as well, so health checks read the same as `anti-sus ping --server …`.
+    p.add_argument("--connect", "--server", dest="connect", default=_env("CONNECT", "tcp://127.0.0.1:7778"),
+                   help=f"endpoint of a running gallery-bridge [env {ENV}CONNECT; default tcp://127.0.0.1:7778]")
     _add(p, "--timeout", "TIMEOUT", 5.0, "seconds to wait for each try", float)
     _add(p, "--retries", "RETRIES", 1, "tries after the first", int)
 

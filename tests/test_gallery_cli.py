@@ -117,6 +117,7 @@ def test_ping_exit_codes(tmp_path: Path) -> None:
     try:
         up = _run("ping", "--connect", endpoint, "--timeout", "0.5", "--retries", "60")
         assert up.returncode == 0 and json.loads(up.stdout)["pong"] is True
+        assert _run("ping", "--server", endpoint, "--timeout", "5").returncode == 0  # anti-sus's spelling
         info = _run("info", "--connect", endpoint)
         assert info.returncode == 0 and json.loads(info.stdout)["target"]["kind"] == "folder"
         busy = _run("serve", "--bind", endpoint, "--target", f"folder:{tmp_path / 'g2'}")
