@@ -47,6 +47,20 @@ class EnvParser(argparse.ArgumentParser):
                 kwargs["required"] = False
         return self.add_argument(flag, help=f"{help} [env: {env}]", **kwargs)
 
+    def add_parity_gate(self) -> None:
+        """Flags of the ONNX export commands: opset and the parity gate against torch."""
+        from .onnx_export import MAX_ABS, MIN_COSINE, OPSET
+
+        self.add_env("--opset", type=int, default=OPSET, help="ONNX opset (>= 14)")
+        self.add_env("--min-cosine", type=float, default=MIN_COSINE, help="parity gate: lowest acceptable cosine")
+        self.add_env("--max-abs", type=float, default=MAX_ABS, help="parity gate: largest acceptable absolute difference")
+
+    def parse_args(self, *args: Any, **kwargs: Any) -> argparse.Namespace:  # type: ignore[override]
+        ns = super().parse_args(*args, **kwargs)
+        if getattr(ns, "opset", 14) < 14:
+            raise UserError(f"--opset must be >= 14, got {ns.opset}")
+        return ns
+
     def add_common(self) -> None:
         """Flags every models command has: logging and CPU threads."""
         self.add_env("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")

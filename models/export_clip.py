@@ -141,9 +141,7 @@ def parser() -> EnvParser:
               help="open_clip pretrained tag (e.g. openai, laion2b_s34b_b88k; downloads) or 'none' for random weights")
     p.add_env("--seed", type=int, default=0, help="seed for random weights (--pretrained none)")
     p.add_env("--int8", action="store_true", help="also write a quantize_dynamic int8 variant and report its cosine")
-    p.add_env("--opset", type=int, default=OPSET, help="ONNX opset (>= 14)")
-    p.add_env("--min-cosine", type=float, default=MIN_COSINE, help="parity gate: lowest acceptable cosine")
-    p.add_env("--max-abs", type=float, default=MAX_ABS, help="parity gate: largest acceptable absolute difference")
+    p.add_parity_gate()
     p.add_common()
     return p
 
@@ -151,8 +149,6 @@ def parser() -> EnvParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup(args)
-    if args.opset < 14:
-        raise UserError(f"--opset must be >= 14, got {args.opset}")
     pretrained = None if args.pretrained.lower() in ("", "none", "random") else args.pretrained
     try:
         entries = export_clip(args.out, arch=args.arch, pretrained=pretrained, int8=args.int8, opset=args.opset,

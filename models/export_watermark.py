@@ -55,9 +55,7 @@ def parser() -> EnvParser:
     p = EnvParser("export_watermark", description=__doc__.split("\n\n")[0])
     p.add_env("--weights", type=Path, required=True, help="safetensors file written by models.train_watermark")
     p.add_env("--out", type=Path, default=Path("models"), help="model directory to write into")
-    p.add_env("--opset", type=int, default=OPSET, help="ONNX opset (>= 14)")
-    p.add_env("--min-cosine", type=float, default=MIN_COSINE, help="parity gate: lowest acceptable cosine")
-    p.add_env("--max-abs", type=float, default=MAX_ABS, help="parity gate: largest acceptable absolute difference")
+    p.add_parity_gate()
     p.add_common()
     return p
 
@@ -67,8 +65,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     setup(args)
-    if args.opset < 14:
-        raise UserError(f"--opset must be >= 14, got {args.opset}")
     model, meta = load_weights(args.weights)
     size = int(meta.get("size", WATERMARK_SPEC.size))
     spec = PreprocessSpec("watermark", size, WATERMARK_SPEC.mean, WATERMARK_SPEC.std)
