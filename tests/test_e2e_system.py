@@ -18,6 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlsplit
 
 import pytest
@@ -132,15 +133,29 @@ def check_invariants(run: Run) -> dict[str, object]:
     }
 
 
-def run_clean(tmp: Path, models: Path, workers: int = 0) -> tuple[dict[str, object], Run]:
+Fault = Callable[[Run, "subprocess.Popen[str]"], "subprocess.Popen[str]"]
+
+
+def run_system(tmp: Path, models: Path, *, workers: int = 0, fault: Fault | None = None,
+               gallery_env: dict[str, str] | None = None) -> Run:
+    """One whole run over a fresh emulator; ``fault(run, nomad)`` is injected mid-run and
+    returns the nomad process to wait for (the same one, or a restarted one)."""
     with Emulator() as emu:
         run = Run(tmp, models, emu, workers)
         try:
-            run.start_services()
-            run.finish(run.nomad())
+            run.start_services(gallery_env)
+            proc = run.nomad(*ONE_AT_A_TIME) if fault else run.nomad()
+            if fault:
+                proc = fault(run, proc)
+            run.finish(proc)
         finally:
             run.stop()
-        return check_invariants(run), run
+    return run
+
+
+def run_clean(tmp: Path, models: Path, workers: int = 0) -> tuple[dict[str, object], Run]:
+    run = run_system(tmp, models, workers=workers)
+    return check_invariants(run), run
 
 
 @pytest.fixture(scope="module")
@@ -170,66 +185,56 @@ def test_fault_free_run_is_complete_and_exact(reference: dict[str, object]) -> N
     assert reference["gallery"] and len(reference["gallery"]) <= len(reference["accepted"])
 
 
+def wait_for_first_verdict(run: Run, proc: subprocess.Popen[str]) -> None:
+    wait_for(lambda: judged_count(run) >= 1, "anti_sus's first verdict")
+    assert proc.poll() is None, "nomad finished before the fault could be injected"
+
+
 def test_kill9_anti_sus_mid_run(reference: dict[str, object], tiny_models: Path, tmp_path: Path) -> None:
-    with Emulator() as emu:
-        run = Run(tmp_path, tiny_models, emu)
-        try:
-            run.start_services()
-            proc = run.nomad(*ONE_AT_A_TIME)
-            wait_for(lambda: judged_count(run) >= 1, "anti_sus's first verdict")
-            assert proc.poll() is None, "nomad finished before the fault could be injected"
-            run.anti_sus[0].kill9()
-            time.sleep(2)
-            assert proc.poll() is None, "nomad gave up while anti_sus was away"
-            run.anti_sus[0].start()
-            run.finish(proc)
-        finally:
-            run.stop()
-        assert check_invariants(run) == reference
+    def fault(run: Run, proc: subprocess.Popen[str]) -> subprocess.Popen[str]:
+        wait_for_first_verdict(run, proc)
+        run.anti_sus[0].kill9()
+        time.sleep(2)
+        assert proc.poll() is None, "nomad gave up while anti_sus was away"
+        run.anti_sus[0].start()
+        return proc
+
+    assert check_invariants(run_system(tmp_path, tiny_models, fault=fault)) == reference
 
 
 def test_kill9_gallery_bridge_during_ingest(reference: dict[str, object], tiny_models: Path, tmp_path: Path) -> None:
-    with Emulator() as emu:
-        run = Run(tmp_path, tiny_models, emu)
-        try:
-            # The test hook SIGKILLs gallery_bridge inside its first ingest, after the image
-            # file is written but before the catalogue commit: the worst moment.
-            run.start_services(gallery_env={"GALLERY_BRIDGE_TEST_CRASH_AT": "image"})
-            proc = run.nomad(*ONE_AT_A_TIME)
-            wait_for(lambda: not run.gallery.running, "gallery_bridge to die inside an ingest")
-            assert run.gallery.proc.returncode == -9
-            assert proc.poll() is None, "nomad gave up while gallery_bridge was away"
-            run.gallery.env = {}
-            run.gallery.start()
-            run.finish(proc)
-        finally:
-            run.stop()
-        assert check_invariants(run) == reference
+    def fault(run: Run, proc: subprocess.Popen[str]) -> subprocess.Popen[str]:
+        wait_for(lambda: not run.gallery.running, "gallery_bridge to die inside an ingest")
+        assert run.gallery.proc.returncode == -9
+        assert proc.poll() is None, "nomad gave up while gallery_bridge was away"
+        run.gallery.env = {}
+        run.gallery.start()
+        return proc
+
+    # The test hook SIGKILLs gallery_bridge inside its first ingest, after the image
+    # file is written but before the catalogue commit: the worst moment.
+    run = run_system(tmp_path, tiny_models, fault=fault, gallery_env={"GALLERY_BRIDGE_TEST_CRASH_AT": "image"})
+    assert check_invariants(run) == reference
 
 
 def test_kill9_nomad_and_restart_downloads_nothing_twice(reference: dict[str, object], tiny_models: Path, tmp_path: Path) -> None:
-    with Emulator() as emu:
-        run = Run(tmp_path, tiny_models, emu)
-        try:
-            run.start_services()
-            proc = run.nomad(*ONE_AT_A_TIME)
-            wait_for(lambda: judged_count(run) >= 1, "anti_sus's first verdict")
-            assert proc.poll() is None, "nomad finished before the fault could be injected"
-            proc.kill()
-            proc.wait(timeout=30)
-            killed_at = time.time()
-            decided = {k: v for k, v in run.nomad_images().items() if v[0] in ("delivered", "rejected")}
-            assert decided
-            run.finish(run.nomad())
-        finally:
-            run.stop()
-        refetched = []
-        decided_paths = {(urlsplit(u).hostname, urlsplit(u).path) for _s, _r, u in decided.values() if u}
-        for rec in list(emu.requests):
-            if rec.time >= killed_at and (rec.host, rec.path) in decided_paths:
-                refetched.append((rec.host, rec.path))
-        assert not refetched, f"decided images downloaded again after the restart: {refetched}"
-        assert check_invariants(run) == reference
+    seen: dict[str, object] = {}
+
+    def fault(run: Run, proc: subprocess.Popen[str]) -> subprocess.Popen[str]:
+        wait_for_first_verdict(run, proc)
+        proc.kill()
+        proc.wait(timeout=30)
+        seen["killed_at"] = time.time()
+        seen["decided"] = {k: v for k, v in run.nomad_images().items() if v[0] in ("delivered", "rejected")}
+        assert seen["decided"]
+        return run.nomad()
+
+    run = run_system(tmp_path, tiny_models, fault=fault)
+    decided_paths = {(urlsplit(u).hostname, urlsplit(u).path) for _s, _r, u in seen["decided"].values() if u}
+    refetched = [(rec.host, rec.path) for rec in list(run.emu.requests)
+                 if rec.time >= seen["killed_at"] and (rec.host, rec.path) in decided_paths]
+    assert not refetched, f"decided images downloaded again after the restart: {refetched}"
+    assert check_invariants(run) == reference
 
 
 def test_two_workers_behind_the_broker_give_the_same_result(reference: dict[str, object], tiny_models: Path, tmp_path: Path) -> None:
