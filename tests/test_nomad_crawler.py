@@ -19,7 +19,7 @@ from nomad.cli import build_crawler, build_parser
 from tests.emulator import Emulator
 from tests.nomad_outcomes import outcome
 
-__all__ = ["FakeFilter", "make", "fix_expectations"]
+__all__ = ["FakeFilter", "make"]
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -56,17 +56,9 @@ def make(emu: Emulator, tmp: Path, *extra: str, env: dict[str, str] | None = Non
     return crawler
 
 
-def fix_expectations(emu: Emulator) -> None:
-    """The default scenario calls a 1600x1000 imgur album entry acceptable; the rule is
-    long side >= 1280 AND short side >= 1024 (orientation-aware 1280x1024), so it is too small."""
-    if emu.scenario.expected.get("bb0003/1") == "accept_candidate":
-        emu.scenario.expected["bb0003/1"] = "skip_small"
-
-
 @pytest.fixture(scope="module")
 def emu() -> Any:
     with Emulator() as e:
-        fix_expectations(e)
         yield e
 
 

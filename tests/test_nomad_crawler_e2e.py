@@ -17,7 +17,6 @@ import pytest
 from stack.procs import Service, free_port, python_module
 from tests.emulator import Emulator
 from tests.nomad_outcomes import outcome
-from tests.test_nomad_crawler import fix_expectations
 from nomad.store import Store
 
 pytestmark = pytest.mark.timeout(300)
@@ -58,18 +57,14 @@ def check_outcomes(emu: Emulator, state: Path) -> int:
 
 
 def gallery_entries(tmp: Path) -> int:
-    dbs = list((tmp / "gallery").rglob("*.sqlite*"))
-    db = next(p for p in dbs if p.suffix in (".sqlite", ".sqlite3", ".db") or p.name.endswith(".sqlite3"))
-    with sqlite3.connect(db) as con:
-        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        table = "images" if "images" in tables else tables[0]
-        return int(con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+    """Complete entries in the folder gallery's catalogue."""
+    with sqlite3.connect(f"file:{tmp / 'gallery' / 'catalogue.sqlite'}?mode=ro", uri=True) as con:
+        return int(con.execute("SELECT COUNT(*) FROM entries WHERE state = 'complete'").fetchone()[0])
 
 
 def test_once_with_real_services(tiny_models: Path, tmp_path: Path) -> None:
     anti, gal, a_ep, g_ep = services(tmp_path, tiny_models)
     with Emulator() as emu:
-        fix_expectations(emu)
         anti.start()
         gal.start()
         try:
@@ -89,7 +84,6 @@ def test_once_with_real_services(tiny_models: Path, tmp_path: Path) -> None:
 def test_services_start_late_nothing_lost(tiny_models: Path, tmp_path: Path) -> None:
     anti, gal, a_ep, g_ep = services(tmp_path, tiny_models)
     with Emulator() as emu:
-        fix_expectations(emu)
         nomad = subprocess.Popen(nomad_cmd(emu, tmp_path, a_ep, g_ep), env={**os.environ, **emu.nomad_env()},
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
@@ -117,7 +111,6 @@ def test_services_start_late_nothing_lost(tiny_models: Path, tmp_path: Path) -> 
 def test_anti_sus_killed_mid_run_and_restarted_nothing_lost(tiny_models: Path, tmp_path: Path) -> None:
     anti, gal, a_ep, g_ep = services(tmp_path, tiny_models)
     with Emulator() as emu:
-        fix_expectations(emu)
         anti.start()
         gal.start()
         cmd = nomad_cmd(emu, tmp_path, a_ep, g_ep) + ["--batch-size", "1", "--workers", "1"]
