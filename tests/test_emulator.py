@@ -1,4 +1,4 @@
-"""The emulator itself: API shapes checked against ../shared/fixtures, rate limits, OAuth, files."""
+"""The emulator itself: API shapes checked against tests/fixtures, rate limits, OAuth, files."""
 from __future__ import annotations
 
 import io

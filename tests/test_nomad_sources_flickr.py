@@ -1,4 +1,4 @@
-"""flickr URL forms, base58 short links, getSizes (shared fixture), licences and errors."""
+"""flickr URL forms, base58 short links, getSizes (fixture in tests/fixtures), licences and errors."""
 from __future__ import annotations
 
 import json

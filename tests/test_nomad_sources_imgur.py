@@ -1,4 +1,4 @@
-"""imgur URL forms, albums through API v3 (shared fixture), removed and animated handling."""
+"""imgur URL forms, albums through API v3 (fixture in tests/fixtures), removed and animated handling."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""reddit post/listing parsing (shared fixtures plus our own edge cases) and the polite client."""
+"""reddit post/listing parsing (fixtures in tests/fixtures plus our own edge cases) and the polite client."""
 from __future__ import annotations
 
 import copy
