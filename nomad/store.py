@@ -10,6 +10,8 @@ Nothing is downloaded twice and nothing accepted is lost across restarts:
   ``delivered`` (acknowledged by gallery_bridge or written to --save-dir),
   ``rejected`` (+reason), ``failed`` (+error, retry count; retried while
   retries < the limit).
+* ``cursors`` / ``source_status``: per listing source, its durable position
+  (continue tokens, stream cursor) and what it last did, for ``nomad sources``.
 * ``outbox``: accepted images not yet acknowledged; the original bytes stay on
   disk under ``state-dir/outbox/`` until the ack, so a restart redelivers them.
 """
@@ -70,6 +72,19 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT,
     created    REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS cursors (
+    source     TEXT NOT NULL,          -- reddit | commons | flickr | bluesky
+    name       TEXT NOT NULL,          -- e.g. continue token, jetstream cursor
+    value      TEXT NOT NULL,
+    updated    REAL NOT NULL,
+    PRIMARY KEY (source, name)
+);
+CREATE TABLE IF NOT EXISTS source_status (
+    source     TEXT PRIMARY KEY,
+    state      TEXT NOT NULL,          -- ok | blocked | rate_limited | error | unknown
+    detail     TEXT NOT NULL,
+    at         REAL NOT NULL
+);
 """
 
 DECIDED = ("accepted", "delivered", "rejected")
@@ -98,6 +113,20 @@ class OutboxItem:
         if self.features is None or not self.features.is_file():
             return None
         return np.load(self.features, allow_pickle=False)
+
+
+@dataclass
+class SourceCursors:
+    """One source's cursors in the store (implements ``nomad.sources.base.Cursors``)."""
+
+    store: "Store"
+    source: str
+
+    def get(self, name: str) -> str | None:
+        return self.store.cursor(self.source, name)
+
+    def set(self, name: str, value: str) -> None:
+        self.store.set_cursor(self.source, name, value)
 
 
 class Store:
@@ -144,6 +173,35 @@ class Store:
     def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
+
+    # --- per-source cursors and status ------------------------------------------------
+    def cursor(self, source: str, name: str) -> str | None:
+        row = self._one("SELECT value FROM cursors WHERE source = ? AND name = ?", (source, name))
+        return None if row is None else str(row[0])
+
+    def set_cursor(self, source: str, name: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO cursors(source, name, value, updated) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(source, name) DO UPDATE SET value = excluded.value, updated = excluded.updated",
+                (source, name, str(value), time.time()),
+            )
+
+    def cursors_of(self, source: str) -> "SourceCursors":
+        """The :class:`~nomad.sources.base.Cursors` view a listing source gets."""
+        return SourceCursors(self, source)
+
+    def set_source_status(self, source: str, state: str, detail: str, at: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO source_status(source, state, detail, at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(source) DO UPDATE SET state = excluded.state, detail = excluded.detail, at = excluded.at",
+                (source, state, detail, at),
+            )
+
+    def source_statuses(self) -> dict[str, dict[str, Any]]:
+        rows = self._all("SELECT source, state, detail, at FROM source_status")
+        return {r[0]: {"state": r[1], "detail": r[2], "at": r[3]} for r in rows}
 
     # --- posts ---------------------------------------------------------------------
     def seen_post(self, post_id: str) -> bool:

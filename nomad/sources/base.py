@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol
 from urllib.parse import urlsplit
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
@@ -90,6 +90,8 @@ class Candidate:
     is_gallery: bool = False
     removed: bool = False
     links: list[Link] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Source-specific metadata carried to the gallery (licence, artist, description URL, …)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (kept in the state DB so a failed expansion can be retried)."""
@@ -115,7 +117,39 @@ class Candidate:
             "post_url": self.url,
             "post_score": self.score,
             "created_utc": self.created_utc,
+            **self.extra,
         }
+
+
+class Cursors(Protocol):
+    """One source's durable state in the store (continue tokens, stream cursors, feed ids)."""
+
+    def get(self, name: str) -> str | None: ...
+
+    def set(self, name: str, value: str) -> None: ...
+
+
+class ListingSource:
+    """A source of posts (reddit, commons, flickr, bluesky): the registry's listing kind.
+
+    ``poll`` yields new :class:`Candidate` posts. The crawler handles (records)
+    each post before it asks the generator for the next one, so a source that
+    advances its cursor *after* a ``yield`` never skips a post across a kill -9;
+    one read twice is dropped by ``is_seen``. Post ids must not collide across
+    sources: reddit ``t3_…``, commons ``M<pageid>``, flickr ``flickr_<id>``,
+    bluesky ``at://<did>/app.bsky.feed.post/<rkey>``.
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[str] = "nothing"
+    """What it needs to run, for ``nomad sources`` and the docs."""
+
+    def poll(self, cursors: Cursors, is_seen: Callable[[str], bool]) -> Iterator[Candidate]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line on what this source reads and with which credentials (for logs and ``nomad sources``)."""
+        return self.name
 
 
 def host_of(url: str) -> str:
