@@ -8,7 +8,7 @@ MODELS ?= models
 PIP_CONSTRAINT ?=
 export PIP_CONSTRAINT
 
-.PHONY: setup setup-runtime test up demo bench clean
+.PHONY: setup setup-runtime test browser up demo bench clean
 
 $(VENV)/.installed-all: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,12 @@ setup: $(VENV)/.installed-all
 ## setup-runtime: only what the three services need (no torch)
 setup-runtime: $(VENV)/.installed-runtime
 
+## browser: find or install Debian's chromium for the browser tests (apt-get as root, else says how)
+browser:
+	@tools/ensure-chromium.sh
+
 ## test: the whole test suite (what .ci/run calls)
-test: setup
+test: setup browser
 	$(PY) -m pytest -q -p no:cacheprovider
 
 ## up: the main job: build missing models, start anti_sus, gallery_bridge and nomad (Ctrl-C stops all)
