@@ -7,8 +7,9 @@ What it guarantees, per request:
   address while TLS still verifies the certificate against the host name (SNI,
   ``Host`` header and hostname check all use the name, not the address);
 - redirects are followed one hop at a time, each hop re-checked (scheme, address,
-  and an optional caller veto such as imgur's ``removed.png``); credentials are
-  dropped when a redirect leaves the original host;
+  and an optional caller veto such as imgur's ``removed.png``); credentials
+  (Authorization, Cookie, Proxy-Authorization) are dropped when a redirect changes
+  the origin (scheme, host or port);
 - connect/read timeouts and an overall deadline that covers the body too (a server
   trickling one byte a second cannot hold a worker forever);
 - a streamed byte cap that never trusts ``Content-Length``;
@@ -172,6 +173,22 @@ class _Deadline:
 
 def _default_port(scheme: str) -> int:
     return 443 if scheme == "https" else 80
+
+
+CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+"""Headers dropped on a redirect that changes the origin."""
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a URL, the default port filled in: the unit credentials belong to."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower().rstrip(".")
+    try:
+        port = parts.port or _default_port(scheme)
+    except ValueError:
+        port = -1  # a bad port fails in _split on the next hop; -1 never equals a real origin
+    return scheme, host, port
 
 
 _in_flight = threading.local()
@@ -437,7 +454,7 @@ class HttpClient:
         """One attempt: the hop chain under one deadline."""
         deadline: _Deadline | None = None
         history: list[str] = []
-        origin = (urlsplit(url).hostname or "").lower()
+        origin = _origin(url)
         while True:
             scheme, host, port, target_path = self._split(url)
             with self.limiter.slot(host):
@@ -459,9 +476,10 @@ class HttpClient:
                 if status == 303 or (status in (301, 302) and method == "POST"):
                     method, body = ("GET" if method != "HEAD" else method), None
                     headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-                if (urlsplit(url).hostname or "").lower() != origin:
-                    # Never hand a token or Client-ID to a host the caller did not name.
-                    headers = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "cookie")}
+                if _origin(url) != origin:
+                    # Never hand a token or Client-ID to an origin the caller did not name: another
+                    # port or scheme on the same host can be another service (or plain text).
+                    headers = {k: v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
                 continue
             if status >= 400:
                 raise HttpStatusError(

@@ -615,3 +615,65 @@ def test_thread_pool_downloads_get_their_own_bytes(emu: Emulator) -> None:
         assert all(pool.map(fetch, files * 2))
     assert c.limiter.in_flight() == 0
     c.close()
+
+
+
+def _recording_server(seen: list[tuple[str, dict[str, str]]], redirect: Callable[[int], str] | None) -> tuple[_Plain, int]:
+    """A plain server recording (path, headers); ``/start`` redirects to ``redirect(own port)``, the rest is 200."""
+    port_box: list[int] = []
+
+    def handle(r: BaseHTTPRequestHandler) -> None:
+        seen.append((r.path, {k.lower(): v for k, v in r.headers.items()}))
+        if redirect is not None and r.path == "/start":
+            r.send_response(302)
+            r.send_header("Location", redirect(port_box[0]))
+            r.send_header("Content-Length", "0")
+            r.end_headers()
+            return
+        r.send_response(200)
+        r.send_header("Content-Length", "2")
+        r.end_headers()
+        r.wfile.write(b"ok")
+
+    srv, port = plain_server(handle)
+    port_box.append(port)
+    return srv, port
+
+
+CREDS = {"Authorization": "bearer s3cret", "Cookie": "session=s3cret", "Proxy-Authorization": "Basic s3cret"}
+
+
+def test_credentials_dropped_when_redirect_changes_port() -> None:
+    """Same host (127.0.0.1), another port: another origin, so no Authorization/Cookie/Proxy-Authorization."""
+    first: list[tuple[str, dict[str, str]]] = []
+    second: list[tuple[str, dict[str, str]]] = []
+    target, tport = _recording_server(second, None)
+    hop, hport = _recording_server(first, lambda _own: f"http://127.0.0.1:{tport}/end")
+    try:
+        with HttpClient(HttpConfig(allow_private=True, retries=0)) as c:
+            assert c.get(f"http://127.0.0.1:{hport}/start", headers=CREDS).body == b"ok"
+    finally:
+        hop.shutdown()
+        target.shutdown()
+    assert first[0][1]["authorization"] == "bearer s3cret"
+    assert second and not {"authorization", "cookie", "proxy-authorization"} & set(second[0][1])
+
+
+def test_credentials_kept_within_the_same_origin() -> None:
+    seen: list[tuple[str, dict[str, str]]] = []
+    srv, port = _recording_server(seen, lambda own: f"http://127.0.0.1:{own}/end")
+    try:
+        with HttpClient(HttpConfig(allow_private=True, retries=0)) as c:
+            assert c.get(f"http://127.0.0.1:{port}/start", headers=CREDS).body == b"ok"
+    finally:
+        srv.shutdown()
+    assert [p for p, _ in seen] == ["/start", "/end"]
+    assert seen[1][1]["authorization"] == "bearer s3cret" and seen[1][1]["cookie"] == "session=s3cret"
+
+
+def test_origin_is_scheme_host_and_port() -> None:
+    from nomad.http import _origin
+
+    assert _origin("https://Example.com/a") == _origin("https://example.com:443/b")
+    assert _origin("http://example.com/") != _origin("https://example.com/")
+    assert _origin("https://example.com/") != _origin("https://example.com:8443/")
