@@ -26,7 +26,8 @@ class ImageError(Exception):
     """An image could not be used; ``reason`` is a stats code.
 
     Codes: "bomb" (too many pixels), "truncated", "bad_format" (not an allowed
-    format), "animated", "decode_error".
+    format), "animated" (GIF/PNG/WebP with frames; an MPO phone photo is not
+    animated: its first frame is used), "decode_error".
     """
 
     def __init__(self, reason: str, message: str = "") -> None:
@@ -84,6 +85,21 @@ def _check(im: Image.Image, max_pixels: int) -> None:
         raise ImageError("bomb", f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
 
 
+def _format_name(im: Image.Image) -> str:
+    """The format as nomad names it: an MPO (multi-picture JPEG) is a "jpeg"."""
+    return "jpeg" if im.format == "MPO" else str(im.format).lower()
+
+
+def _animated(im: Image.Image) -> bool:
+    """A real animation (GIF/PNG/WebP frames).
+
+    Phone photos are often MPO: a JPEG whose extra frames are a depth map or a
+    preview, not an animation. Pillow opens it with the JPEG plugin and calls it
+    animated; its first frame is the photo (gallery_bridge reads it the same way).
+    """
+    return im.format != "MPO" and bool(getattr(im, "is_animated", False))
+
+
 def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, formats: tuple[str, ...] = DEFAULT_FORMATS) -> tuple[int, int, str]:
     """``(width, height, format)`` from the header only (cheap), EXIF orientation applied.
 
@@ -92,7 +108,7 @@ def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, formats: tuple[s
     with _open(data, formats) as im:
         _check(im, max_pixels)
         w, h = _oriented_size(im)
-        return w, h, str(im.format).lower()
+        return w, h, _format_name(im)
 
 
 def decode(
@@ -106,9 +122,11 @@ def decode(
     """Decode ``data`` to the wire format; raises ImageError with a stats code on any problem."""
     with _open(data, formats) as im:
         _check(im, max_pixels)
-        fmt = str(im.format).lower()
-        if reject_animated and getattr(im, "is_animated", False):
+        fmt = _format_name(im)
+        if reject_animated and _animated(im):
             raise ImageError("animated", f"{fmt} with {getattr(im, 'n_frames', '?')} frames")
+        if im.format == "MPO":
+            im.seek(0)  # the photo; later frames are depth maps or previews
         width, height = _oriented_size(im)
         if im.format == "JPEG":
             # DCT scaling: decode at 1/2, 1/4 or 1/8 while both sides stay >= 2x the

@@ -195,3 +195,29 @@ def test_probe_is_header_only() -> None:
     with pytest.raises(ImageError) as ei:
         probe(b"GIF89a" + b"\0" * 20, max_pixels=10**8)
     assert ei.value.reason == "bad_format"
+
+
+def mpo(first: Image.Image, second: Image.Image) -> bytes:
+    """A two-frame MPO (a phone photo plus e.g. a depth map), as Pillow writes it."""
+    return encode(first, "MPO", save_all=True, append_images=[second])
+
+
+def test_mpo_phone_photo_uses_the_first_frame() -> None:
+    photo = halves(1600, 1200)
+    depth = Image.new("RGB", (320, 240), (0, 255, 0))  # a different size and colour: must not leak in
+    data = mpo(photo, depth)
+    assert Image.open(io.BytesIO(data)).format == "MPO" and Image.open(io.BytesIO(data)).n_frames == 2
+    d = decode(data)
+    assert (d.width, d.height, d.format) == (1600, 1200, "jpeg")
+    # The first frame's halves (red | blue), not the green second frame.
+    left, right = d.wire[d.wire.shape[0] // 2, 10], d.wire[d.wire.shape[0] // 2, -10]
+    assert left[0] > 200 and left[1] < 60 and right[2] > 200 and right[1] < 60
+    assert probe(data, max_pixels=10**8) == (1600, 1200, "jpeg")
+
+
+def test_animated_gif_still_rejected_when_gif_is_allowed() -> None:
+    frames = [halves(), halves().transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    with pytest.raises(ImageError) as ei:
+        decode(data, formats=("GIF", "JPEG"))
+    assert ei.value.reason == "animated"
