@@ -105,6 +105,19 @@ def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type that refuses negative numbers (0 is allowed: 'no wait')."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add_crawl_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
     """Flags shared by ``nomad run`` and ``nomad once``, in documented groups."""
     g = _Flags(parser.add_argument_group("sources"), environ)
@@ -147,8 +160,11 @@ def add_crawl_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str])
     d.add("--anti-sus-timeout", type=positive(float), default=60.0, help="seconds to wait for one anti_sus reply")
     d.add("--anti-sus-server-key", default=None, help="anti_sus CURVE public key file (enables CURVE)")
     d.add("--anti-sus-client-key", default=None, help="nomad's CURVE secret key file (with --anti-sus-server-key)")
-    d.add("--gmm-threshold", type=float, default=None, help="per-request GMM threshold override (default: the server's)")
-    d.add("--watermark-threshold", type=float, default=None, help="per-request watermark threshold override (default: the server's)")
+    # anti_sus's own validators: a value anti_sus would refuse is refused here, at start (exit 2).
+    from anti_sus.cli import finite, probability
+
+    d.add("--gmm-threshold", type=finite, default=None, help="per-request GMM threshold override, a finite number (default: the server's)")
+    d.add("--watermark-threshold", type=probability, default=None, help="per-request watermark threshold override, within [0, 1] (default: the server's)")
     d.add("--batch-size", type=positive(int), default=64, help="images per anti_sus request")
     d.add("--batch-timeout", type=positive(float), default=30.0, help="seconds a partial batch waits before it is sent")
     d.add("--gallery", default="tcp://127.0.0.1:7778", help="gallery_bridge endpoint (ignored with --save-dir)")

@@ -61,6 +61,13 @@ def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.Complet
         (["once", "--resolve", "nonsense"], {}, "--resolve"),
         (["once"], {"REDDIT_CLIENT_ID": "only-the-id"}, "REDDIT_CLIENT_SECRET"),
         (["stats", "--state-dir", "/nonexistent/state"], {}, "no state DB"),
+        # Thresholds follow anti_sus's own rules: a probability in [0, 1], a finite GMM level.
+        (["once", "--watermark-threshold", "2"], {}, "must be within [0, 1]"),
+        (["once", "--watermark-threshold=-0.1"], {}, "must be within [0, 1]"),
+        (["once", "--gmm-threshold", "nan"], {}, "must be a finite number"),
+        (["once", "--gmm-threshold", "inf"], {}, "must be a finite number"),
+        (["once"], {"NOMAD_WATERMARK_THRESHOLD": "2"}, "NOMAD_WATERMARK_THRESHOLD"),
+        (["once"], {"NOMAD_GMM_THRESHOLD": "nan"}, "NOMAD_GMM_THRESHOLD"),
     ],
 )
 def test_user_errors_are_one_clear_line_not_a_traceback(argv: list[str], env: dict[str, str], message: str, tmp_path: Path) -> None:
