@@ -193,6 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(args.log_format, args.log_level)
     except ValueError as exc:
         parser.error(f"--log-level: {exc}")
+    from nomad.net import redact
+
+    # Every log line (urllib3's request lines at DEBUG included) is masked, with the credentials
+    # of the environment registered so an error body echoing one is masked too.
+    redact.install()
+    redact.register_env_secrets(os.environ)
     if args.command == "stats":
         return _print_stats(args)
 
@@ -202,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         crawler = build_crawler(args, stop)
         start_metrics(args.metrics_port)
     except (ValueError, OSError) as exc:
-        print(f"nomad: error: {exc}", file=sys.stderr)
+        print(f"nomad: error: {redact.redact(exc)}", file=sys.stderr)
         return EXIT_USAGE
     try:
         if args.command == "run":
@@ -219,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             timer.cancel()
         crawler.shutdown()
         if stats.listings_failed and stats.listings_failed == len(crawler.cfg.listings) and not stats.posts_seen:
-            print(f"nomad: error: could not read any listing ({stats.listing_error})", file=sys.stderr)
+            print(f"nomad: error: could not read any listing ({redact.redact(stats.listing_error)})", file=sys.stderr)
             return EXIT_NO_LISTING
         left = crawler.store.outbox_size()
         if left or (stop.is_set() and crawler.pending()):

@@ -3,17 +3,20 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from .redact import redact, redact_url
+
 
 class FetchError(Exception):
     """A fetch failed; ``reason`` is a short code ("timeout", "too_large", "http_404", …)."""
 
     def __init__(self, reason: str, message: str = "", *, url: str | None = None, retryable: bool | None = None) -> None:
         self.reason = reason
-        self.url = url
+        # Messages and URLs end up in logs, the state DB and stderr: never with a credential in them.
+        self.url = redact_url(url)
         # None: decided by reason; False: never retried within the same request
         # (e.g. a server that already used the whole deadline).
         self.retryable = retryable
-        super().__init__(f"{reason}: {message}" if message else reason)
+        super().__init__(f"{reason}: {redact(message)}" if message else reason)
 
 
 class BlockedAddress(FetchError):
