@@ -43,6 +43,7 @@ REAL_HOSTS = [
     "farm4.staticflickr.com", "farm5.staticflickr.com", "farm6.staticflickr.com",
     "farm7.staticflickr.com", "farm8.staticflickr.com", "farm9.staticflickr.com",
     "www.youtube.com",
+    "commons.wikimedia.org", "upload.wikimedia.org",
 ]
 OTHER_HOSTS = ["cdn.photohost.example"]
 """An ordinary third-party image host (direct links by extension)."""
@@ -133,6 +134,7 @@ class Scenario:
         self.imgur_images: dict[str, ImgurImage] = {}
         self.imgur_albums: dict[str, list[str]] = {}
         self.flickr_photos: dict[str, FlickrPhoto] = {}
+        self.commons: Any = None  # a tests.emulator.commons.CommonsSite, set by add_commons()
         self.listing_cap = 1000
         # Credentials the emulated APIs accept.
         self.reddit_clients: dict[str, str] = {"emu-client-id": "emu-client-secret"}
@@ -350,6 +352,9 @@ def default_scenario(port: int) -> Scenario:
     s.add_post("ee0004", s.add_file("hostile.example", "slow.jpg", Resource("slow", interval=0.2)), expected="fail_timeout", preview=big)
     s.add_post("ee0005", s.add_file("hostile.example", "metadata.jpg", Resource("redirect", location="http://169.254.169.254/latest/meta-data/", status=302)), expected="fail_blocked_address", preview=big)
     s.add_post("ee0006", s.add_file("hostile.example", "intranet.jpg", Resource("redirect", location="http://10.0.0.1/admin.jpg", status=301)), expected="fail_blocked_address", preview=big)
+    from .commons import add_commons  # here: commons.py imports this module
+
+    add_commons(s)
     return s
 
 

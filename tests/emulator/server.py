@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from . import images
+from . import commons, images
 from .scenario import Resource
 
 if TYPE_CHECKING:
@@ -187,6 +187,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._reddit_listing()
         if host == "api.imgur.com" and path.startswith("/3/"):
             return self._imgur_api()
+        if host == commons.API_HOST and path == "/w/api.php":
+            return commons.api(self)
         if host == "api.flickr.com" and path.rstrip("/") == "/services/rest":
             return self._flickr_api()
         if host == "www.flickr.com" and path.startswith("/photos/"):
