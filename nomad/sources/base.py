@@ -34,6 +34,10 @@ class SourceError(Exception):
         self.transient = transient
 
 
+class SourceConfigError(ValueError):
+    """A listing source cannot run with what is configured (one clear sentence for the user)."""
+
+
 @dataclass
 class Link:
     """Something a post points at, before any site API was asked about it."""
@@ -150,6 +154,10 @@ class ListingSource:
     def describe(self) -> str:
         """One line on what this source reads and with which credentials (for logs and ``nomad sources``)."""
         return self.name
+
+    def ratelimit(self) -> str:
+        """What the site's rate limits last said, for the per-cycle log line ('' when nothing is known)."""
+        return ""
 
 
 def host_of(url: str) -> str:

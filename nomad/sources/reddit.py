@@ -1,9 +1,19 @@
-"""reddit: listings (anonymous JSON or OAuth app-only), rate limits, post parsing.
+"""reddit: listings (OAuth app-only JSON, or the Atom feeds without an account), rate limits, post parsing.
 
-Parsing is pure (``parse_post``/``parse_listing``) so every shape of post is
-tested against fixtures; :class:`RedditClient` does the polite fetching:
-a proper User-Agent, ``X-Ratelimit-*`` obeyed, 429/5xx backed off with jitter,
-OAuth tokens refreshed before they expire and on 401.
+Parsing is pure (``parse_post``/``parse_listing``, and ``reddit_feed`` for the
+Atom feeds) so every shape of post is tested against fixtures;
+:class:`RedditClient` does the polite JSON fetching: a proper User-Agent,
+``X-Ratelimit-*`` obeyed, 429/5xx backed off with jitter, OAuth tokens
+refreshed before they expire and on 401. It keeps its own retry loop rather
+than :class:`~nomad.sources.api.SiteApi`'s because it must read the rate-limit
+headers of every answer (a 429 included) and refresh a token on a 401.
+
+:class:`RedditSource` is the ``reddit`` listing source: OAuth JSON when
+``REDDIT_CLIENT_ID``/``REDDIT_CLIENT_SECRET`` are set; otherwise anonymous JSON
+until reddit answers its block page (it has since 2026-05-29), then the Atom
+feeds, paced through a ``SiteApi`` (``--reddit-feed-interval``, 429 backoff).
+The block is remembered in the store, so the JSON is not asked again for
+``--reddit-json-recheck`` seconds, across restarts too.
 """
 from __future__ import annotations
 
@@ -18,7 +28,20 @@ from urllib.parse import urlsplit
 
 from nomad.http import FetchError, HttpClient, HttpStatusError
 
-from .base import Candidate, Link, SourceError, extension_of, host_matches, host_of, site_of
+from .api import SiteApi, SourceContext, SourceStatus
+from .base import (
+    Candidate,
+    Cursors,
+    Link,
+    ListingSource,
+    SourceConfigError,
+    SourceError,
+    extension_of,
+    host_matches,
+    host_of,
+    site_of,
+)
+from .reddit_feed import is_block_page, parse_feed
 
 log = logging.getLogger(__name__)
 
@@ -338,12 +361,12 @@ class RedditClient:
                 else:
                     url = cfg.base_url.rstrip("/") + "/" + path.strip("/") + ".json"
                 self.rate.requests += 1
-                status, resp_headers, retry_after, resp = 0, {}, None, None
+                status, resp_headers, retry_after, resp, body = 0, {}, None, None, b""
                 try:
                     resp = self.http.request("GET", url, params=params, headers=headers, retry=False)
                     status, resp_headers = resp.status, resp.headers
                 except HttpStatusError as exc:
-                    status, resp_headers, retry_after = exc.status, exc.headers or {}, exc.retry_after
+                    status, resp_headers, retry_after, body = exc.status, exc.headers or {}, exc.retry_after, exc.body or b""
                 except FetchError as exc:
                     if attempt >= cfg.max_retries:
                         raise SourceError("reddit_fetch", f"reddit unreachable: {exc}", transient=True) from exc
@@ -370,6 +393,8 @@ class RedditClient:
                         delay = max(delay, float(retry_after or 0), reset_left)
                     self._wait(delay, f"HTTP {status}")
                     continue
+                if not cfg.oauth and is_block_page(status, resp_headers, body):
+                    raise SourceError("reddit_blocked", "reddit answered its 403 block page to anonymous JSON", transient=True)
                 raise SourceError("reddit_http", f"reddit answered HTTP {status} for {path}", transient=status in (401, 403, 408))
         raise SourceError("reddit_http", "reddit retries exhausted", transient=True)
 
@@ -418,3 +443,207 @@ class RedditClient:
             if not after or not posts:
                 break
         return out[:limit]
+
+
+# --- the ``reddit`` listing source ------------------------------------------------------
+
+NAME = "reddit"
+FEED_MAX_BYTES = 5 * 1024 * 1024
+"""A feed of 100 entries is ~200 KB; anything far larger is not a feed."""
+
+BLOCK_ADVICE = (
+    "reddit answered anonymous JSON with its 403 block page (anonymous *.json is closed since 2026-05-29); "
+    "reading the Atom feeds instead (no sizes, no NSFW flag, no gallery items, about 1 request/min). "
+    "For the JSON API set REDDIT_CLIENT_ID and REDDIT_CLIENT_SECRET (an existing reddit OAuth app)."
+)
+
+
+class RedditSource(ListingSource):
+    """reddit listings: OAuth JSON, or anonymous JSON falling back to the Atom feeds once blocked.
+
+    ``clock`` is wall-clock time (the block is stored in the cursors as a
+    time of day, so it survives restarts); injectable for tests.
+    """
+
+    name = NAME
+    needs = "nothing (Atom feeds); REDDIT_CLIENT_ID + REDDIT_CLIENT_SECRET for the JSON API"
+
+    def __init__(
+        self,
+        client: RedditClient,
+        feeds: SiteApi,
+        *,
+        listings: list[str],
+        backfill: bool = False,
+        feed_limit: int = 100,
+        json_recheck: float = 86400.0,
+        on_status: Callable[[str, SourceStatus], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.feeds = feeds
+        self.listings = list(listings)
+        self.backfill = backfill
+        self.feed_limit = max(1, min(100, feed_limit))
+        self.json_recheck = max(0.0, json_recheck)
+        self._on_status = on_status
+        self._clock = clock
+        self._json_blocked = False
+        self._warned = False
+        self.json_requests = 0
+        """Anonymous JSON listing requests this process made (the block page costs one)."""
+
+    @property
+    def oauth(self) -> bool:
+        return self.client.config.oauth
+
+    def _status(self, state: str, detail: str) -> None:
+        if self._on_status is not None:
+            self._on_status(NAME, SourceStatus(state, detail, time.time()))
+
+    def describe(self) -> str:
+        paths = ", ".join(self.listings)
+        if self.oauth:
+            return f"reddit: {paths} through the OAuth JSON API (REDDIT_CLIENT_ID)"
+        pace = f"one feed request per {self.feeds.min_interval:g}s"
+        if self._json_blocked:
+            return f"reddit: {paths} through the Atom feeds ({pace}; anonymous JSON is blocked)"
+        return f"reddit: {paths} anonymously (JSON until reddit blocks it, then the Atom feeds, {pace})"
+
+    def ratelimit(self) -> str:
+        if self.oauth or not self._json_blocked:
+            return self.client.rate.describe(self.client._clock())
+        return f"feed requests={self.feeds.requests} status={self.feeds.status.state}"
+
+    # --- polling -------------------------------------------------------------------------
+    def poll(self, cursors: Cursors, is_seen: Callable[[str], bool]) -> Iterator[Candidate]:
+        """Every listing in turn; one failing listing is logged and the others still read."""
+        failures: list[SourceError] = []
+        for path in self.listings:
+            try:
+                yield from self._poll_listing(path, cursors, is_seen)
+            except SourceError as exc:
+                if exc.reason == "stopped":
+                    raise
+                failures.append(exc)
+                log.warning("reddit %s: %s", path, exc)
+        if failures and len(failures) == len(self.listings):
+            raise failures[-1]
+
+    def _json_allowed(self, cursors: Cursors) -> bool:
+        if self._json_blocked:
+            return False
+        try:
+            until = float(cursors.get("json_blocked_until") or 0)
+        except ValueError:
+            until = 0.0
+        if until > self._clock():
+            self._json_blocked = True
+            log.info("reddit: anonymous JSON was blocked; reading the Atom feeds until %s (--reddit-json-recheck)",
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until)))
+            return False
+        return True
+
+    def _blocked(self, cursors: Cursors) -> None:
+        self._json_blocked = True
+        cursors.set("json_blocked_until", repr(self._clock() + self.json_recheck))
+        self._status("blocked", "anonymous JSON answers reddit's 403 block page; using the Atom feeds")
+        if not self._warned:
+            self._warned = True
+            log.warning("%s Not asking the JSON again for %.0fs.", BLOCK_ADVICE, self.json_recheck)
+
+    def _poll_listing(self, path: str, cursors: Cursors, is_seen: Callable[[str], bool]) -> Iterator[Candidate]:
+        if self.oauth:
+            yield from self.client.poll(path, backfill=self.backfill, is_seen=is_seen)
+            self._status("ok", "OAuth JSON API")
+            return
+        if self._json_allowed(cursors):
+            try:
+                self.json_requests += 1
+                yield from self.client.poll(path, backfill=self.backfill, is_seen=is_seen)
+                self._status("ok", "anonymous JSON")
+                return
+            except SourceError as exc:
+                if exc.reason != "reddit_blocked":
+                    raise
+                self._blocked(cursors)
+        yield from self._feed(path, cursors)
+
+    def feed_url(self, path: str) -> str:
+        """``r/all/new`` -> ``https://www.reddit.com/r/all/new/.rss``."""
+        return self.client.config.base_url.rstrip("/") + "/" + path.strip("/").removesuffix(".json") + "/.rss"
+
+    def _feed(self, path: str, cursors: Cursors) -> Iterator[Candidate]:
+        """One Atom feed read (newest ``feed_limit`` entries), oldest first, cursor after each post."""
+        resp = self.feeds.get(self.feed_url(path), params={"limit": self.feed_limit},
+                              headers={"Accept": "application/atom+xml"}, max_bytes=FEED_MAX_BYTES)
+        posts = parse_feed(resp.body)
+        log.debug("reddit feed %s: %d entries", path, len(posts))
+        for post in reversed(posts):
+            yield post
+            cursors.set(f"feed:{path}", post.post_id)  # the newest entry handled so far
+
+
+def add_flags(flags: Any) -> None:
+    """reddit's own flags (the older --listing/--reddit-url/... stay in nomad.config)."""
+    from nomad.config import non_negative
+
+    flags.add("--reddit-feed-interval", type=non_negative(float), default=60.0,
+              help="seconds between two requests to reddit's Atom feeds (reddit throttles them to ~1/min per IP)")
+    flags.add("--reddit-feed-limit", type=int, default=100, help="entries asked of one Atom feed (?limit=, at most 100)")
+    flags.add("--reddit-json-recheck", type=non_negative(float), default=86400.0,
+              help="after anonymous JSON answered reddit's block page, read only the Atom feeds for this many seconds")
+
+
+def credentials(environ: Mapping[str, str]) -> str:
+    """Which credentials ``build`` would use (for ``nomad sources``)."""
+    from nomad.config import secret
+
+    if secret("REDDIT_CLIENT_ID", environ) and secret("REDDIT_CLIENT_SECRET", environ):
+        return "REDDIT_CLIENT_ID/SECRET (OAuth JSON API)"
+    return "none (anonymous: Atom feeds)"
+
+
+def available(args: Any, environ: Mapping[str, str]) -> bool:
+    """The Atom feeds need nothing: reddit always runs."""
+    return True
+
+
+def _feed_status(on_status: Callable[[str, SourceStatus], None] | None) -> Callable[[str, SourceStatus], None] | None:
+    """Feed statuses say they are the feed's (an 'ok' after a block means: the fallback works)."""
+    if on_status is None:
+        return None
+    return lambda name, st: on_status(name, SourceStatus(st.state, st.detail or "Atom feed", st.at))
+
+
+def build(args: Any, ctx: SourceContext) -> RedditSource:
+    """The reddit source from the parsed flags and the environment's secrets."""
+    from nomad.config import many, secret
+
+    client_id, client_secret = secret("REDDIT_CLIENT_ID", ctx.environ), secret("REDDIT_CLIENT_SECRET", ctx.environ)
+    if bool(client_id) != bool(client_secret):
+        raise SourceConfigError("set both REDDIT_CLIENT_ID and REDDIT_CLIENT_SECRET for OAuth, or neither")
+    on_wait = getattr(ctx, "on_wait", None)
+    client = RedditClient(
+        ctx.http,
+        RedditConfig(
+            base_url=args.reddit_url,
+            oauth_url=args.reddit_oauth_url,
+            client_id=client_id,
+            client_secret=client_secret,
+            user_agent=ctx.user_agent,
+            ratelimit_reserve=args.ratelimit_reserve,
+            max_retries=max(0, args.reddit_retries),
+        ),
+        sleep=ctx.sleep,
+        on_wait=(lambda why, s: on_wait(NAME, why, s)) if on_wait else None,
+    )
+    feeds = SiteApi(
+        ctx.http, NAME, min_interval=args.reddit_feed_interval, max_retries=max(0, args.reddit_retries),
+        headers={"User-Agent": ctx.user_agent}, sleep=ctx.sleep, on_status=_feed_status(ctx.on_status),
+        on_wait=(lambda why, s: on_wait(NAME, why, s)) if on_wait else None,
+    )
+    return RedditSource(
+        client, feeds, listings=many(args, "listing"), backfill=args.backfill, feed_limit=args.reddit_feed_limit,
+        json_recheck=args.reddit_json_recheck, on_status=ctx.on_status,
+    )
