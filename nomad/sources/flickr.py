@@ -1,9 +1,15 @@
-"""flickr: photo pages, ``flic.kr/p/`` short links and ``staticflickr.com`` files.
+"""flickr: the link expander (photo pages, ``flic.kr/p/`` short links, ``staticflickr.com`` files)
+and the ``flickr`` listing source (the key-less public feed, see ``flickr_feed``).
 
 With an API key (``FLICKR_API_KEY``) ``flickr.photos.getSizes`` picks the
 largest size whose ``media`` is ``photo`` and ``flickr.photos.getInfo``
 records the licence and the photo page (kept for attribution). Without a key
 only direct static files can be fetched, as they are.
+
+The listing source's rules are its own: the feed opens at most the 1024 px
+``_b`` size, so by default it accepts a long side of 1024 and a short side of
+576 (16:9 at 1024) instead of the global 1280x1024 (``--flickr-min-long-side``,
+``--flickr-min-short-side``).
 """
 from __future__ import annotations
 
@@ -204,3 +210,59 @@ class FlickrClient:
                 meta=meta,
             )
         ]
+
+
+# --- the ``flickr`` listing source (key-less public feed) ---------------------------------
+
+NAME = "flickr"
+
+
+def add_flags(flags: Any) -> None:
+    """The feed source's flags, ``--flickr-…`` (env ``NOMAD_FLICKR_…``)."""
+    from nomad.config import non_negative
+
+    from .flickr_feed import DEFAULT_FEED
+
+    flags.add("--flickr-feed-url", default=DEFAULT_FEED, help="flickr's public photo feed (no API key needed)")
+    flags.add("--flickr-tags", many=True, default=[], help="only photos with any of these tags, repeatable; empty: everyone's uploads")
+    flags.add("--flickr-feed-interval", type=non_negative(float), default=60.0,
+              help="seconds between two requests to the flickr feed")
+    flags.add("--flickr-min-long-side", type=int, default=1024,
+              help="minimum long side of photos from the flickr feed (its files are 1024 px without an API key)")
+    flags.add("--flickr-min-short-side", type=int, default=576,
+              help="minimum short side of photos from the flickr feed (576: 16:9 at 1024)")
+
+
+def available(args: Any, environ: Mapping[str, str]) -> bool:
+    """The public feed needs nothing."""
+    return True
+
+
+def credentials(environ: Mapping[str, str]) -> str:
+    """Which credentials the source (and the flickr link expander) use, for ``nomad sources``."""
+    from nomad.config import secret
+
+    if secret("FLICKR_API_KEY", environ):
+        return "FLICKR_API_KEY (largest sizes and licences through the REST API)"
+    return "none (public feed, 1024 px files)"
+
+
+def size_rules(args: Any) -> tuple[int, int]:
+    """(min long side, min short side) for images from this source."""
+    return args.flickr_min_long_side, args.flickr_min_short_side
+
+
+def build(args: Any, ctx: Any) -> Any:
+    """The feed source from the parsed flags."""
+    from nomad.config import many, secret
+
+    from .api import SiteApi
+    from .flickr_feed import FlickrFeedSource
+
+    on_wait = getattr(ctx, "on_wait", None)
+    api = SiteApi(
+        ctx.http, NAME, min_interval=args.flickr_feed_interval, headers={"User-Agent": ctx.user_agent},
+        sleep=ctx.sleep, on_status=ctx.on_status, on_wait=(lambda why, s: on_wait(NAME, why, s)) if on_wait else None,
+    )
+    return FlickrFeedSource(api, args.flickr_feed_url, tags=many(args, "flickr_tags"),
+                            keyed=bool(secret("FLICKR_API_KEY", ctx.environ)))
