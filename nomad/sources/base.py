@@ -210,6 +210,8 @@ def site_of(url: str) -> str:
         return "flickr"
     if ext in IMAGE_EXTENSIONS or ext in ANIMATED_EXTENSIONS:
         return "direct"
+    if host_matches(host, "cdn.bsky.app"):
+        return "direct"  # Bluesky's CDN names the format after an '@' (…/CID@jpeg), not as an extension
     return "unsupported"
 
 

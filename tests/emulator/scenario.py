@@ -33,6 +33,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .jetstream import HOSTS as BLUESKY_HOSTS, JetstreamFeed, add_bluesky
+
 # Hosts the emulator's certificate covers and nomad_args() pins to 127.0.0.1.
 REAL_HOSTS = [
     "www.reddit.com", "reddit.com", "oauth.reddit.com", "i.redd.it", "preview.redd.it",
@@ -42,7 +44,7 @@ REAL_HOSTS = [
     "farm1.staticflickr.com", "farm2.staticflickr.com", "farm3.staticflickr.com",
     "farm4.staticflickr.com", "farm5.staticflickr.com", "farm6.staticflickr.com",
     "farm7.staticflickr.com", "farm8.staticflickr.com", "farm9.staticflickr.com",
-    "www.youtube.com",
+    "www.youtube.com", *BLUESKY_HOSTS,
     "commons.wikimedia.org", "upload.wikimedia.org",
 ]
 OTHER_HOSTS = ["cdn.photohost.example"]
@@ -134,6 +136,7 @@ class Scenario:
         self.imgur_images: dict[str, ImgurImage] = {}
         self.imgur_albums: dict[str, list[str]] = {}
         self.flickr_photos: dict[str, FlickrPhoto] = {}
+        self.jetstream = JetstreamFeed()  # Bluesky's Jetstream frames (tests/emulator/jetstream.py)
         self.commons: Any = None  # a tests.emulator.commons.CommonsSite, set by add_commons()
         self.listing_cap = 1000
         # Credentials the emulated APIs accept.
@@ -352,6 +355,7 @@ def default_scenario(port: int) -> Scenario:
     s.add_post("ee0004", s.add_file("hostile.example", "slow.jpg", Resource("slow", interval=0.2)), expected="fail_timeout", preview=big)
     s.add_post("ee0005", s.add_file("hostile.example", "metadata.jpg", Resource("redirect", location="http://169.254.169.254/latest/meta-data/", status=302)), expected="fail_blocked_address", preview=big)
     s.add_post("ee0006", s.add_file("hostile.example", "intranet.jpg", Resource("redirect", location="http://10.0.0.1/admin.jpg", status=301)), expected="fail_blocked_address", preview=big)
+    add_bluesky(s)
     from .commons import add_commons  # here: commons.py imports this module
 
     add_commons(s)

@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from . import commons, images
+from . import commons, images, jetstream
 from .scenario import Resource
 
 if TYPE_CHECKING:
@@ -185,6 +185,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._reddit_token()
             if path.startswith("/r/"):
                 return self._reddit_listing()
+        if host == jetstream.JETSTREAM_HOST and path == "/subscribe":
+            return jetstream.serve(self)
         if host == "api.imgur.com" and path.startswith("/3/"):
             return self._imgur_api()
         if host == commons.API_HOST and path == "/w/api.php":
