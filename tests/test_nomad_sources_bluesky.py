@@ -27,7 +27,7 @@ from nomad.sources.bluesky import (
 from nomad.store import Store
 from tests.conftest import FIXTURES
 from tests.emulator import Emulator
-from tests.emulator.jetstream import CDN_HOST, JETSTREAM_HOST, image_entry, post_event, profile_event
+from tests.emulator.jetstream import APPVIEW_HOST, CDN_HOST, JETSTREAM_HOST, image_entry, post_event
 
 POST = "app.bsky.feed.post"
 
@@ -208,6 +208,7 @@ def http_for(emu: Emulator, **kw: Any) -> HttpClient:
 def source_for(emu: Emulator, http: HttpClient | None = None, **kw: Any) -> JetstreamSource:
     opts: dict[str, Any] = {"cycle_seconds": 10.0, "idle_seconds": 0.5, "sleep": lambda s: False}
     opts.update(kw)
+    opts.setdefault("appview_url", f"https://{APPVIEW_HOST}:{emu.port}")
     return JetstreamSource(
         http or http_for(emu),
         url=f"wss://{JETSTREAM_HOST}:{emu.port}/subscribe",
@@ -237,13 +238,17 @@ def test_stream_yields_the_right_posts(emu: Emulator) -> None:
     got = drain(src, cursors, set())
     assert got == accepted_ids(emu)
     c = src.counts
-    assert (c["malformed"], c["adult_label"], c["text_only"], c["opted_out"], c["profiles"]) == (2, 1, 1, 1, 1)
+    assert (c["malformed"], c["adult_label"], c["text_only"], c["profiles"]) == (2, 1, 1, 1)
+    # carol's opt-out came on the stream, erin's only from the AppView; frank's account is gone
+    assert (c["opted_out"], c["author_unknown"]) == (2, 1)
+    # one AppView lookup per author of an image post (dave posts twice; carol is known from the stream)
+    assert c["appview_lookups"] == 5 == emu.count(host=APPVIEW_HOST)
     # identity, account and delete events are read and passed over; the like was never asked for
     assert c["not_post"] == 3 and c["events"] == len(emu.scenario.jetstream.frames) - 1
     (query,) = emu.scenario.jetstream.connections
     assert query["wantedCollections"] == ["app.bsky.feed.post", "app.bsky.actor.profile"] and "cursor" not in query
     assert cursors.get("time_us") == str(emu.scenario.jetstream.frames[-1][0])
-    assert json.loads(cursors.values[OPTOUT_KEY]) == ["did:plc:carol3jf8w2p6s4h7ynq2ghi"]
+    assert json.loads(cursors.values[OPTOUT_KEY]) == ["did:plc:carol3jf8w2p6s4h7ynq2ghi", "did:plc:erin5tq3w7r2k6m4n8p2jkl"]
     assert statuses and statuses[-1][0] == "bluesky" and statuses[-1][1].state == "ok"
 
 
@@ -267,7 +272,8 @@ def test_resume_after_restart_reads_nothing_twice(emu: Emulator, tmp_path: Path)
         second = [c.post_id for c in src.poll(store.cursors_of("bluesky"), store.seen_post)]
         assert second == ["at://did:plc:alice2kx7u4z5xq4a7zqk3abc/app.bsky.feed.post/3l3qo2vuowo3a"]
         assert feed.connections[-1]["cursor"] == [str(stored - REWIND_US)]
-        assert src.counts["seen"] == 1 and src.counts["opted_out"] == 1  # the rewind re-read the small post
+        # the rewind re-read frank's post (still unknown) and erin's (opt-out kept in the store)
+        assert (src.counts["author_unknown"], src.counts["opted_out"]) == (1, 2)
         assert store.cursor("bluesky", "time_us") == str(feed.frames[-1][0])
 
 
@@ -376,7 +382,8 @@ def test_registry_contract(emu: Emulator) -> None:
     parser = argparse.ArgumentParser()
     bluesky.add_flags(_Flags(parser, {"NOMAD_BLUESKY_MAX_POSTS": "7"}))
     args = parser.parse_args(["--bluesky-jetstream-url", f"wss://{JETSTREAM_HOST}:{emu.port}/subscribe",
-                              "--bluesky-cdn-url", f"https://{CDN_HOST}:{emu.port}", "--bluesky-idle-seconds", "0.5"])
+                              "--bluesky-cdn-url", f"https://{CDN_HOST}:{emu.port}", "--bluesky-idle-seconds", "0.5",
+                              "--bluesky-appview-url", f"https://{APPVIEW_HOST}:{emu.port}"])
     assert bluesky.NAME == "bluesky" and bluesky.available(args, {})
     statuses: dict[str, SourceStatus] = {}
     ctx = SourceContext(http=http_for(emu), user_agent="nomad-test/1", environ={}, sleep=lambda s: False,
@@ -385,11 +392,14 @@ def test_registry_contract(emu: Emulator) -> None:
     assert src.max_posts == 7 and src.name == "bluesky" and "Jetstream" in src.describe()
     assert drain(src, MemCursors(), set()) == accepted_ids(emu)
     assert statuses["bluesky"].state == "ok"
-    ua = [r.headers.get("User-Agent") for r in emu.records() if r.host == JETSTREAM_HOST]
-    assert ua == ["nomad-test/1"]
+    ua = {r.headers.get("User-Agent") for r in emu.records() if r.host in (JETSTREAM_HOST, APPVIEW_HOST)}
+    assert ua == {"nomad-test/1"}
     bad = parser.parse_args(["--bluesky-cdn-url", "cdn.bsky.app"])
     with pytest.raises(ValueError, match="--bluesky-cdn-url"):
         bluesky.build(bad, ctx)
+    with pytest.raises(ValueError, match="--bluesky-appview-url"):
+        bluesky.build(parser.parse_args(["--bluesky-appview-url", "public.api.bsky.app"]), ctx)
+    assert bluesky.build(parser.parse_args(["--bluesky-appview-url", ""]), ctx).appview is None
 
 
 def test_emulator_serves_the_cdn_images(emu: Emulator) -> None:
@@ -403,3 +413,24 @@ def test_emulator_serves_the_cdn_images(emu: Emulator) -> None:
         sizes.append((cand.links[0].width, cand.links[0].height))
     assert sizes == [(1600, 1200), (2000, 1500), (None, None), (800, 600)]
 
+
+
+def test_without_the_appview_only_stream_opt_outs_count(emu: Emulator) -> None:
+    """The documented limit of --bluesky-appview-url '': an opt-out older than the stream is not known."""
+    got = drain(source_for(emu, appview_url=None), MemCursors(), set())
+    feed = emu.scenario.jetstream
+    assert got == [pid for pid, want in feed.expected.items() if want in ("accept_candidate", "skip_small", "skip_author_unknown")
+                   or "erin" in pid]
+    assert emu.count(host=APPVIEW_HOST) == 0
+
+
+def test_appview_failure_ends_the_cycle_before_the_unchecked_post(emu: Emulator) -> None:
+    emu.scenario.inject[(APPVIEW_HOST, "/xrpc/app.bsky.actor.getProfiles")] = [503, 503]
+    cursors, seen = MemCursors(), set()
+    src = source_for(emu, retries=1)
+    with pytest.raises(SourceError) as err:
+        drain(src, cursors, seen)
+    assert err.value.transient and seen == set()
+    first_post = emu.scenario.jetstream.frames[1][0]
+    assert int(cursors.get("time_us") or 0) < first_post  # alice's post was not handed on, and not passed
+    assert drain(src, cursors, seen) == accepted_ids(emu)  # the AppView is back: nothing was lost

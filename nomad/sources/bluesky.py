@@ -18,10 +18,12 @@ What is skipped:
 * posts carrying an adult self-label (``porn``, ``sexual``, ``nudity``,
   ``graphic-media``);
 * posts of authors who opted out of logged-out visibility: the
-  ``!no-unauthenticated`` self-label sits on the author's *profile* record, so
-  every profile commit seen on the stream updates a bounded set of opted-out
-  DIDs kept in the store. An opt-out made before nomad first read the stream
-  (or older than the cursor) is not known: see docs/nomad.md.
+  ``!no-unauthenticated`` self-label sits on the author's *profile* record.
+  Every profile commit seen on the stream updates a bounded set of opted-out
+  DIDs kept in the store, and before an author's first image post is handed on
+  the public AppView (``app.bsky.actor.getProfiles``, key-less) is asked for
+  the profile's labels, so an opt-out made long before nomad started counts
+  too. An author the AppView does not know (deleted, taken down) is skipped.
 * text-only posts, posts whose ids or blob CIDs are malformed, and frames that
   are not JSON events (counted, never fatal).
 
@@ -56,7 +58,7 @@ from websockets.sync.client import connect as ws_connect
 
 from nomad.http import HttpClient, parse_retry_after
 from nomad.net.errors import BlockedAddress, FetchError
-from nomad.sources.api import SourceContext, SourceStatus
+from nomad.sources.api import SiteApi, SourceContext, SourceStatus
 
 from .base import Candidate, Cursors, Link, ListingSource, SourceError
 
@@ -70,6 +72,7 @@ log = logging.getLogger(__name__)
 NAME = "bluesky"
 DEFAULT_JETSTREAM = "wss://jetstream2.us-east.bsky.network/subscribe"
 DEFAULT_CDN = "https://cdn.bsky.app"
+DEFAULT_APPVIEW = "https://public.api.bsky.app"
 POST = "app.bsky.feed.post"
 PROFILE = "app.bsky.actor.profile"
 IMAGES = "app.bsky.embed.images"
@@ -86,6 +89,8 @@ MAX_MESSAGE = 1 << 20
 """Largest websocket message accepted (a post event is a few KB)."""
 OPTOUT_MAX = 20_000
 """Opted-out DIDs remembered (oldest forgotten first), so the store stays bounded."""
+CHECKED_MAX = 50_000
+"""Authors whose profile the AppView was asked about, remembered in memory."""
 SAVE_EVERY = 200
 """Events between cursor saves when none is handed on (a restart re-reads at most these)."""
 CURSOR = "time_us"
@@ -340,6 +345,7 @@ class JetstreamSource(ListingSource):
         sleep: Callable[[float], Any] | None = None,
         on_status: Callable[[str, SourceStatus], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        appview_url: str | None = DEFAULT_APPVIEW,
     ) -> None:
         check_ws_url(url)
         self.http = http
@@ -358,6 +364,13 @@ class JetstreamSource(ListingSource):
         self.status = SourceStatus()
         self.optouts = OptOuts()
         self._optouts_loaded = False
+        self.appview_url = (appview_url or "").rstrip("/")
+        self.appview = (
+            SiteApi(http, NAME, max_retries=retries, backoff=backoff, backoff_max=60.0,
+                    headers={"User-Agent": user_agent}, sleep=self._sleep, on_status=on_status)
+            if self.appview_url else None
+        )
+        self._checked: OrderedDict[str, bool] = OrderedDict()
         self._failures = 0
         self._not_before = 0.0
         self.counts: Counter[str] = Counter()
@@ -530,6 +543,7 @@ class JetstreamSource(ListingSource):
         update = profile_update(event)
         if update is not None:
             self.optouts.set(*update)
+            self._remember(update[0], not update[1])
             if self.optouts.dirty:
                 cursors.set(OPTOUT_KEY, self.optouts.dump())
             self.counts["profiles"] += 1
@@ -544,7 +558,46 @@ class JetstreamSource(ListingSource):
         if is_seen(candidate.post_id):
             self.counts["seen"] += 1  # re-read after the rewind or a restart
             return None
+        visible = self._author_visible(candidate.author, cursors)
+        if visible is not True:
+            self.counts["opted_out" if visible is False else "author_unknown"] += 1
+            return None
         return candidate
+
+    def _author_visible(self, did: str, cursors: Cursors) -> bool | None:
+        """Whether the AppView shows ``did``'s posts to logged-out readers (None: no such author).
+
+        Asked once per author (bounded memory); the answer for an opt-out is kept
+        in the store's set. A failed lookup raises SourceError: the cycle ends
+        before this post, which is read again next cycle (never handed on unchecked).
+        """
+        if self.appview is None:
+            return True
+        if did in self._checked:
+            self._checked.move_to_end(did)
+            return self._checked[did]
+        body = self.appview.get_json(f"{self.appview_url}/xrpc/app.bsky.actor.getProfiles", params={"actors": did})
+        self.counts["appview_lookups"] += 1
+        profiles = body.get("profiles") if isinstance(body, Mapping) else None
+        if not isinstance(profiles, list):
+            raise SourceError("bad_answer", "bluesky AppView: getProfiles answer without profiles", transient=True)
+        profile = next((p for p in profiles if isinstance(p, Mapping) and p.get("did") == did), None)
+        if profile is None:
+            return None  # deleted, deactivated or taken down: nothing to credit, nothing to show
+        labels = profile.get("labels")
+        opted_out = any(isinstance(lab, Mapping) and lab.get("val") == NO_UNAUTHENTICATED
+                        for lab in (labels if isinstance(labels, list) else []))
+        self._remember(did, not opted_out)
+        if opted_out:
+            self.optouts.set(did, True)
+            cursors.set(OPTOUT_KEY, self.optouts.dump())
+        return not opted_out
+
+    def _remember(self, did: str, visible: bool) -> None:
+        self._checked[did] = visible
+        self._checked.move_to_end(did)
+        while len(self._checked) > CHECKED_MAX:
+            self._checked.popitem(last=False)
 
     def _save(self, cursors: Cursors, state: dict[str, int]) -> None:
         if state["high"] > state["saved"]:
@@ -571,15 +624,15 @@ def check_ws_url(url: str) -> None:
         raise SourceConfigError(f"--bluesky-jetstream-url {url!r}: expected wss://HOST/subscribe")
 
 
-def check_http_url(url: str) -> None:
+def check_http_url(url: str, flag: str = "--bluesky-cdn-url") -> None:
     """An http(s) URL with a host; SourceConfigError otherwise."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018
     except ValueError as exc:
-        raise SourceConfigError(f"--bluesky-cdn-url {url!r}: {exc}") from exc
+        raise SourceConfigError(f"{flag} {url!r}: {exc}") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SourceConfigError(f"--bluesky-cdn-url {url!r}: expected https://HOST")
+        raise SourceConfigError(f"{flag} {url!r}: expected https://HOST")
 
 
 # --- the registry contract -----------------------------------------------------------------
@@ -590,6 +643,7 @@ def add_flags(flags: Any) -> None:
     from nomad.config import positive
 
     flags.add("--bluesky-jetstream-url", default=DEFAULT_JETSTREAM, help="Bluesky Jetstream subscribe URL (wss://…/subscribe)")
+    flags.add("--bluesky-appview-url", default=DEFAULT_APPVIEW, help="public Bluesky AppView asked once per author whether they opted out of logged-out visibility ('' : only opt-outs seen on the stream)")
     flags.add("--bluesky-cdn-url", default=DEFAULT_CDN, help="Bluesky image CDN base (full-size images at /img/feed_fullsize/plain/DID/CID@jpeg)")
     flags.add("--bluesky-max-posts", type=positive(int), default=200, help="Bluesky image posts handed on per cycle at most")
     flags.add("--bluesky-cycle-seconds", type=positive(float), default=30.0, help="longest one cycle reads the Bluesky stream")
@@ -600,8 +654,11 @@ def build(args: argparse.Namespace, ctx: SourceContext) -> JetstreamSource:
     """The Jetstream source for ``args``; SourceConfigError on a bad URL."""
     url = getattr(args, "bluesky_jetstream_url", DEFAULT_JETSTREAM)
     cdn = getattr(args, "bluesky_cdn_url", DEFAULT_CDN)
+    appview = getattr(args, "bluesky_appview_url", DEFAULT_APPVIEW)
     check_ws_url(url)
     check_http_url(cdn)
+    if appview:
+        check_http_url(appview, "--bluesky-appview-url")
     return JetstreamSource(
         ctx.http,
         url=url,
@@ -612,6 +669,7 @@ def build(args: argparse.Namespace, ctx: SourceContext) -> JetstreamSource:
         user_agent=ctx.user_agent,
         sleep=ctx.sleep,
         on_status=ctx.on_status,
+        appview_url=appview or None,
     )
 
 

@@ -14,7 +14,9 @@ emulator's CA apply) and sends the scenario's frames like Jetstream does:
 
 The websocket side is websockets' sans-I/O :class:`ServerProtocol` on the
 handler's socket. Images are ordinary scenario files on ``cdn.bsky.app`` at
-``/img/feed_fullsize/plain/{did}/{cid}@jpeg``.
+``/img/feed_fullsize/plain/{did}/{cid}@jpeg``. The public AppView
+(``public.api.bsky.app``) answers ``app.bsky.actor.getProfiles`` with each
+known author's profile and its ``!no-unauthenticated`` self-label when set.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ if TYPE_CHECKING:
 
 JETSTREAM_HOST = "jetstream2.us-east.bsky.network"
 CDN_HOST = "cdn.bsky.app"
-HOSTS = [JETSTREAM_HOST, CDN_HOST]
+APPVIEW_HOST = "public.api.bsky.app"
+HOSTS = [JETSTREAM_HOST, CDN_HOST, APPVIEW_HOST]
 POST = "app.bsky.feed.post"
 PROFILE = "app.bsky.actor.profile"
 BASE_TIME_US = 1_725_000_000_000_000
@@ -50,6 +53,10 @@ class JetstreamFeed:
     expected: dict[str, str] = field(default_factory=dict)
     """Outcome labels by post id (``at://…``), like ``Scenario.expected``."""
     close_after: int | None = None
+    appview_optouts: set[str] = field(default_factory=set)
+    """Authors whose profile carries ``!no-unauthenticated`` (set before the stream starts)."""
+    appview_gone: set[str] = field(default_factory=set)
+    """Authors the AppView does not know (deleted, taken down)."""
     linger: float = 30.0
     connections: list[dict[str, list[str]]] = field(default_factory=list)
     """The query of every websocket connection (tests check the cursor nomad sent)."""
@@ -161,7 +168,35 @@ def add_bluesky(s: "Scenario") -> JetstreamFeed:
     post(dave, "3l3qo2vuowo2g", "skip_small", text="small",
          embed={"$type": "app.bsky.embed.images", "images": [images(dave, "thumb", (800, 600))]})
     feed.add_event(post_event(dave, "3l3qo2vuowo2g", operation="delete"))
+    # erin opted out long ago (no profile commit on the stream: only the AppView knows);
+    # frank's account is gone by the time nomad asks.
+    erin, frank = "did:plc:erin5tq3w7r2k6m4n8p2jkl", "did:plc:frank4b6c8d2f3g5h7j9mno"
+    feed.appview_optouts.add(erin)
+    feed.appview_gone.add(frank)
+    post(erin, "3l3qo2vuowo2h", "skip_opted_out", text="old opt-out",
+         embed={"$type": "app.bsky.embed.images", "images": [images(erin, "porch", (1600, 1200))]})
+    post(frank, "3l3qo2vuowo2i", "skip_author_unknown", text="gone",
+         embed={"$type": "app.bsky.embed.images", "images": [images(frank, "dock", (1600, 1200))]})
     return feed
+
+
+def appview(handler: "Handler") -> None:
+    """``GET /xrpc/app.bsky.actor.getProfiles?actors=…`` (at most 25 actors, unknown ones left out)."""
+    feed: JetstreamFeed = handler.emu.scenario.jetstream
+    if handler.route != "/xrpc/app.bsky.actor.getProfiles":
+        return handler._json({"error": "MethodNotImplemented", "message": "Method Not Implemented"}, 501)
+    actors = handler.query.get("actors", [])
+    if not actors or len(actors) > 25:
+        return handler._json({"error": "InvalidRequest", "message": "actors must hold 1 to 25 items"}, 400)
+    profiles = []
+    for did in actors:
+        if did in feed.appview_gone or not did.startswith("did:"):
+            continue
+        labels = [{"src": did, "uri": f"at://{did}/{PROFILE}/self", "cid": cid_of(did), "val": "!no-unauthenticated",
+                   "cts": "2024-01-01T00:00:00.000Z"}] if did in feed.appview_optouts else []
+        profiles.append({"did": did, "handle": f"{did.rsplit(':', 1)[-1][:8]}.bsky.social", "labels": labels,
+                         "followersCount": 1, "postsCount": 2})
+    handler._json({"profiles": profiles})
 
 
 # --- the websocket endpoint ------------------------------------------------------------------
@@ -240,4 +275,4 @@ def _linger(sock: socket.socket, protocol: ServerProtocol, stopping: Any, second
 
 
 __all__ = ["JetstreamFeed", "add_bluesky", "serve", "post_event", "profile_event", "image_entry", "cid_of",
-           "cdn_path", "JETSTREAM_HOST", "CDN_HOST", "HOSTS"]
+           "cdn_path", "appview", "JETSTREAM_HOST", "APPVIEW_HOST", "CDN_HOST", "HOSTS"]

@@ -187,6 +187,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._reddit_listing()
         if host == jetstream.JETSTREAM_HOST and path == "/subscribe":
             return jetstream.serve(self)
+        if host == jetstream.APPVIEW_HOST:
+            return jetstream.appview(self)
         if host == "api.imgur.com" and path.startswith("/3/"):
             return self._imgur_api()
         if host == commons.API_HOST and path == "/w/api.php":
