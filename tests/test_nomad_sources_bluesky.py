@@ -272,8 +272,11 @@ def test_resume_after_restart_reads_nothing_twice(emu: Emulator, tmp_path: Path)
         second = [c.post_id for c in src.poll(store.cursors_of("bluesky"), store.seen_post)]
         assert second == ["at://did:plc:alice2kx7u4z5xq4a7zqk3abc/app.bsky.feed.post/3l3qo2vuowo3a"]
         assert feed.connections[-1]["cursor"] == [str(stored - REWIND_US)]
-        # the rewind re-read frank's post (still unknown) and erin's (opt-out kept in the store)
+        # the rewind re-read frank's post (unknown author) and erin's (opt-out kept in the store), and
+        # carol's new one: all three decided from the store; the AppView is asked only about alice's new post
         assert (src.counts["author_unknown"], src.counts["opted_out"]) == (1, 2)
+        asked = [r.query["actors"] for r in emu.records() if r.host == APPVIEW_HOST]
+        assert asked[5:] == [["did:plc:alice2kx7u4z5xq4a7zqk3abc"]]
         assert store.cursor("bluesky", "time_us") == str(feed.frames[-1][0])
 
 

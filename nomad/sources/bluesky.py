@@ -95,6 +95,10 @@ SAVE_EVERY = 200
 """Events between cursor saves when none is handed on (a restart re-reads at most these)."""
 CURSOR = "time_us"
 OPTOUT_KEY = "optout_dids"
+UNKNOWN_KEY = "unknown_author_posts"
+UNKNOWN_MAX = 1000
+"""Posts skipped because the AppView did not know their author, remembered so the
+rewind after a restart does not ask again (only the newest are ever re-read)."""
 TITLE_MAX = 300
 
 _DID = re.compile(r"^did:[a-z]+:[A-Za-z0-9._:%-]{1,2000}$")
@@ -371,6 +375,7 @@ class JetstreamSource(ListingSource):
             if self.appview_url else None
         )
         self._checked: OrderedDict[str, bool] = OrderedDict()
+        self._unknown_posts: OrderedDict[str, None] = OrderedDict()
         self._failures = 0
         self._not_before = 0.0
         self.counts: Counter[str] = Counter()
@@ -449,6 +454,7 @@ class JetstreamSource(ListingSource):
         """
         if not self._optouts_loaded:
             self.optouts.load(cursors.get(OPTOUT_KEY))
+            self._unknown_posts = OrderedDict((p, None) for p in _json_list(cursors.get(UNKNOWN_KEY)))
             self._optouts_loaded = True
         self.counts = Counter()
         now = self._clock()
@@ -558,7 +564,15 @@ class JetstreamSource(ListingSource):
         if is_seen(candidate.post_id):
             self.counts["seen"] += 1  # re-read after the rewind or a restart
             return None
+        if candidate.post_id in self._unknown_posts:
+            self.counts["author_unknown"] += 1  # re-read by the rewind: decided already
+            return None
         visible = self._author_visible(candidate.author, cursors)
+        if visible is None:
+            self._unknown_posts[candidate.post_id] = None
+            while len(self._unknown_posts) > UNKNOWN_MAX:
+                self._unknown_posts.popitem(last=False)
+            cursors.set(UNKNOWN_KEY, json.dumps(list(self._unknown_posts)))
         if visible is not True:
             self.counts["opted_out" if visible is False else "author_unknown"] += 1
             return None
@@ -604,6 +618,15 @@ class JetstreamSource(ListingSource):
             cursors.set(CURSOR, str(state["high"]))
             state["saved"] = state["high"]
         state["unsaved"] = 0
+
+
+def _json_list(text: str | None) -> list[str]:
+    """A stored JSON list of strings (empty when missing or damaged)."""
+    try:
+        value = json.loads(text) if text else []
+    except ValueError:
+        return []
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
 def _int(text: str | None) -> int | None:
