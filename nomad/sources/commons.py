@@ -465,6 +465,14 @@ def _load_continue(raw: str | None) -> dict[str, Any] | None:
 # --- the registry's module interface ------------------------------------------------------------------
 
 
+def non_negative(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def add_flags(flags: Any) -> None:
     """``--commons-…`` flags (env ``NOMAD_COMMONS_…``); the contact comes from ``NOMAD_CONTACT``."""
     flags.add("--commons-api-url", default=DEFAULT_API,
@@ -472,7 +480,7 @@ def add_flags(flags: Any) -> None:
     flags.add("--commons-listing", type=parse_listing, many=True, default=list(DEFAULT_LISTINGS),
               help="Commons listing, repeatable: featured (Featured pictures), quality (Quality images), uploads (new uploads), category:<Name>")
     flags.add("--commons-limit", type=positive(int), default=50, help="files read per Commons listing and cycle")
-    flags.add("--commons-interval", type=positive(float), default=1.0, help="seconds between two Commons API requests (they are serial)")
+    flags.add("--commons-interval", type=non_negative, default=1.0, help="seconds between two Commons API requests (they are serial)")
     flags.add("--commons-lookback", type=positive(float), default=24.0,
               help="hours back a Commons listing starts from on its first poll")
 

@@ -164,7 +164,7 @@ class CommonsSite:
                     info.update(thumburl=self.thumb_url(f, step), thumbwidth=step,
                                 thumbheight=max(1, round(f.height * step / f.width)))
             info["url"] = self.original_url(f)
-            info["descriptionurl"] = f"https://commons.wikimedia.org/wiki/{quote(f.title.replace(' ', '_'))}"
+            info["descriptionurl"] = f"https://commons.wikimedia.org/wiki/{quote(f.title.replace(' ', '_'), safe=':/(),')}"
             info["descriptionshorturl"] = f"https://commons.wikimedia.org/w/index.php?curid={f.pageid}"
         if "mime" in props:
             info["mime"] = f.mime
