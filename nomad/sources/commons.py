@@ -360,6 +360,7 @@ class CommonsSource(ListingSource):
                 extra[key] = text
         if desc_url:
             extra["description_url"] = desc_url
+            extra["page_url"] = desc_url  # the page the gallery credits (ingest's source_url)
         post = Candidate(
             source=NAME, post_id=e.post_id, url=desc_url, title=plain_text(_meta(ext, "ObjectName")) or name.rsplit(".", 1)[0],
             author=extra.get("artist", ""), permalink=desc_url, domain="commons.wikimedia.org",
