@@ -491,6 +491,12 @@ def available(args: argparse.Namespace, environ: Mapping[str, str]) -> bool:
     return bool((environ.get(CONTACT_ENV) or "").strip())
 
 
+def credentials(environ: Mapping[str, str]) -> str:
+    """What ``nomad sources`` shows: no key, only the contact Wikimedia requires."""
+    contact = (environ.get(CONTACT_ENV) or "").strip()
+    return f"none (contact {contact})" if contact else f"none, but {CONTACT_ENV} is unset"
+
+
 def _listings(args: argparse.Namespace) -> list[str]:
     given = getattr(args, "commons_listing", None)
     values = list(given) if given else list(getattr(args, "commons_listing_default", None) or DEFAULT_LISTINGS)
