@@ -167,7 +167,7 @@ def test_malformed_frames_are_refused(frame: str | bytes) -> None:
 def test_subscribe_url_asks_for_posts_and_profiles_from_the_cursor() -> None:
     url = subscribe_url("wss://jetstream2.us-east.bsky.network/subscribe", 1725911162329308)
     assert url == ("wss://jetstream2.us-east.bsky.network/subscribe?wantedCollections=app.bsky.feed.post"
-                   "&wantedCollections=app.bsky.actor.profile&cursor=1725911162329308")
+                   "&wantedCollections=app.bsky.actor.profile&maxMessageSizeBytes=1048576&cursor=1725911162329308")
     assert "cursor" not in subscribe_url("wss://j.example/subscribe", None)
 
 
@@ -323,6 +323,16 @@ def test_server_hang_up_reconnects_from_the_cursor(emu: Emulator) -> None:
     assert cursors_sent == sorted(cursors_sent) and len(sleeps) >= 2
 
 
+def test_an_oversized_event_is_left_out_by_the_server(emu: Emulator) -> None:
+    """Our 1 MiB cap goes to Jetstream as maxMessageSizeBytes: a huge event cannot wedge the stream."""
+    feed = emu.scenario.jetstream
+    big = post_event("did:plc:alice2kx7u4z5xq4a7zqk3abc", "3l3qo2vuowo2x", text="x" * (2 << 20))
+    big["time_us"] = feed.frames[0][0] + 1
+    feed.frames.insert(1, (big["time_us"], json.dumps(big), POST))
+    got = drain(source_for(emu, retries=1), MemCursors(), set())
+    assert got == accepted_ids(emu) and feed.connections[0]["maxMessageSizeBytes"] == ["1048576"]
+
+
 def test_rate_limited_handshake_backs_off_then_reads(emu: Emulator) -> None:
     emu.scenario.inject[(JETSTREAM_HOST, "/subscribe")] = [429]
     sleeps: list[float] = []
@@ -437,3 +447,4 @@ def test_appview_failure_ends_the_cycle_before_the_unchecked_post(emu: Emulator)
     first_post = emu.scenario.jetstream.frames[1][0]
     assert int(cursors.get("time_us") or 0) < first_post  # alice's post was not handed on, and not passed
     assert drain(src, cursors, seen) == accepted_ids(emu)  # the AppView is back: nothing was lost
+

@@ -49,7 +49,7 @@ import ssl
 import time
 from collections import Counter, OrderedDict
 from datetime import datetime
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
@@ -257,7 +257,9 @@ def parse_frame(data: str | bytes) -> Mapping[str, Any]:
 def subscribe_url(base: str, cursor: int | None) -> str:
     """The subscribe URL with our collections and (when known) the cursor."""
     parts = urlsplit(base)
-    query = [("wantedCollections", POST), ("wantedCollections", PROFILE)]
+    # maxMessageSizeBytes: Jetstream leaves out what we would refuse anyway, so one
+    # oversized event cannot end every connection at the same place forever.
+    query = [("wantedCollections", POST), ("wantedCollections", PROFILE), ("maxMessageSizeBytes", str(MAX_MESSAGE))]
     if cursor is not None:
         query.append(("cursor", str(cursor)))
     extra = f"{parts.query}&" if parts.query else ""
@@ -696,12 +698,17 @@ def build(args: argparse.Namespace, ctx: SourceContext) -> JetstreamSource:
     )
 
 
+def credentials(environ: Mapping[str, str]) -> str:
+    """What it runs with, for ``nomad sources``."""
+    return "none (key-less: public Jetstream, AppView and CDN)"
+
+
 def available(args: argparse.Namespace, environ: Mapping[str, str]) -> bool:
     """Key-less: it can always run (given a Jetstream URL)."""
     return bool(getattr(args, "bluesky_jetstream_url", DEFAULT_JETSTREAM))
 
 
-__all__: Iterable[str] = [
-    "NAME", "add_flags", "build", "available", "JetstreamSource", "post_candidate", "parse_frame",
+__all__ = [
+    "NAME", "add_flags", "build", "available", "credentials", "JetstreamSource", "post_candidate", "parse_frame",
     "profile_update", "subscribe_url", "expected_size", "embedded_images", "self_labels", "OptOuts",
 ]

@@ -7,6 +7,7 @@ emulator's CA apply) and sends the scenario's frames like Jetstream does:
 * ``wantedCollections`` (repeatable) filters commit events by collection;
   identity and account events always go out;
 * ``cursor`` (``time_us``) replays only events with ``time_us`` > cursor;
+* ``maxMessageSizeBytes`` leaves out larger frames;
 * malformed frames (added raw) go out as they are;
 * after the frames the stream stays open and quiet (live tail) until the client
   closes it or the emulator stops (at most ``linger`` seconds), or, with
@@ -231,9 +232,13 @@ def serve(handler: "Handler") -> None:
         cursor = int(query.get("cursor", ["0"])[0])
     except ValueError:
         cursor = 0
+    try:
+        max_bytes = int(query.get("maxMessageSizeBytes", ["0"])[0])
+    except ValueError:
+        max_bytes = 0
     sent = 0
     for time_us, text, collection in list(feed.frames):
-        if time_us <= cursor:
+        if time_us <= cursor or (max_bytes > 0 and len(text.encode()) > max_bytes):
             continue
         if collection is not None and wanted and collection not in wanted:
             continue
