@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, Mapping, Sequence
 
 from nomad import config as cfg
@@ -28,8 +29,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     env = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
         prog="nomad",
-        description="Crawl reddit (new posts), imgur and flickr for good photos; filter them with anti_sus; "
-        "deliver them to gallery_bridge or a folder. Credentials: REDDIT_CLIENT_ID, REDDIT_CLIENT_SECRET, "
+        description="Crawl listing sources (reddit, commons, flickr, bluesky; see `nomad sources`) for good photos, "
+        "expanding imgur and flickr links; filter them with anti_sus; deliver them to gallery_bridge or a folder. "
+        "Every source has a key-less mode; optional credentials: REDDIT_CLIENT_ID, REDDIT_CLIENT_SECRET, "
         "IMGUR_CLIENT_ID, FLICKR_API_KEY (or *_FILE) from the environment.",
     )
     parser.add_argument("--version", action="version", version=f"nomad {cfg.VERSION}")
@@ -48,6 +50,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     cfg.add_crawl_flags(once, env)
     cfg.add_common_flags(once, env)
+
+    sources = sub.add_parser("sources", help="each listing source: on or off, credentials, last status (from the state DB)")
+    sources.add_argument("--json", action="store_true", help="print JSON instead of text")
+    cfg.add_crawl_flags(sources, env)
+    cfg.add_common_flags(sources, env)
 
     stats = sub.add_parser("stats", help="counts from the state DB")
     stats.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -79,33 +86,29 @@ def build_crawler(args: argparse.Namespace, stop: threading.Event, environ: Mapp
     from nomad.delivery import FilterStage, GalleryDeliverer, SaveDirDeliverer
     from nomad.http import HttpClient
     from nomad.rules import Rules
-    from nomad.sources.flickr import FlickrClient
-    from nomad.sources.imgur import ImgurClient
-    from nomad.sources.reddit import RedditClient, RedditConfig
+    from nomad.sources import registry
     from nomad.store import Store
 
     env = os.environ if environ is None else environ
     http = HttpClient(_http_config(args))
     metrics = Metrics()
-    client_id, client_secret = cfg.secret("REDDIT_CLIENT_ID", env), cfg.secret("REDDIT_CLIENT_SECRET", env)
-    if bool(client_id) != bool(client_secret):
-        raise ValueError("set both REDDIT_CLIENT_ID and REDDIT_CLIENT_SECRET for OAuth, or neither")
-    reddit = RedditClient(
-        http,
-        RedditConfig(
-            base_url=args.reddit_url,
-            oauth_url=args.reddit_oauth_url,
-            client_id=client_id,
-            client_secret=client_secret,
-            user_agent=args.user_agent,
-            ratelimit_reserve=args.ratelimit_reserve,
-            max_retries=max(0, args.reddit_retries),
-        ),
+    store = Store(args.state_dir)
+    ctx = registry.CrawlContext(
+        http=http,
+        user_agent=args.user_agent,
+        environ=env,
         sleep=stop.wait,
-        on_wait=lambda why, s: metrics.wait("reddit"),
+        on_status=lambda name, st: store.set_source_status(name, st.state, st.detail, st.at or time.time()),
+        on_wait=lambda name, why, s: metrics.wait(name),
     )
-    imgur = ImgurClient(http, api_url=args.imgur_api_url, client_id=cfg.secret("IMGUR_CLIENT_ID", env))
-    flickr = FlickrClient(http, api_url=args.flickr_api_url, api_key=cfg.secret("FLICKR_API_KEY", env))
+    try:
+        sources = registry.build_sources(args, ctx)
+    except ValueError:
+        store.close()
+        http.close()
+        raise
+    for source in sources:
+        log.info("source %s", source.describe())
     rules = Rules(
         min_long=args.min_long_side,
         min_short=args.min_short_side,
@@ -130,11 +133,8 @@ def build_crawler(args: argparse.Namespace, stop: threading.Event, environ: Mapp
         on_unavailable=lambda: metrics.error("anti_sus_unavailable"),
     )
     deliverer = SaveDirDeliverer(args.save_dir) if args.save_dir else GalleryDeliverer(args.gallery, timeout=args.gallery_timeout)
-    store = Store(args.state_dir)
     return Crawler(
         CrawlerConfig(
-            listings=cfg.many(args, "listing"),
-            backfill=args.backfill,
             workers=args.workers,
             batch_size=args.batch_size,
             batch_timeout=args.batch_timeout,
@@ -145,9 +145,9 @@ def build_crawler(args: argparse.Namespace, stop: threading.Event, environ: Mapp
         store=store,
         rules=rules,
         http=http,
-        reddit=reddit,
-        imgur=imgur,
-        flickr=flickr,
+        sources=sources,
+        expanders=registry.build_expanders(http, args, env),
+        size_rules=registry.size_rules(args, [s.name for s in sources]),
         filter_stage=filter_stage,
         deliverer=deliverer,
         stop=stop,
@@ -172,6 +172,36 @@ def _print_stats(args: argparse.Namespace) -> int:
         else:
             body = str(counts)
         print(f"{section:16s} {body}")
+    return 0
+
+
+def _print_sources(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
+    """``nomad sources``: each listing source, on/off and why, credentials, last status (ok / blocked / rate_limited)."""
+    from nomad.sources import registry
+    from nomad.store import Store
+
+    env = os.environ if environ is None else environ
+    statuses: dict[str, dict[str, Any]] = {}
+    if os.path.isfile(os.path.join(args.state_dir, "nomad.sqlite3")):
+        with Store(args.state_dir) as store:
+            statuses = store.source_statuses()
+    try:
+        rows = registry.rows(args, env, statuses)
+        registry.selected(args, env)  # an unknown --source is an error here too
+    except ValueError as exc:
+        print(f"nomad: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=1, sort_keys=True))
+        return 0
+    for r in rows:
+        st = r.status
+        if st.get("at"):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(st["at"])))
+            last = f"{st.get('state', '?')} at {when}" + (f" ({st['detail']})" if st.get("detail") else "")
+        else:
+            last = "never polled"
+        print(f"{r.name:8s} {'on ' if r.on else 'off'} ({r.why}); credentials: {r.credentials}; last: {last}")
     return 0
 
 
@@ -201,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     redact.register_env_secrets(os.environ)
     if args.command == "stats":
         return _print_stats(args)
+    if args.command == "sources":
+        return _print_sources(args)
 
     stop = threading.Event()
     _install_signals(stop)
@@ -212,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         if args.command == "run":
-            log.info("nomad run: polling %s every %.0fs", ", ".join(crawler.cfg.listings), args.interval)
+            log.info("nomad run: polling %s every %.0fs", ", ".join(s.name for s in crawler.sources), args.interval)
             crawler.run(args.interval)
             return 0
         timer = None
@@ -224,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if timer is not None:
             timer.cancel()
         crawler.shutdown()
-        if stats.listings_failed and stats.listings_failed == len(crawler.cfg.listings) and not stats.posts_seen:
+        if stats.listings_failed and stats.listings_failed == len(crawler.sources) and not stats.posts_seen:
             print(f"nomad: error: could not read any listing ({redact.redact(stats.listing_error)})", file=sys.stderr)
             return EXIT_NO_LISTING
         left = crawler.store.outbox_size()

@@ -123,13 +123,17 @@ def add_crawl_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str])
     g = _Flags(parser.add_argument_group("sources"), environ)
     g.add("--listing", many=True, default=["r/all/new"], help="reddit listing to poll, repeatable (r/<sub>/<new|hot|top|rising>)")
     g.switch("--backfill", default=False, help="follow 'after' through older pages up to reddit's ~1000-item cap")
-    g.add("--reddit-url", default="https://www.reddit.com", help="reddit base URL (anonymous JSON and the OAuth token endpoint)")
+    g.add("--reddit-url", default="https://www.reddit.com", help="reddit base URL (Atom feeds, anonymous JSON and the OAuth token endpoint)")
     g.add("--reddit-oauth-url", default="https://oauth.reddit.com", help="reddit OAuth API URL (used when REDDIT_CLIENT_ID/SECRET are set)")
     g.add("--imgur-api-url", default="https://api.imgur.com", help="imgur API base URL (needs IMGUR_CLIENT_ID)")
     g.add("--flickr-api-url", default="https://api.flickr.com/services/rest", help="flickr REST endpoint (needs FLICKR_API_KEY)")
     g.add("--user-agent", default=DEFAULT_USER_AGENT, help="User-Agent, reddit's form '<platform>:<app id>:<version> (by /u/<user>)'")
     g.add("--reddit-retries", type=int, default=4, help="retries of a reddit request on 429/5xx/timeouts (backoff with jitter)")
     g.add("--ratelimit-reserve", type=float, default=1.0, help="sleep until reddit's window resets when this many requests remain")
+    # --source and each listing source's own --<name>-... flags (nomad/sources/registry.py).
+    from nomad.sources import registry
+
+    registry.add_flags(g)
 
     r = _Flags(parser.add_argument_group("rules"), environ)
     r.add("--min-long-side", type=int, default=1280, help="minimum long side in pixels (orientation-aware 1280x1024)")

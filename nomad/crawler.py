@@ -1,8 +1,10 @@
 """The crawl loop, as a pipeline of small stages.
 
-    listings -> posts (rules) -> links expanded to image refs (rules on the
-    reported size) -> download (bounded thread pool) -> decode (rules on the
-    real size) -> batch -> anti_sus -> outbox -> gallery_bridge / --save-dir
+    listing sources (reddit, commons, flickr, bluesky: each with its own
+    cursors) -> posts (rules) -> links expanded to image refs through the
+    registry's URL -> expander map (rules on the reported size) -> download
+    (bounded thread pool) -> decode (rules on the real size, per source) ->
+    batch -> anti_sus -> outbox -> gallery_bridge / --save-dir
 
 Every image key ends in the store with an outcome and a reason; the store is
 consulted before anything is fetched, so a restart never downloads twice.
@@ -14,7 +16,7 @@ import logging
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -24,10 +26,9 @@ from nomad import images
 from nomad.delivery import Batcher, Deliverer, Downloaded, FilterStage, Stopped, drain_outbox, ingest_meta
 from nomad.http import FetchError, HttpClient, reject_removed_placeholder
 from nomad.rules import Rules
-from nomad.sources.base import Candidate, ImageRef, SourceError, direct_ref, site_of
-from nomad.sources.flickr import FlickrClient
-from nomad.sources.imgur import ImgurClient
+from nomad.sources.base import Candidate, ImageRef, ListingSource, SourceError, direct_ref, site_of
 from nomad.sources.reddit import RedditClient
+from nomad.sources.registry import ExpanderRegistry
 from nomad.store import Store
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,8 @@ def classify_fetch(exc: FetchError) -> tuple[str, str]:
 
 @dataclass
 class CrawlerConfig:
-    """The crawl's own knobs (rules, HTTP and endpoints are configured elsewhere)."""
+    """The crawl's own knobs (rules, HTTP, sources and endpoints are configured elsewhere)."""
 
-    listings: list[str] = field(default_factory=lambda: ["r/all/new"])
-    backfill: bool = False
     workers: int = 4
     batch_size: int = 64
     batch_timeout: float = 30.0
@@ -133,7 +132,12 @@ class Metrics:
 
 
 class Crawler:
-    """One crawler: sources, rules, store, download pool, batcher, anti_sus and delivery."""
+    """One crawler: sources, rules, store, download pool, batcher, anti_sus and delivery.
+
+    ``size_rules`` maps a listing source's name to its own (min long side, min
+    short side), e.g. flickr's key-less feed whose files are 1024 px; the other
+    rules are shared.
+    """
 
     def __init__(
         self,
@@ -142,9 +146,9 @@ class Crawler:
         store: Store,
         rules: Rules,
         http: HttpClient,
-        reddit: RedditClient,
-        imgur: ImgurClient,
-        flickr: FlickrClient,
+        sources: list[ListingSource],
+        expanders: ExpanderRegistry,
+        size_rules: dict[str, tuple[int, int]] | None = None,
         filter_stage: FilterStage,
         deliverer: Deliverer,
         stop: threading.Event | None = None,
@@ -154,9 +158,12 @@ class Crawler:
         self.store = store
         self.rules = rules
         self.http = http
-        self.reddit = reddit
-        self.imgur = imgur
-        self.flickr = flickr
+        self.sources = list(sources)
+        self.expanders = expanders
+        self._rules_by_source = {
+            name: replace(rules, min_long=long_side, min_short=short_side)
+            for name, (long_side, short_side) in (size_rules or {}).items()
+        }
         self.filter_stage = filter_stage
         self.deliverer = deliverer
         self.stop = stop or threading.Event()
@@ -168,6 +175,19 @@ class Crawler:
         cleared = store.clear_spool()
         if cleared:
             log.info("removed %d originals of an unfinished batch (their keys are fetched again)", cleared)
+
+    @property
+    def reddit(self) -> RedditClient | None:
+        """The reddit JSON client of the reddit source (``stack.ensure_models`` reads top listings with it)."""
+        for src in self.sources:
+            client = getattr(src, "client", None)
+            if isinstance(client, RedditClient):
+                return client
+        return None
+
+    def rules_for(self, key: str) -> Rules:
+        """The rules of the listing source an image key (``<source>:<post>:<n>``) came from."""
+        return self._rules_by_source.get(key.split(":", 1)[0], self.rules)
 
     def sleep(self, seconds: float) -> bool:
         """Wait that a stop request interrupts; True when interrupted."""
@@ -185,13 +205,12 @@ class Crawler:
         for link in post.links:
             key = f"{prefix}:{len(refs)}"
             site = site_of(link.url) if link.url else "none"
-            if link.media != "image" or site in ("none", "video", "unsupported"):
+            expander = self.expanders.for_url(link.url) if link.media == "image" and site != "video" else None
+            if expander is not None:
+                refs.extend(expander.expand(link, prefix, len(refs)))
+            elif link.media != "image" or site in ("none", "video", "unsupported"):
                 media = link.media if link.media != "image" else ("video" if site == "video" else "unavailable")
                 refs.append(ImageRef(key, link.url, animated=link.animated, media=media, meta=dict(link.meta)))
-            elif site == "imgur":
-                refs.extend(self.imgur.expand(link, prefix, len(refs)))
-            elif site == "flickr":
-                refs.extend(self.flickr.expand(link, prefix, len(refs)))
             else:
                 refs.append(direct_ref(key, link, site))
         base = post.meta()
@@ -230,7 +249,7 @@ class Crawler:
             self.metrics.error("expand_crash")
             return
         for ref in refs:
-            reason = self.rules.check_ref(ref)
+            reason = self.rules_for(ref.key).check_ref(ref)
             if not reason and self.store.url_taken(ref.url, ref.key):
                 reason = "duplicate_url"  # crossposts and reposts of the same file
             if self.store.add_image(ref, post.post_id, state="rejected" if reason else "pending", reason=reason):
@@ -242,13 +261,18 @@ class Crawler:
         self.metrics.post("expanded")
 
     def read_listings(self, stats: CycleStats) -> None:
+        """Poll every enabled listing source in turn, each with its own cursors; one line per source."""
         handled: set[str] = set()
-        for path in self.cfg.listings:
+        for source in self.sources:
+            seen = new = 0
+            error = ""
             try:
-                for post in self.reddit.poll(path, backfill=self.cfg.backfill, is_seen=self.store.seen_post):
+                for post in source.poll(self.store.cursors_of(source.name), self.store.seen_post):
+                    seen += 1
                     stats.posts_seen += 1
                     if self.store.seen_post(post.post_id):
                         continue
+                    new += 1
                     stats.new_posts += 1
                     handled.add(post.post_id)
                     self.handle_post(post, stats)
@@ -257,11 +281,21 @@ class Crawler:
             except SourceError as exc:
                 if exc.reason == "stopped":
                     return
+                error = f"{exc.reason}: {exc}"
                 stats.listings_failed += 1
-                stats.listing_error = f"{path}: {exc}"
+                stats.listing_error = f"{source.name}: {exc}"
                 stats.failed["listing_" + exc.reason] += 1
                 self.metrics.error("listing_" + exc.reason)
-                log.warning("listing %s: %s", path, exc)
+                log.warning("source %s: %s", source.name, exc)
+            except Exception as exc:  # noqa: BLE001 - a source bug must not stop the other sources
+                log.exception("source %s crashed while polling", source.name)
+                error = f"crash: {type(exc).__name__}"
+                stats.listings_failed += 1
+                stats.listing_error = f"{source.name}: {error}"
+                stats.failed["listing_crash"] += 1
+                self.metrics.error("listing_crash")
+            log.info("source %s: %d posts read, %d new%s", source.name, seen, new, f", failed ({error})" if error else "",
+                     extra={"source": source.name, "posts_seen": seen, "new_posts": new, "error": error})
         for post in self.store.retry_posts(self.cfg.max_retries):
             if self.stop.is_set():
                 return
@@ -282,7 +316,7 @@ class Crawler:
             return outcome, reason, None
         except images.ImageError as exc:
             return "rejected", exc.reason, None
-        reason = self.rules.check_size(dec.width, dec.height)
+        reason = self.rules_for(ref.key).check_size(dec.width, dec.height)
         if reason:
             return "rejected", reason, None
         spool = self.store.spool_path(ref.key, "." + dec.format)
@@ -403,7 +437,7 @@ class Crawler:
             self.deliver(stats, wait=final)
         except Stopped:
             pass
-        stats.ratelimit = self.reddit.rate.describe(time.monotonic())
+        stats.ratelimit = "; ".join(f"{s.name}: {s.ratelimit()}" for s in self.sources if s.ratelimit()) or "unknown"
         stats.outbox = self.store.outbox_size()
         stats.seconds = time.monotonic() - t0
         log.info(stats.line(), extra={"cycle": stats.fields()})

@@ -49,9 +49,17 @@ def common_keys(dicts: list[dict]) -> set[str]:
 # -- reddit -------------------------------------------------------------------------------
 
 
+def oauth_get(http: HttpClient, emu: Emulator, path: str, **kw: Any) -> tuple[Any, Any]:
+    """A listing through OAuth (anonymous JSON answers reddit's block page, as reddit does since 2026-05-29)."""
+    env = emu.nomad_env()
+    tok = http.request("POST", emu.url("www.reddit.com", "api/v1/access_token"), data={"grant_type": "client_credentials"},
+                       auth=(env["REDDIT_CLIENT_ID"], env["REDDIT_CLIENT_SECRET"])).json()["access_token"]
+    return http.get_json(emu.url("oauth.reddit.com", path), headers={"Authorization": f"bearer {tok}"}, **kw)
+
+
 def test_listing_shape_matches_fixture(emu: Emulator, http: HttpClient) -> None:
     fx = fixture("reddit_new_listing.json")
-    data, _ = http.get_json(emu.url("www.reddit.com", "r/all/new.json"), params={"limit": 100})
+    data, _ = oauth_get(http, emu, "r/all/new", params={"limit": 100})
     assert data["kind"] == fx["kind"]
     assert set(data["data"]) == set(fx["data"])
     fx_posts = [c["data"] for c in fx["data"]["children"]]
@@ -93,8 +101,8 @@ def test_crosspost_parent_carries_the_media(emu: Emulator) -> None:
 
 
 def test_html_escaping_unless_raw_json(emu: Emulator, http: HttpClient) -> None:
-    esc, _ = http.get_json(emu.url("www.reddit.com", "r/all/new.json"), params={"limit": 100})
-    raw, _ = http.get_json(emu.url("www.reddit.com", "r/all/new.json"), params={"limit": 100, "raw_json": 1})
+    esc, _ = oauth_get(http, emu, "r/all/new", params={"limit": 100})
+    raw, _ = oauth_get(http, emu, "r/all/new", params={"limit": 100, "raw_json": 1})
     esc_url = esc["data"]["children"][0]["data"]["preview"]["images"][0]["source"]["url"]
     raw_url = raw["data"]["children"][0]["data"]["preview"]["images"][0]["source"]["url"]
     assert "&amp;" in esc_url and "&amp;" not in raw_url and "&" in raw_url
@@ -104,7 +112,7 @@ def test_pagination_with_after_visits_every_post_once(emu: Emulator, http: HttpC
     seen: list[str] = []
     after = None
     for _ in range(50):
-        data, _ = http.get_json(emu.url("www.reddit.com", "r/all/new.json"), params={"limit": 7, "after": after, "raw_json": 1})
+        data, _ = oauth_get(http, emu, "r/all/new", params={"limit": 7, "after": after, "raw_json": 1})
         page = [c["data"]["name"] for c in data["data"]["children"]]
         assert len(page) <= 7
         seen += page
@@ -113,19 +121,21 @@ def test_pagination_with_after_visits_every_post_once(emu: Emulator, http: HttpC
             break
         assert after == page[-1]
     assert seen == [p["name"] for p in emu.scenario.posts]
-    data, _ = http.get_json(emu.url("www.reddit.com", "r/all/new.json"), params={"limit": 500})
+    data, _ = oauth_get(http, emu, "r/all/new", params={"limit": 500})
     assert data["data"]["dist"] == min(100, len(emu.scenario.posts))
 
 
 def test_subreddit_filter(emu: Emulator, http: HttpClient) -> None:
-    data, _ = http.get_json(emu.url("www.reddit.com", "r/EarthPorn+nosuchsub/new.json"), params={"raw_json": 1})
+    data, _ = oauth_get(http, emu, "r/EarthPorn+nosuchsub/new", params={"raw_json": 1})
     subs = {c["data"]["subreddit"] for c in data["data"]["children"]}
     assert subs == {"EarthPorn"}
 
 
 def test_rate_limit_headers_and_429() -> None:
     window = 2.0  # long enough for three requests on a loaded machine
-    with Emulator(Scenario(), rate_limit=3, rate_window=window) as e:
+    scn = Scenario()
+    scn.reddit_anonymous_json = True  # reddit before 2026-05-29 (and mirrors): the anonymous budget
+    with Emulator(scn, rate_limit=3, rate_window=window) as e:
         c = HttpClient(HttpConfig(resolve=e.resolve_entries(), ca_bundle=e.ca_bundle, retries=0))
         url = e.url("www.reddit.com", "r/all/new.json")
         remaining = []
@@ -167,6 +177,87 @@ def test_oauth_token_flow_and_expiry() -> None:
         with pytest.raises(HttpStatusError) as ei:
             c.get_json(listing, headers={"Authorization": f"bearer {tok['access_token']}"})
         assert ei.value.status == 401, "expired tokens are refused: nomad must refresh"
+
+
+def test_anonymous_json_answers_the_block_page(emu: Emulator, http: HttpClient) -> None:
+    for path in ("r/all/new.json", "r/EarthPorn/top.json", "r/pics/new/.json"):
+        with pytest.raises(HttpStatusError) as ei:
+            http.get_json(emu.url("www.reddit.com", path), headers={"User-Agent": "linux:anything:1.0 (by /u/any)"})
+        assert ei.value.status == 403 and ei.value.headers["Server"] == "snooserv"
+        assert b"whoa there, pardner!" in ei.value.body and ei.value.headers["Content-Type"].startswith("text/html")
+
+
+def atom(http: HttpClient, emu: Emulator, path: str, **params: Any) -> Any:
+    from defusedxml import ElementTree
+
+    r = http.get(emu.url("www.reddit.com", path), params=params or None)
+    assert r.headers["Content-Type"].startswith("application/atom+xml")
+    return ElementTree.fromstring(r.body, forbid_dtd=True)
+
+
+def test_atom_feed_shape_matches_fixture(emu: Emulator, http: HttpClient) -> None:
+    from defusedxml import ElementTree
+
+    ns = "{http://www.w3.org/2005/Atom}"
+    fx = ElementTree.fromstring((FIXTURES / "reddit_new.atom").read_bytes())
+    fx_entry = fx.find(f"{ns}entry")
+    feed = atom(http, emu, "r/all/new/.rss", limit=100)
+    entries = feed.findall(f"{ns}entry")
+    assert {c.tag for c in entries[0]} == {c.tag for c in fx_entry}  # type: ignore[union-attr]
+    assert feed.find(f"{ns}category") is not None and fx.find(f"{ns}category") is not None
+    live = [p for p in emu.scenario.posts if not p.get("removed_by_category")]
+    assert [e.findtext(f"{ns}id") for e in entries] == [p["name"] for p in live]  # newest first, removed left out
+    assert len(atom(http, emu, "r/all/new.rss", limit=3).findall(f"{ns}entry")) == 3
+    earth = atom(http, emu, "r/EarthPorn/new/.rss").findall(f"{ns}entry")
+    assert {e.find(f"{ns}category").get("term") for e in earth} == {"EarthPorn"}  # type: ignore[union-attr]
+
+
+def test_atom_content_is_html_escaped_inside_xml(emu: Emulator, http: HttpClient) -> None:
+    r = http.get(emu.url("www.reddit.com", "r/all/new/.rss"), params={"limit": 100})
+    assert b"watch?v=dQw4w9WgXcQ&amp;amp;t=1&quot;&gt;[link]&lt;/a&gt;" in r.body  # &t=1: escaped in HTML, then in XML
+    assert r.headers.get("Server") != "snooserv"
+
+
+def test_atom_feed_throttle_and_hostile_feeds() -> None:
+    scn = default_scenario(0)
+    scn.reddit_feed_interval = 30.0
+    with Emulator(lambda port: scn) as e:
+        c = HttpClient(HttpConfig(resolve=e.resolve_entries(), ca_bundle=e.ca_bundle, retries=0))
+        assert c.get(e.url("www.reddit.com", "r/all/new/.rss")).status == 200
+        with pytest.raises(HttpStatusError) as ei:
+            c.get(e.url("www.reddit.com", "r/all/new/.rss"))
+        assert ei.value.status == 429 and 1 <= float(ei.value.headers["Retry-After"]) <= 30
+        scn.reddit_feed_interval = 0.0
+        assert b"<!ENTITY" in c.get(e.url("www.reddit.com", "r/entitybomb/new/.rss")).body
+        assert b"SYSTEM" in c.get(e.url("www.reddit.com", "r/xxe/new/.rss")).body
+        cut = c.get(e.url("www.reddit.com", "r/truncated/new/.rss")).body
+        assert cut.startswith(b"<?xml") and not cut.rstrip().endswith(b"</feed>")
+
+
+def test_flickr_public_feed_formats(emu: Emulator, http: HttpClient) -> None:
+    url = emu.url("api.flickr.com", "services/feeds/photos_public.gne")
+    raw = http.get(url, params={"format": "json", "nojsoncallback": 1}).body.decode()
+    assert "\\'" in raw and "\\/" in raw  # flickr's escapes: not JSON
+    with pytest.raises(ValueError):
+        json.loads(raw)
+    fx = (FIXTURES / "flickr_public_feed.js").read_text()
+    from nomad.sources.flickr_feed import parse_feed_text
+
+    data, fx_data = parse_feed_text(raw), parse_feed_text(fx)
+    assert set(data) == set(fx_data) and set(data["items"][0]) == set(fx_data["items"][0])
+    assert [i["link"].rstrip("/").rsplit("/", 1)[1] for i in data["items"]] == [p.id for p, _ in emu.scenario.flickr_feed]
+    wrapped = http.get(url, params={"format": "json"}).body.decode()
+    assert wrapped.startswith("jsonFlickrFeed(") and parse_feed_text(wrapped) == data
+    tagged = parse_feed_text(http.get(url, params={"format": "json", "nojsoncallback": 1, "tags": "lake,dawn"}).body.decode())
+    assert len(tagged["items"]) == 1 and {"lake", "dawn"} <= set(tagged["items"][0]["tags"].split())  # tagmode=all
+    anyof = parse_feed_text(http.get(url, params={"format": "json", "nojsoncallback": 1, "tags": "lake,strip",
+                                                  "tagmode": "any"}).body.decode())
+    assert len(anyof["items"]) == 3
+    m = data["items"][0]["media"]["m"]
+    assert http.download_image(m).format == "jpeg" and http.download_image(m.replace("_m.jpg", "_b.jpg")).format == "jpeg"
+    cut = http.get(url, params={"format": "json", "nojsoncallback": 1, "tags": "truncated"}).body.decode()
+    with pytest.raises(ValueError):
+        json.loads(cut.replace("\\'", "'"))
 
 
 # -- imgur --------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(240)
 
 def test_every_flag_names_its_env_var() -> None:
     parser = build_parser({})
-    for sub in ("run", "once", "stats"):
+    for sub in ("run", "once", "stats", "sources"):
         action = next(a for a in parser._subparsers._group_actions if a.choices)  # type: ignore[union-attr]
         sp = action.choices[sub]
         for act in sp._actions:
@@ -134,7 +134,7 @@ def test_run_polls_serves_metrics_and_stops_on_sigterm(tiny_models: Path, tmp_pa
 
 def test_once_with_unreachable_reddit_says_so(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
-    proc = run_cli("once", "--reddit-url", f"http://127.0.0.1:{port}", "--allow-private-addresses",
+    proc = run_cli("once", "--source", "reddit", "--reddit-url", f"http://127.0.0.1:{port}", "--allow-private-addresses",
                    "--connect-timeout", "1", "--reddit-retries", "0", "--state-dir", str(tmp_path / "state"), "--save-dir", str(tmp_path / "out"),
                    env={"REDDIT_CLIENT_ID": "", "REDDIT_CLIENT_SECRET": ""})
     assert proc.returncode == 4, proc.stderr[-2000:]

@@ -48,7 +48,8 @@ class FakeFilter:
 
 def make(emu: Emulator, tmp: Path, *extra: str, env: dict[str, str] | None = None, fake: FakeFilter | None = None) -> Any:
     args = build_parser().parse_args(
-        ["once", *emu.nomad_args(), "--state-dir", str(tmp / "state"), "--save-dir", str(tmp / "out"),
+        # reddit alone (OAuth JSON: the credentials are in emu.nomad_env()): the scenario's posts and labels.
+        ["once", *emu.nomad_args(), "--source", "reddit", "--state-dir", str(tmp / "state"), "--save-dir", str(tmp / "out"),
          "--deadline", "2", "--http-retries", "0", "--workers", "4", "--backoff-max", "0.2", *extra]
     )
     crawler = build_crawler(args, threading.Event(), environ=emu.nomad_env() if env is None else env)
@@ -174,7 +175,7 @@ def test_an_api_answer_of_unexpected_shape_fails_one_post_not_the_crawl(emu: Emu
     def broken(*_a: Any, **_k: Any) -> Any:
         raise KeyError("size")
 
-    crawler.flickr.expand = broken  # type: ignore[method-assign]
+    crawler.expanders.get("flickr").client.expand = broken  # the registry's flickr link expander
     try:
         stats = crawler.cycle(final=True)
         state = crawler.store.post_state("t3_cc0001")

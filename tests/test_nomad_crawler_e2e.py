@@ -16,7 +16,7 @@ import pytest
 
 from stack.procs import Service, free_port, python_module
 from tests.emulator import Emulator
-from tests.nomad_outcomes import outcome
+from tests.nomad_outcomes import keyless_expected, outcome
 from nomad.store import Store
 
 pytestmark = pytest.mark.timeout(300)
@@ -26,9 +26,11 @@ pytestmark = pytest.mark.timeout(300)
 PERMISSIVE = ["--gmm-threshold=-1e30", "--watermark-threshold=1.0"]
 
 
-def nomad_cmd(emu: Emulator, tmp: Path, anti_sus: str, gallery: str) -> list[str]:
+def nomad_cmd(emu: Emulator, tmp: Path, anti_sus: str, gallery: str, sources: tuple[str, ...] = ("reddit",)) -> list[str]:
+    """``nomad once`` against the emulator; reddit alone by default (the scenario's labels are its posts)."""
+    picked = [a for name in sources for a in ("--source", name)]
     return python_module(
-        "nomad", "once", *emu.nomad_args(), *PERMISSIVE,
+        "nomad", "once", *emu.nomad_args(), *picked, *PERMISSIVE,
         "--state-dir", str(tmp / "state"), "--anti-sus", anti_sus, "--gallery", gallery,
         "--anti-sus-timeout", "5", "--gallery-timeout", "5", "--backoff-max", "1",
         "--deadline", "2", "--http-retries", "0", "--batch-size", "4", "--log-format", "json",
@@ -79,6 +81,40 @@ def test_once_with_real_services(tiny_models: Path, tmp_path: Path) -> None:
     # One log line per cycle, with the numbers.
     assert '"msg": "cycle: posts_seen=' in proc.stderr and '"accepted": ' in proc.stderr
     assert 1 <= gallery_entries(tmp_path) <= accepted  # gallery dedup may merge look-alikes
+
+
+def test_keyless_once_reddit_and_flickr(tiny_models: Path, tmp_path: Path) -> None:
+    """No credentials at all: the Atom feed and flickr's public feed; the blocked JSON asked once; a rerun fetches nothing."""
+    anti, gal, a_ep, g_ep = services(tmp_path, tiny_models)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDDIT_", "IMGUR_", "FLICKR_"))}
+    with Emulator() as emu:
+        anti.start()
+        gal.start()
+        cmd = nomad_cmd(emu, tmp_path, a_ep, g_ep, ("reddit", "flickr"))
+        try:
+            first = subprocess.run(cmd, env={**env, **emu.nomad_env(keyless=True)}, capture_output=True, text=True, timeout=240)
+            time.sleep(1.0)  # requests are logged when their handler ends (the abandoned slow body)
+            before = len(emu.records())
+            second = subprocess.run(cmd + ["--max-retries", "1"], env={**env, **emu.nomad_env(keyless=True)},
+                                    capture_output=True, text=True, timeout=240)
+        finally:
+            anti.stop()
+            gal.stop()
+        assert first.returncode == 0, first.stderr[-4000:] + anti.tail() + gal.tail()
+        assert second.returncode == 0, second.stderr[-4000:]
+        expected = keyless_expected(emu.scenario)
+        with Store(tmp_path / "state") as store:
+            got = {k: outcome(store, k) for k in expected}
+            images = store.stats()["images"]
+            statuses = store.source_statuses()
+        wrong = {k: (v, got[k]) for k, v in expected.items() if got[k] != v}
+        assert not wrong, wrong
+        assert images.get("delivered", 0) == sum(1 for v in expected.values() if v == "accept_candidate")
+        blocked_json = [r for r in emu.records() if "reddit.com" in r.host and r.path.endswith(".json")]
+        assert len(blocked_json) == 1 and blocked_json[0].status == 403  # at most twice a run: here once in two runs
+        assert first.stderr.count("403 block page") == 1 and "REDDIT_CLIENT_ID" in first.stderr
+        assert sorted(r.path for r in emu.records()[before:]) == ["/r/all/new/.rss", "/services/feeds/photos_public.gne"]
+        assert statuses["reddit"]["state"] == "ok" and statuses["flickr"]["state"] == "ok"
 
 
 def test_services_start_late_nothing_lost(tiny_models: Path, tmp_path: Path) -> None:

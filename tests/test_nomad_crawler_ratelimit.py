@@ -1,4 +1,8 @@
-"""reddit politeness measured against the emulator: its rate-limit headers, its 429s, its request log."""
+"""reddit politeness measured against the emulator: its rate-limit headers, its 429s, its request log.
+
+The JSON API needs OAuth since reddit blocked anonymous JSON; the key-less Atom feeds' pacing
+and 429 handling are in test_nomad_crawler_keyless.py.
+"""
 from __future__ import annotations
 
 import time
@@ -6,6 +10,7 @@ import time
 import pytest
 
 from nomad.http import HttpClient, HttpConfig
+from nomad.sources.base import SourceError
 from nomad.sources.reddit import RedditClient, RedditConfig
 from tests.emulator import Emulator
 
@@ -13,7 +18,10 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def client(emu: Emulator, **kw: object) -> RedditClient:
+    """An OAuth client: anonymous JSON answers reddit's block page (as reddit does since 2026-05-29)."""
     http = HttpClient(HttpConfig(resolve=emu.resolve_entries(), ca_bundle=emu.ca_bundle, retries=0))
+    env = emu.nomad_env()
+    kw = {"client_id": env["REDDIT_CLIENT_ID"], "client_secret": env["REDDIT_CLIENT_SECRET"], **kw}
     cfg = RedditConfig(base_url=f"https://www.reddit.com:{emu.port}", oauth_url=f"https://oauth.reddit.com:{emu.port}",
                        user_agent="test:nomad-tests:0.1 (by /u/tester)", backoff=0.2, **kw)  # type: ignore[arg-type]
     return RedditClient(http, cfg)
@@ -45,7 +53,7 @@ def test_obeys_remaining_and_reset_without_a_single_429() -> None:
 
 def test_429_and_503_are_backed_off_and_retried() -> None:
     with Emulator() as emu:
-        emu.scenario.inject[("www.reddit.com", "/r/all/new.json")] = [429, 503]
+        emu.scenario.inject[("oauth.reddit.com", "/r/all/new")] = [429, 503]
         reddit = client(emu)
         t0 = time.monotonic()
         posts, _ = reddit.listing("r/all/new")
@@ -66,8 +74,7 @@ def test_backfill_pages_through_the_listing_with_after() -> None:
 
 def test_oauth_app_only_token_and_bearer() -> None:
     with Emulator() as emu:
-        env = emu.nomad_env()
-        reddit = client(emu, client_id=env["REDDIT_CLIENT_ID"], client_secret=env["REDDIT_CLIENT_SECRET"])
+        reddit = client(emu)
         posts, _ = reddit.listing("r/all/new")
         assert posts
         time.sleep(0.3)
@@ -75,3 +82,12 @@ def test_oauth_app_only_token_and_bearer() -> None:
         api = [r for r in emu.records() if r.host == "oauth.reddit.com"]
     assert len(token_reqs) == 1 and token_reqs[0].method == "POST" and token_reqs[0].host == "www.reddit.com"
     assert api and api[0].status == 200 and api[0].headers["Authorization"].startswith("bearer ")
+
+
+def test_anonymous_json_block_page_is_its_own_error() -> None:
+    with Emulator() as emu:
+        reddit = client(emu, client_id=None, client_secret=None)
+        with pytest.raises(SourceError) as err:
+            reddit.listing("r/all/new")
+        reqs = listing_requests(emu)
+    assert err.value.reason == "reddit_blocked" and [r.status for r in reqs] == [403]  # not retried

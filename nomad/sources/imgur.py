@@ -147,7 +147,13 @@ class ImgurClient:
                 return [ImageRef(f"{key_prefix}:{start}", link.url, link.width, link.height, link.animated or target.ext == ".gif", site="imgur", meta=meta)]
             if not self.client_id:
                 # A page URL without API access: imgur serves the file under any image extension.
-                return [ImageRef(f"{key_prefix}:{start}", f"https://i.imgur.com/{target.id}.jpg", link.width, link.height, site="imgur", meta=meta)]
+                # The page's port is kept (mirrors, the test emulator), as reddit's i.redd.it links do.
+                try:
+                    port = urlsplit(link.url).port
+                except ValueError:
+                    port = None
+                direct = f"https://i.imgur.com{':' + str(port) if port else ''}/{target.id}.jpg"
+                return [ImageRef(f"{key_prefix}:{start}", direct, link.width, link.height, site="imgur", meta=meta)]
             if target.ext in (".jpg", ".jpeg", ".png", ".webp") and link.width and link.height:
                 # reddit's preview already told us the size: spare the API quota.
                 return [ImageRef(f"{key_prefix}:{start}", link.url, link.width, link.height, site="imgur", meta=meta)]

@@ -36,6 +36,10 @@ __all__ = [
 ]
 
 
+KEYED_SITES = ("REDDIT", "IMGUR", "FLICKR")
+"""Prefixes of the credential variables ``nomad_env(keyless=True)`` leaves out."""
+
+
 class Emulator:
     """The emulated internet as a context manager (also ``start()``/``stop()``).
 
@@ -118,10 +122,19 @@ class Emulator:
             "--reddit-oauth-url", f"https://oauth.reddit.com:{self.port}",
             "--imgur-api-url", f"https://api.imgur.com:{self.port}",
             "--flickr-api-url", f"https://api.flickr.com:{self.port}",
+            # Key-less sources: the emulator's feeds, unpaced (reddit's real feeds allow ~1 request/min).
+            "--flickr-feed-url", f"https://api.flickr.com:{self.port}",
+            "--reddit-feed-interval", "0", "--flickr-feed-interval", "0",
         ]
 
-    def nomad_env(self) -> dict[str, str]:
-        """Credentials the emulated APIs accept, as the environment variables nomad reads."""
+    def nomad_env(self, *, keyless: bool = False) -> dict[str, str]:
+        """Credentials the emulated APIs accept, as the environment variables nomad reads.
+
+        ``keyless``: without the reddit, imgur and flickr credentials (a new user's
+        setup: reddit through its Atom feeds, flickr through its public feed).
+        """
+        if keyless:
+            return {k: v for k, v in self.nomad_env().items() if k.split("_", 1)[0] not in KEYED_SITES}
         scn = self.scenario
         cid, secret = next(iter(scn.reddit_clients.items()))
         return {

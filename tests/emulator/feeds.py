@@ -82,7 +82,7 @@ def atom_entry(post: dict[str, Any]) -> str:
     return (
         f"<entry><author><name>/u/{escape(author)}</name><uri>https://www.reddit.com/user/{escape(author)}</uri></author>"
         f"<category term={quoteattr(sub)} label={quoteattr('r/' + sub)}/>"
-        f'<content type="html">{escape(content)}</content><id>{escape(post["name"])}</id>{thumb_el}'
+        f'<content type="html">{escape(content, {chr(34): "&quot;"})}</content><id>{escape(post["name"])}</id>{thumb_el}'
         f"<link href={quoteattr(permalink)} /><updated>{when}</updated><published>{when}</published>"
         f"<title>{escape(title)}</title></entry>"
     )
@@ -140,8 +140,11 @@ def _reddit_feed(h: "Handler") -> None:
 
 
 def _block_page(h: "Handler") -> None:
-    h.server_version, h.sys_version = "snooserv", ""  # the header reddit's block page carries
-    h._send(403, BLOCK_PAGE, "text/html; charset=utf-8")
+    h.version_string = lambda: "snooserv"  # type: ignore[method-assign]  # the Server header of reddit's block page
+    try:
+        h._send(403, BLOCK_PAGE, "text/html; charset=utf-8")
+    finally:
+        del h.version_string  # the handler serves the connection's next request too
 
 
 # -- flickr public feed -------------------------------------------------------------------

@@ -136,6 +136,13 @@ class Scenario:
         self.imgur_images: dict[str, ImgurImage] = {}
         self.imgur_albums: dict[str, list[str]] = {}
         self.flickr_photos: dict[str, FlickrPhoto] = {}
+        # Key-less formats (tests/emulator/feeds.py): flickr's public feed (photo, tags), newest first, and
+        # its outcome labels keyed by post id (flickr_<id>); reddit's anonymous JSON answers the block page
+        # unless reddit_anonymous_json; reddit_feed_interval > 0 throttles the Atom feeds like reddit (429).
+        self.flickr_feed: list[tuple[FlickrPhoto, str]] = []
+        self.flickr_feed_expected: dict[str, str] = {}
+        self.reddit_anonymous_json = False
+        self.reddit_feed_interval = 0.0
         self.jetstream = JetstreamFeed()  # Bluesky's Jetstream frames (tests/emulator/jetstream.py)
         self.commons: Any = None  # a tests.emulator.commons.CommonsSite, set by add_commons()
         self.listing_cap = 1000
@@ -356,6 +363,9 @@ def default_scenario(port: int) -> Scenario:
     s.add_post("ee0005", s.add_file("hostile.example", "metadata.jpg", Resource("redirect", location="http://169.254.169.254/latest/meta-data/", status=302)), expected="fail_blocked_address", preview=big)
     s.add_post("ee0006", s.add_file("hostile.example", "intranet.jpg", Resource("redirect", location="http://10.0.0.1/admin.jpg", status=301)), expected="fail_blocked_address", preview=big)
     add_bluesky(s)
+    from .feeds import add_default_feed  # here: feeds.py imports this module
+
+    add_default_feed(s)
     from .commons import add_commons  # here: commons.py imports this module
 
     add_commons(s)

@@ -2,7 +2,9 @@
 
 Sites:
 
-- reddit: ``GET www.reddit.com/r/<subs>/new.json`` (anonymous) and
+- reddit: ``GET www.reddit.com/r/<subs>/new.json`` (anonymous: the 403 block page unless
+  ``scenario.reddit_anonymous_json``; see feeds.py, which also serves the Atom feeds and
+  flickr's public feed) and
   ``GET oauth.reddit.com/r/<subs>/new[.json]`` (``Authorization: bearer``), listing
   with ``limit`` (<= 100), ``after`` pagination, HTML-escaped strings unless
   ``raw_json=1``, ``X-Ratelimit-Used/Remaining/Reset`` per client and 429 when the
@@ -28,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from . import commons, images, jetstream
+from . import commons, feeds, images, jetstream
 from .scenario import Resource
 
 if TYPE_CHECKING:
@@ -180,6 +182,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self) -> None:
         host, path = self.host, self.route
+        if feeds.route(self):  # reddit Atom feeds, reddit's JSON block page, flickr's public feed
+            return
         if host in ("www.reddit.com", "reddit.com", "oauth.reddit.com"):
             if path == "/api/v1/access_token" and host != "oauth.reddit.com":
                 return self._reddit_token()
