@@ -59,6 +59,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     stats = sub.add_parser("stats", help="counts from the state DB")
     stats.add_argument("--json", action="store_true", help="print JSON instead of text")
     cfg.add_common_flags(stats, env)
+
+    retry = sub.add_parser("retry-dead", help="put dead letters (images delivery gave up on) back into the outbox")
+    cfg._Flags(retry, env).add("--key", many=True, default=[], help="only this image key, repeatable (default: every dead letter)")
+    cfg.add_common_flags(retry, env)
     return parser
 
 
@@ -132,7 +136,13 @@ def build_crawler(args: argparse.Namespace, stop: threading.Event, environ: Mapp
         backoff_max=args.backoff_max,
         on_unavailable=lambda: metrics.error("anti_sus_unavailable"),
     )
-    deliverer = SaveDirDeliverer(args.save_dir) if args.save_dir else GalleryDeliverer(args.gallery, timeout=args.gallery_timeout)
+    if args.save_dir:
+        deliverer = SaveDirDeliverer(args.save_dir)
+    else:
+        from nomad.delivery import curve_keys
+
+        curve = curve_keys(args.gallery_server_key, args.gallery_client_key, service="gallery")
+        deliverer = GalleryDeliverer(args.gallery, timeout=args.gallery_timeout, curve=curve)
     return Crawler(
         CrawlerConfig(
             workers=args.workers,
@@ -141,6 +151,7 @@ def build_crawler(args: argparse.Namespace, stop: threading.Event, environ: Mapp
             max_retries=args.max_retries,
             max_pixels=args.max_pixels,
             backoff_max=args.backoff_max,
+            max_delivery_attempts=args.max_delivery_attempts,
         ),
         store=store,
         rules=rules,
@@ -167,11 +178,36 @@ def _print_stats(args: argparse.Namespace) -> int:
         print(json.dumps(stats, indent=1, sort_keys=True))
         return 0
     for section, counts in stats.items():
+        if section == "dead_letters":
+            continue
         if isinstance(counts, dict):
             body = "  ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "-"
         else:
             body = str(counts)
         print(f"{section:16s} {body}")
+    dead = stats.get("dead_letters") or []
+    print(f"{'dead_letters':16s} {len(dead)}" + ("  (nomad retry-dead puts them back)" if dead else ""))
+    for d in dead:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(d["died"])))
+        print(f"  {d['key']}  attempts={d['attempts']}  at {when}  reason: {d['reason']}")
+    return 0
+
+
+def _retry_dead(args: argparse.Namespace) -> int:
+    """``nomad retry-dead [--key K]``: dead letters back into the outbox, attempts reset."""
+    from nomad.store import Store
+
+    if not os.path.isfile(os.path.join(args.state_dir, "nomad.sqlite3")):
+        print(f"nomad: error: no state DB in {args.state_dir}", file=sys.stderr)
+        return EXIT_USAGE
+    keys = cfg.many(args, "key")
+    with Store(args.state_dir) as store:
+        moved = store.retry_dead(keys or None)
+    missing = [k for k in keys if k not in moved]
+    print(f"requeued {len(moved)} dead letter(s) into the outbox" + "".join(f"\n  {k}" for k in moved))
+    if missing:
+        print(f"nomad: error: not a dead letter: {', '.join(missing)}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 
@@ -231,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     redact.register_env_secrets(os.environ)
     if args.command == "stats":
         return _print_stats(args)
+    if args.command == "retry-dead":
+        return _retry_dead(args)
     if args.command == "sources":
         return _print_sources(args)
 

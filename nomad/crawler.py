@@ -60,6 +60,8 @@ class CrawlerConfig:
     max_retries: int = 3
     max_pixels: int = images.DEFAULT_MAX_PIXELS
     backoff_max: float = 30.0
+    max_delivery_attempts: int = 10
+    """Failed deliveries of one image before it becomes a dead letter."""
 
 
 @dataclass
@@ -175,6 +177,9 @@ class Crawler:
         cleared = store.clear_spool()
         if cleared:
             log.info("removed %d originals of an unfinished batch (their keys are fetched again)", cleared)
+        swept = store.sweep_outbox()
+        if swept:
+            log.info("removed %d outbox files no outbox row names (left by a crash)", swept)
 
     @property
     def reddit(self) -> RedditClient | None:
@@ -421,7 +426,8 @@ class Crawler:
             self.metrics.image("delivered", status)
 
         _, stats.outbox = drain_outbox(
-            self.store, self.deliverer, sleep=self.sleep, wait=wait, backoff_max=self.cfg.backoff_max, on_delivered=counted
+            self.store, self.deliverer, sleep=self.sleep, wait=wait, backoff_max=self.cfg.backoff_max, on_delivered=counted,
+            max_attempts=self.cfg.max_delivery_attempts,
         )
 
     # --- cycles --------------------------------------------------------------------------
@@ -488,7 +494,7 @@ class Crawler:
             finally:
                 self.filter_stage.sleep = self.sleep
         try:
-            _, stats.outbox = drain_outbox(self.store, self.deliverer, sleep=patient, wait=False)
+            _, stats.outbox = drain_outbox(self.store, self.deliverer, sleep=patient, wait=False, max_attempts=self.cfg.max_delivery_attempts)
         except Stopped:
             pass
         self.close()

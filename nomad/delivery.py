@@ -14,9 +14,12 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Protocol
 
 import numpy as np
+import zmq
+import zmq.utils.z85
 
 from anti_sus.client import AntiSusError, AntiSusUnavailable, FilterClient, FilterResult
 from nomad.sources.base import ImageRef
@@ -191,11 +194,23 @@ def merge_results(a: FilterResult, b: FilterResult, offset: int) -> FilterResult
 
 
 class DeliveryUnavailable(Exception):
-    """The destination cannot take images right now; retry later."""
+    """The destination cannot take images right now (no answer, disk full); retry later.
+
+    This is about the destination, not one image: no attempt is counted
+    against the item, so a long outage never dead-letters the outbox.
+    """
+
+
+class DeliveryDeferred(DeliveryUnavailable):
+    """The destination answered, but could not take *this* image now (a retryable error).
+
+    Counted against the item: it backs off on its own while the others are
+    delivered, and after ``max_attempts`` it becomes a dead letter.
+    """
 
 
 class DeliveryRefused(Exception):
-    """The destination refused this image for good (protocol error); kept in the outbox, reported."""
+    """The destination refused this image for good (protocol error): it becomes a dead letter."""
 
 
 class Deliverer(Protocol):
@@ -206,13 +221,78 @@ class Deliverer(Protocol):
     def close(self) -> None: ...
 
 
+CurveKeys = tuple[bytes, bytes, bytes]
+"""(server public key, client public key, client secret key), Z85."""
+
+
+def _server_public_key(path: str, flag: str) -> bytes:
+    """The server's public key from a ZeroMQ certificate (``.key``) or a file holding a bare Z85 key.
+
+    A secret key where the public one belongs is refused: the server's secret
+    must never be copied to a client.
+    """
+    from anti_sus.security import CurveKeyError, load_keypair
+
+    p = Path(path)
+    secret_msg = (f"{flag} {p} holds a secret key; pass the server's public key "
+                  "(the .key file, never the .key_secret: the secret stays on the server)")
+    if p.name.endswith(".key_secret"):
+        raise CurveKeyError(secret_msg)
+    if not p.is_file():
+        raise CurveKeyError(f"{flag} {p}: not found")
+    try:
+        public, secret = load_keypair(p)
+    except CurveKeyError:
+        try:
+            raw = p.read_bytes().strip()
+        except OSError as exc:
+            raise CurveKeyError(f"{flag} {p}: {exc.strerror or exc}") from None
+        if len(raw) == 40:
+            try:
+                zmq.utils.z85.decode(raw)
+                return raw
+            except (ValueError, KeyError):
+                pass
+        raise CurveKeyError(f"{flag} {p}: neither a ZeroMQ certificate (`anti-sus keygen`) nor a 40-character Z85 key") from None
+    if secret is not None:
+        raise CurveKeyError(secret_msg)
+    return public
+
+
+def curve_keys(server_key: str | None, client_key: str | None, *, service: str) -> CurveKeys | None:
+    """CURVE client keys for ``--<service>-server-key`` / ``--<service>-client-key``, checked at start.
+
+    The client side is anti_sus's own setup (:func:`anti_sus.security.secure_client`):
+    a ``.key_secret`` certificate, or a throwaway pair when no client key is given
+    (accepted only by servers that allow any client). Raises ``CurveKeyError``
+    (a ValueError) with one clear sentence.
+    """
+    from anti_sus.security import CurveKeyError, secure_client
+
+    if not server_key:
+        if client_key:
+            raise CurveKeyError(f"--{service}-client-key needs --{service}-server-key (the server's public key)")
+        return None
+    server_public = _server_public_key(server_key, f"--{service}-server-key")
+    if client_key and not Path(client_key).is_file():
+        raise CurveKeyError(f"--{service}-client-key {client_key}: not found")
+    # secure_client only sets the three curve_* attributes: run it on a plain
+    # namespace to get the very keys a socket would be given.
+    keys = SimpleNamespace()
+    try:
+        secure_client(keys, server_public, client_key or None)  # type: ignore[arg-type]
+    except CurveKeyError as exc:
+        raise CurveKeyError(f"--{service}-client-key: {exc}") from None
+    return keys.curve_serverkey, keys.curve_publickey, keys.curve_secretkey
+
+
 class GalleryDeliverer:
     """gallery_bridge over the ingest protocol (idempotent by key, so redelivery is safe)."""
 
-    def __init__(self, endpoint: str, *, timeout: float = 30.0, retries: int = 2) -> None:
+    def __init__(self, endpoint: str, *, timeout: float = 30.0, retries: int = 2, curve: CurveKeys | None = None) -> None:
         from gallery_bridge.client import IngestClient
 
-        self.client = IngestClient(endpoint, timeout=timeout, retries=retries)
+        self.client = IngestClient(endpoint, timeout=timeout, retries=retries, curve=curve)
 
     def deliver(self, item: OutboxItem) -> tuple[str, Any]:
         from gallery_bridge.client import GalleryUnavailable, IngestError
@@ -223,7 +303,7 @@ class GalleryDeliverer:
             raise DeliveryUnavailable(str(exc)) from exc
         except IngestError as exc:
             if exc.retryable:
-                raise DeliveryUnavailable(f"gallery busy: {exc}") from exc
+                raise DeliveryDeferred(f"ingest_{exc.code}: {exc}") from exc
             raise DeliveryRefused(f"ingest_{exc.code}: {exc}") from exc
         return reply.status, reply.gallery_id
 
@@ -264,43 +344,71 @@ class SaveDirDeliverer:
         pass
 
 
+DEFAULT_MAX_DELIVERY_ATTEMPTS = 10
+
+
+def retry_delay(attempts: int, *, base: float = 1.0, cap: float = 30.0) -> float:
+    """Seconds an item waits after its ``attempts``-th failed attempt: exponential, capped, jittered."""
+    delay = min(cap, base * (2 ** max(0, attempts - 1)))
+    return random.uniform(delay / 2, delay)
+
+
 def drain_outbox(
     store: Store,
     deliverer: Deliverer,
     *,
     sleep: Callable[[float], bool],
     wait: bool,
-    max_refusals: int = 5,
+    max_attempts: int = DEFAULT_MAX_DELIVERY_ATTEMPTS,
+    retry_base: float = 1.0,
     backoff_max: float = 30.0,
     on_delivered: Callable[[str], None] | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> tuple[int, int]:
     """Deliver the outbox; returns (delivered, left).
 
-    ``wait``: keep retrying while the destination is unavailable (``nomad once``
-    waits until everything is delivered); otherwise give up until the next cycle.
-    Items refused ``max_refusals`` times are left in the outbox and reported.
+    Each item has its own attempt count and ``next_attempt_at``: an item the
+    destination answers with a retryable error (:class:`DeliveryDeferred`) or
+    whose file cannot be read backs off alone (exponential, capped at
+    ``backoff_max``) while the others are delivered; after ``max_attempts`` it
+    moves to the dead letters with its reason, and so does an item refused for
+    good (:class:`DeliveryRefused`). When the destination itself does not
+    answer (:class:`DeliveryUnavailable`) nothing is counted against the items.
+
+    ``wait``: keep going until the outbox is empty (``nomad once``), sleeping
+    until the next item is due or while the destination is down; otherwise one
+    pass over the items that are due.
     """
     delivered = 0
     backoff = Backoff(sleep, cap=backoff_max)
+
+    def failed(item: OutboxItem, reason: str) -> None:
+        attempts = store.delivery_failed(item.key, reason, retry_at=clock() + retry_delay(item.attempts + 1, base=retry_base, cap=backoff_max))
+        if attempts >= max_attempts:
+            store.dead_letter(item.key, reason)
+            log.error("delivery of %s failed %d times (%s): moved to the dead letters (nomad retry-dead)", item.key, attempts, reason)
+        else:
+            log.warning("delivery of %s failed (attempt %d of %d): %s", item.key, attempts, max_attempts, reason)
+
     while True:
-        items = [i for i in store.outbox() if i.attempts < max_refusals]
-        if not items:
-            break
         unavailable = False
-        for item in items:
+        for item in store.outbox_due(clock()):
             try:
                 status, gallery_id = deliverer.deliver(item)
+            except DeliveryDeferred as exc:
+                failed(item, str(exc))
+                continue
             except DeliveryUnavailable as exc:
                 log.warning("delivery of %s unavailable: %s", item.key, exc)
                 unavailable = True
                 break
             except DeliveryRefused as exc:
-                log.error("delivery of %s refused: %s", item.key, exc)
+                log.error("delivery of %s refused: %s; moved to the dead letters", item.key, exc)
                 store.delivery_failed(item.key, str(exc))
+                store.dead_letter(item.key, str(exc))
                 continue
             except OSError as exc:  # the outbox file itself is unreadable
-                log.error("outbox file of %s unreadable: %s", item.key, exc)
-                store.delivery_failed(item.key, f"outbox_io: {exc}")
+                failed(item, f"outbox_io: {exc}")
                 continue
             store.delivered(item.key, status, gallery_id)
             delivered += 1
@@ -308,12 +416,18 @@ def drain_outbox(
             if on_delivered:
                 on_delivered(status)
             log.info("delivered %s: %s %s", item.key, status, gallery_id)
-        if not unavailable:
-            continue
         if not wait:
             break
         try:
-            backoff.wait()
+            if unavailable:
+                backoff.wait()
+                continue
+            due = store.next_attempt_at()
+            if due is None:
+                break
+            # Nothing due now: sleep until the next item's backoff is over.
+            if sleep(min(backoff_max, max(0.0, due - clock()))):
+                break
         except Stopped:
             break
     return delivered, store.outbox_size()

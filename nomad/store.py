@@ -70,7 +70,18 @@ CREATE TABLE IF NOT EXISTS outbox (
     meta       TEXT NOT NULL,
     attempts   INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
-    created    REAL NOT NULL
+    created    REAL NOT NULL,
+    next_attempt_at REAL NOT NULL DEFAULT 0   -- per-item backoff after a retryable refusal
+);
+CREATE TABLE IF NOT EXISTS dead_letters (  -- outbox items the destination kept refusing
+    key        TEXT PRIMARY KEY,
+    path       TEXT NOT NULL,
+    features   TEXT,
+    meta       TEXT NOT NULL,
+    attempts   INTEGER NOT NULL,
+    reason     TEXT NOT NULL,
+    created    REAL NOT NULL,
+    died       REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS cursors (
     source     TEXT NOT NULL,          -- reddit | commons | flickr | bluesky
@@ -105,6 +116,8 @@ class OutboxItem:
     meta: dict[str, Any]
     features: Path | None
     attempts: int
+    next_attempt_at: float = 0.0
+    last_error: str | None = None
 
     def read(self) -> bytes:
         return self.path.read_bytes()
@@ -144,6 +157,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(outbox)")}
+        if "next_attempt_at" not in columns:  # a state DB from before per-item backoff
+            self._db.execute("ALTER TABLE outbox ADD COLUMN next_attempt_at REAL NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -250,7 +266,7 @@ class Store:
     def url_taken(self, url: str, key: str) -> str | None:
         """Key of another image with the same URL that is already decided or on its way (crossposts)."""
         row = self._one(
-            "SELECT key FROM images WHERE url = ? AND key != ? AND state IN ('pending', 'accepted', 'delivered', 'rejected') LIMIT 1",
+            "SELECT key FROM images WHERE url = ? AND key != ? AND state IN ('pending', 'accepted', 'delivered', 'rejected', 'dead_letter') LIMIT 1",
             (url, key),
         )
         return row[0] if row else None
@@ -320,9 +336,12 @@ class Store:
 
     def outbox(self, limit: int | None = None) -> list[OutboxItem]:
         """Accepted images not yet acknowledged, oldest first."""
-        rows = self._all("SELECT key, path, meta, features, attempts FROM outbox ORDER BY created LIMIT ?", (-1 if limit is None else limit,))
+        rows = self._all(
+            "SELECT key, path, meta, features, attempts, next_attempt_at, last_error FROM outbox ORDER BY created LIMIT ?",
+            (-1 if limit is None else limit,),
+        )
         return [
-            OutboxItem(r[0], self.outbox_dir / r[1], json.loads(r[2]), self.outbox_dir / r[3] if r[3] else None, r[4])
+            OutboxItem(r[0], self.outbox_dir / r[1], json.loads(r[2]), self.outbox_dir / r[3] if r[3] else None, r[4], r[5], r[6])
             for r in rows
         ]
 
@@ -330,9 +349,15 @@ class Store:
         return int(self._one("SELECT COUNT(*) FROM outbox")[0])
 
     def delivered(self, key: str, status: str, gallery_id: Any = None) -> None:
-        """The gallery acknowledged (or --save-dir wrote) the image: drop it from the outbox."""
-        item = self._one("SELECT path, features FROM outbox WHERE key = ?", (key,))
+        """The gallery acknowledged (or --save-dir wrote) the image: drop it from the outbox.
+
+        Crash-safe order: the row goes first (in the same transaction that reads
+        its file names), the files after. A crash in between leaves files without
+        a row, which :meth:`sweep_outbox` removes at the next start; never a row
+        whose file is gone (that one could not be redelivered).
+        """
         with self._tx() as db:
+            item = db.execute("SELECT path, features FROM outbox WHERE key = ?", (key,)).fetchone()
             db.execute("DELETE FROM outbox WHERE key = ?", (key,))
             db.execute(
                 "UPDATE images SET state = 'delivered', gallery = ?, updated = ? WHERE key = ?",
@@ -343,9 +368,85 @@ class Store:
                 if name:
                     (self.outbox_dir / name).unlink(missing_ok=True)
 
-    def delivery_failed(self, key: str, error: str) -> None:
+    def delivery_failed(self, key: str, error: str, *, retry_at: float = 0.0) -> int:
+        """One more failed attempt; the item waits until ``retry_at`` (epoch seconds). Returns the attempts."""
         with self._tx() as db:
-            db.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE key = ?", (error, key))
+            db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt_at = ? WHERE key = ?",
+                (error, retry_at, key),
+            )
+            row = db.execute("SELECT attempts FROM outbox WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def outbox_due(self, now: float, limit: int | None = None) -> list[OutboxItem]:
+        """Outbox items whose backoff is over (``next_attempt_at <= now``), oldest first."""
+        rows = self._all(
+            "SELECT key, path, meta, features, attempts, next_attempt_at, last_error FROM outbox "
+            "WHERE next_attempt_at <= ? ORDER BY created LIMIT ?",
+            (now, -1 if limit is None else limit),
+        )
+        return [
+            OutboxItem(r[0], self.outbox_dir / r[1], json.loads(r[2]), self.outbox_dir / r[3] if r[3] else None, r[4], r[5], r[6])
+            for r in rows
+        ]
+
+    def next_attempt_at(self) -> float | None:
+        """When the next outbox item is due (None: the outbox is empty)."""
+        row = self._one("SELECT MIN(next_attempt_at) FROM outbox")
+        return None if row is None or row[0] is None else float(row[0])
+
+    def dead_letter(self, key: str, reason: str) -> None:
+        """Move an outbox item the destination keeps refusing to ``dead_letters`` (its files stay)."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                """INSERT OR REPLACE INTO dead_letters(key, path, features, meta, attempts, reason, created, died)
+                   SELECT key, path, features, meta, attempts, ?, created, ? FROM outbox WHERE key = ?""",
+                (reason, now, key),
+            )
+            db.execute("DELETE FROM outbox WHERE key = ?", (key,))
+            db.execute("UPDATE images SET state = 'dead_letter', error = ?, updated = ? WHERE key = ?", (reason, now, key))
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """Every dead letter: key, attempts, reason, when it died (epoch seconds), oldest first."""
+        rows = self._all("SELECT key, attempts, reason, died FROM dead_letters ORDER BY died, key")
+        return [{"key": r[0], "attempts": r[1], "reason": r[2], "died": r[3]} for r in rows]
+
+    def retry_dead(self, keys: list[str] | None = None) -> list[str]:
+        """Put dead letters (all, or these keys) back into the outbox with a fresh attempt count."""
+        now = time.time()
+        with self._tx() as db:
+            if keys:
+                found = [k for k in keys if db.execute("SELECT 1 FROM dead_letters WHERE key = ?", (k,)).fetchone()]
+            else:
+                found = [r[0] for r in db.execute("SELECT key FROM dead_letters ORDER BY died, key")]
+            for k in found:
+                db.execute(
+                    """INSERT OR REPLACE INTO outbox(key, path, features, meta, attempts, last_error, created, next_attempt_at)
+                       SELECT key, path, features, meta, 0, NULL, created, 0 FROM dead_letters WHERE key = ?""",
+                    (k,),
+                )
+                db.execute("DELETE FROM dead_letters WHERE key = ?", (k,))
+                db.execute("UPDATE images SET state = 'accepted', error = NULL, updated = ? WHERE key = ?", (now, k))
+        return found
+
+    def sweep_outbox(self) -> int:
+        """Remove files in ``outbox/`` that no outbox row or dead letter names (left by a crash).
+
+        Call it at start only, before anything is accepted: :meth:`accept` moves
+        a file in before it writes the row.
+        """
+        with self._lock:
+            kept: set[str] = set()
+            for table in ("outbox", "dead_letters"):
+                for path, features in self._db.execute(f"SELECT path, features FROM {table}"):
+                    kept.update(n for n in (path, features) if n)
+            removed = 0
+            for p in self.outbox_dir.iterdir():
+                if p.is_file() and p.name not in kept:
+                    p.unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     # --- stats ---------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -362,4 +463,5 @@ class Store:
             "images_rejected": rejected,
             "images_failed": failed,
             "outbox": self.outbox_size(),
+            "dead_letters": self.dead_letters(),
         }

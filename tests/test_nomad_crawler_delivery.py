@@ -141,13 +141,15 @@ def test_drain_without_wait_leaves_the_outbox_for_later(tmp_path: Path) -> None:
         assert drain_outbox(s, Flaky(), sleep=lambda x: False, wait=False) == (2, 0)
 
 
-def test_refused_items_stay_in_the_outbox_and_do_not_block_others(tmp_path: Path) -> None:
+def test_refused_items_become_dead_letters_and_do_not_block_others(tmp_path: Path) -> None:
     with outbox_with(tmp_path, 3) as s:
         d = Flaky(refuse={"reddit:t3_1:0"})
-        delivered, left = drain_outbox(s, d, sleep=lambda x: False, wait=True, max_refusals=2)
-        assert (delivered, left) == (2, 1)
-        (kept,) = s.outbox()
-        assert kept.key == "reddit:t3_1:0" and kept.attempts == 2 and kept.path.is_file()
+        delivered, left = drain_outbox(s, d, sleep=lambda x: False, wait=True)
+        assert (delivered, left) == (2, 0)
+        (dead,) = s.dead_letters()
+        assert dead["key"] == "reddit:t3_1:0" and dead["attempts"] == 1 and "ingest_bad_meta" in dead["reason"]
+        assert s.image_state("reddit:t3_1:0")[0] == "dead_letter"
+        assert len(list(s.outbox_dir.iterdir())) == 1  # its file stays, for nomad retry-dead
 
 
 def test_save_dir_writes_image_and_sidecar(tmp_path: Path) -> None:

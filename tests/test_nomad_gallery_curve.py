@@ -1,0 +1,123 @@
+"""nomad talks CURVE to gallery_bridge: --gallery-server-key / --gallery-client-key, checked at start."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import zmq
+
+from anti_sus.security import CurveKeyError, keygen
+from gallery_bridge import testing as T
+from gallery_bridge.catalogue import Catalogue
+from gallery_bridge.ingest import Ingester
+from gallery_bridge.server import Server, ServerConfig
+from gallery_bridge.targets.folder import FolderTarget
+from nomad.delivery import GalleryDeliverer, curve_keys, drain_outbox, ingest_meta
+from nomad.sources.base import ImageRef
+from nomad.store import Store
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture()
+def keys(tmp_path: Path) -> dict[str, Path]:
+    server_pub, server_sec = keygen(tmp_path / "keys", "gallery")
+    client_pub, client_sec = keygen(tmp_path / "keys", "nomad")
+    return {"server": server_pub, "server_secret": server_sec, "client": client_pub, "client_secret": client_sec}
+
+
+@pytest.fixture()
+def curve_gallery(tmp_path: Path, keys: dict[str, Path]) -> Iterator[str]:
+    """gallery_bridge's own Server with a CURVE secret (started as tests/test_gallery_ingest.py does)."""
+    _pub, secret = zmq.auth.load_certificate(str(keys["server_secret"]))
+    target = FolderTarget(tmp_path / "gallery")
+    ingester = Ingester(Catalogue(target.catalogue_path), target)
+    server = Server(ingester, ServerConfig(bind="tcp://127.0.0.1:*", curve_secret=secret))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield server.endpoint
+    finally:
+        server.stop()
+        thread.join(10)
+        ingester.close()
+
+
+def one_photo_outbox(state: Path) -> Store:
+    s = Store(state)
+    ref = ImageRef("reddit:t3_curve:0", "https://i.redd.it/curve.jpg")
+    s.add_image(ref, "t3_curve")
+    sp = s.spool_path(ref.key, ".jpg")
+    sp.write_bytes(T.encode(T.photo(21)))
+    s.accept(ref.key, sp, ingest_meta(ref, 2000, 1500, "jpeg", {"gmm": 1.0, "watermark": None}), None, {"gmm": 1.0})
+    return s
+
+
+def test_delivers_over_curve(tmp_path: Path, keys: dict[str, Path], curve_gallery: str) -> None:
+    curve = curve_keys(str(keys["server"]), str(keys["client_secret"]), service="gallery")
+    assert curve is not None
+    with one_photo_outbox(tmp_path / "state") as s:
+        # Without CURVE the server never answers: the delivery waits, nothing is counted against the image.
+        plain = GalleryDeliverer(curve_gallery, timeout=0.5, retries=0)
+        try:
+            assert drain_outbox(s, plain, sleep=lambda x: False, wait=False) == (0, 1)
+        finally:
+            plain.close()
+        assert s.outbox()[0].attempts == 0
+        d = GalleryDeliverer(curve_gallery, timeout=10, retries=0, curve=curve)
+        try:
+            assert drain_outbox(s, d, sleep=lambda x: False, wait=False) == (1, 0)
+        finally:
+            d.close()
+        assert s.image_state("reddit:t3_curve:0")[0] == "delivered"
+
+
+def test_bare_z85_public_key_file_and_throwaway_client_key(tmp_path: Path, keys: dict[str, Path], curve_gallery: str) -> None:
+    pub, _ = zmq.auth.load_certificate(str(keys["server"]))
+    raw = tmp_path / "gallery.pub"
+    raw.write_bytes(pub + b"\n")
+    curve = curve_keys(str(raw), None, service="gallery")  # the server allows any client: a throwaway pair
+    assert curve is not None and curve[0] == pub
+    with one_photo_outbox(tmp_path / "state") as s:
+        d = GalleryDeliverer(curve_gallery, timeout=10, retries=0, curve=curve)
+        try:
+            assert drain_outbox(s, d, sleep=lambda x: False, wait=False) == (1, 0)
+        finally:
+            d.close()
+
+
+def test_key_mistakes_are_clear(tmp_path: Path, keys: dict[str, Path]) -> None:
+    with pytest.raises(CurveKeyError, match="holds a secret key"):
+        curve_keys(str(keys["server_secret"]), None, service="gallery")
+    renamed = tmp_path / "server.pub"  # a secret certificate under a neutral name is still caught
+    renamed.write_bytes(keys["server_secret"].read_bytes())
+    with pytest.raises(CurveKeyError, match="holds a secret key"):
+        curve_keys(str(renamed), None, service="gallery")
+    with pytest.raises(CurveKeyError, match="no secret key"):
+        curve_keys(str(keys["server"]), str(keys["client"]), service="gallery")
+    with pytest.raises(CurveKeyError, match="not found"):
+        curve_keys(str(tmp_path / "missing.key"), None, service="gallery")
+    with pytest.raises(CurveKeyError, match="needs --gallery-server-key"):
+        curve_keys(None, str(keys["client_secret"]), service="gallery")
+
+
+@pytest.mark.parametrize("which,message", [
+    ("server_secret", "--gallery-server-key"),
+    ("client", "--gallery-client-key"),
+])
+def test_cli_refuses_a_wrong_key_file_with_one_line(tmp_path: Path, keys: dict[str, Path], which: str, message: str) -> None:
+    server = keys["server_secret"] if which == "server_secret" else keys["server"]
+    client = keys["client"] if which == "client" else keys["client_secret"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "nomad", "once", "--state-dir", str(tmp_path / "state"),
+         "--gallery-server-key", str(server), "--gallery-client-key", str(client)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "REDDIT_CLIENT_ID": "", "REDDIT_CLIENT_SECRET": ""},
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len([ln for ln in proc.stderr.splitlines() if ln.startswith("nomad: error:")]) == 1
