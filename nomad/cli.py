@@ -286,8 +286,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             crawler.run(args.interval)
             return 0
         timer = None
+        gave_up = threading.Event()  # the wait limit, not a signal, stopped the cycle
+
+        def give_up() -> None:
+            gave_up.set()
+            stop.set()
+
         if args.wait_limit > 0:
-            timer = threading.Timer(args.wait_limit, stop.set)
+            timer = threading.Timer(args.wait_limit, give_up)
             timer.daemon = True
             timer.start()
         stats = crawler.cycle(final=True)
@@ -298,6 +304,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"nomad: error: could not read any listing ({redact.redact(stats.listing_error)})", file=sys.stderr)
             return EXIT_NO_LISTING
         left = crawler.store.outbox_size()
+        dead = len(crawler.store.dead_letters())
+        if dead:
+            print(f"nomad: {dead} image(s) in the dead letters ('nomad stats' says why, 'nomad retry-dead' requeues)", file=sys.stderr)
+        if gave_up.is_set():
+            # Cut by --wait-limit: whatever it was waiting for (anti_sus, gallery_bridge, a listing
+            # retrying its backoff) did not finish, even when nothing was queued yet.
+            print(f"nomad: gave up after --wait-limit {args.wait_limit:g}s with {crawler.pending()} image(s) "
+                  f"undecided or undelivered (kept in {args.state_dir})", file=sys.stderr)
+            return EXIT_UNFINISHED
         if left or (stop.is_set() and crawler.pending()):
             print(f"nomad: stopped with {crawler.pending()} image(s) undecided or undelivered (kept in {args.state_dir})", file=sys.stderr)
             return EXIT_UNFINISHED

@@ -47,8 +47,8 @@ def test_env_vars_set_defaults_and_flags_win() -> None:
     assert args.batch_size == 9 and many(args, "listing") == ["r/all/new"]
 
 
-def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nomad", *argv], capture_output=True, text=True, timeout=60,
+def run_cli(*argv: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "nomad", *argv], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
 
@@ -139,3 +139,41 @@ def test_once_with_unreachable_reddit_says_so(tmp_path: Path) -> None:
                    env={"REDDIT_CLIENT_ID": "", "REDDIT_CLIENT_SECRET": ""})
     assert proc.returncode == 4, proc.stderr[-2000:]
     assert "could not read any listing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_once_offline_with_a_wait_limit_exits_3_not_0(tmp_path: Path) -> None:
+    """Nothing answers, and the wait limit cuts the listing's retry backoff: unfinished (3), never success."""
+    port = free_port()  # nothing listens there
+    started = time.monotonic()
+    proc = run_cli("once", "--reddit-url", f"http://127.0.0.1:{port}", "--allow-private-addresses",
+                   "--connect-timeout", "1", "--reddit-retries", "6", "--wait-limit", "3",
+                   "--anti-sus", f"tcp://127.0.0.1:{free_port()}", "--gallery", f"tcp://127.0.0.1:{free_port()}",
+                   "--state-dir", str(tmp_path / "state"),
+                   env={"REDDIT_CLIENT_ID": "", "REDDIT_CLIENT_SECRET": ""})
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "gave up after --wait-limit 3s" in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - started < 50
+
+
+def test_once_exit_codes_0_2_3_with_the_emulator(tiny_models: Path, tmp_path: Path) -> None:
+    """0: everything decided and delivered; 3: anti_sus gone, --wait-limit gives up; 2: a bad flag."""
+    a_ep = f"tcp://127.0.0.1:{free_port()}"
+    common = ["--gmm-threshold=-1e30", "--watermark-threshold=1.0", "--deadline", "2", "--http-retries", "0",
+              "--batch-timeout", "1", "--anti-sus-timeout", "5"]
+    with Emulator() as emu:
+        env = {**emu.nomad_env()}
+        anti = Service("anti_sus", python_module("anti_sus", "serve", "--models", str(tiny_models), "--bind", a_ep, "--threads", "1"),
+                       log_path=tmp_path / "anti_sus.log").start()
+        try:
+            ok = run_cli("once", *emu.nomad_args(), *common, "--source", "reddit", "--anti-sus", a_ep,
+                         "--state-dir", str(tmp_path / "s0"), "--save-dir", str(tmp_path / "out"), env=env, timeout=200)
+        finally:
+            anti.stop()
+        assert ok.returncode == 0, ok.stderr[-3000:]
+        assert len(list((tmp_path / "out").glob("*.json"))) >= 1
+        cut = run_cli("once", *emu.nomad_args(), *common, "--source", "reddit", "--anti-sus", a_ep, "--wait-limit", "4",
+                      "--state-dir", str(tmp_path / "s3"), "--save-dir", str(tmp_path / "out3"), env=env, timeout=120)
+        assert cut.returncode == 3, cut.stderr[-3000:]
+        assert "gave up after --wait-limit 4s" in cut.stderr and "Traceback" not in cut.stderr
+    bad = run_cli("once", "--max-delivery-attempts", "0", "--state-dir", str(tmp_path / "s2"))
+    assert bad.returncode == 2 and "must be > 0" in bad.stderr
