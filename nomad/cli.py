@@ -124,10 +124,14 @@ def build_crawler(args: argparse.Namespace, stop: threading.Event, environ: Mapp
         deny_domains=cfg.many(args, "deny_domain"),
         deny_subreddits=cfg.many(args, "deny_subreddit"),
     )
-    client_keys = args.anti_sus_client_key if args.anti_sus_server_key else None
+    from nomad.delivery import curve_keys
+
+    # Checked now, not at the first request: a wrong key file is a start-up error (exit 2).
+    anti_curve = curve_keys(args.anti_sus_server_key, args.anti_sus_client_key, service="anti-sus")
     filter_client = FilterClient(
         args.anti_sus, timeout=args.anti_sus_timeout, retries=1,
-        curve_server_key=args.anti_sus_server_key, curve_client_keys=client_keys,
+        curve_server_key=anti_curve[0] if anti_curve else None,
+        curve_client_keys=(anti_curve[1], anti_curve[2]) if anti_curve else None,
     )
     filter_stage = FilterStage(
         filter_client,

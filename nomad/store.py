@@ -14,6 +14,9 @@ Nothing is downloaded twice and nothing accepted is lost across restarts:
   (continue tokens, stream cursor) and what it last did, for ``nomad sources``.
 * ``outbox``: accepted images not yet acknowledged; the original bytes stay on
   disk under ``state-dir/outbox/`` until the ack, so a restart redelivers them.
+  Each item counts its failed attempts and waits until ``next_attempt_at``.
+* ``dead_letters``: outbox items delivery gave up on (image state
+  ``dead_letter``), with their reason; their files stay until ``retry_dead``.
 """
 from __future__ import annotations
 

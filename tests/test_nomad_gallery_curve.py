@@ -106,16 +106,20 @@ def test_key_mistakes_are_clear(tmp_path: Path, keys: dict[str, Path]) -> None:
         curve_keys(None, str(keys["client_secret"]), service="gallery")
 
 
-@pytest.mark.parametrize("which,message", [
-    ("server_secret", "--gallery-server-key"),
-    ("client", "--gallery-client-key"),
+@pytest.mark.parametrize("service,which,message", [
+    ("gallery", "server_secret", "--gallery-server-key"),
+    ("gallery", "client", "--gallery-client-key"),
+    ("anti-sus", "server_secret", "--anti-sus-server-key"),  # the same check for anti_sus's flags
+    ("anti-sus", "client", "--anti-sus-client-key"),
 ])
-def test_cli_refuses_a_wrong_key_file_with_one_line(tmp_path: Path, keys: dict[str, Path], which: str, message: str) -> None:
+def test_cli_refuses_a_wrong_key_file_with_one_line(
+    tmp_path: Path, keys: dict[str, Path], service: str, which: str, message: str
+) -> None:
     server = keys["server_secret"] if which == "server_secret" else keys["server"]
     client = keys["client"] if which == "client" else keys["client_secret"]
     proc = subprocess.run(
         [sys.executable, "-m", "nomad", "once", "--state-dir", str(tmp_path / "state"),
-         "--gallery-server-key", str(server), "--gallery-client-key", str(client)],
+         f"--{service}-server-key", str(server), f"--{service}-client-key", str(client)],
         capture_output=True, text=True, timeout=60, env={**os.environ, "REDDIT_CLIENT_ID": "", "REDDIT_CLIENT_SECRET": ""},
     )
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -448,3 +448,80 @@ def test_appview_failure_ends_the_cycle_before_the_unchecked_post(emu: Emulator)
     assert int(cursors.get("time_us") or 0) < first_post  # alice's post was not handed on, and not passed
     assert drain(src, cursors, seen) == accepted_ids(emu)  # the AppView is back: nothing was lost
 
+
+# --- the whole crawler: `nomad once --source bluesky` ----------------------------------------
+
+
+def bluesky_outcome(store: Store, post_id: str) -> str:
+    """What nomad made of a post, spelled like the scenario's labels (skips inside the source leave no row)."""
+    state = store.post_state(post_id)
+    if state is None:
+        return "unseen"
+    images = store.images_of(post_id)
+    if state[0] != "expanded" or len(images) != 1:
+        return f"post_{state[0]}_{state[1]}_{len(images)}"
+    _key, st, reason = images[0]
+    if st == "delivered":
+        return "accept_candidate"
+    return "skip_small" if (st, reason) == ("rejected", "too_small") else f"{st}_{reason}"
+
+
+def test_nomad_once_source_bluesky_keeps_the_right_images_then_fetches_nothing(emu: Emulator, tmp_path: Path) -> None:
+    import threading
+
+    from nomad.cli import build_crawler, build_parser
+    from tests.test_nomad_crawler import FakeFilter
+
+    def once() -> Any:
+        args = build_parser({}).parse_args([
+            "once", *emu.nomad_args(), "--source", "bluesky",
+            "--bluesky-jetstream-url", f"wss://{JETSTREAM_HOST}:{emu.port}/subscribe",
+            "--bluesky-cdn-url", f"https://{CDN_HOST}:{emu.port}",
+            "--bluesky-appview-url", f"https://{APPVIEW_HOST}:{emu.port}",
+            "--bluesky-idle-seconds", "0.5", "--state-dir", str(tmp_path / "state"), "--save-dir", str(tmp_path / "out"),
+            "--deadline", "5", "--http-retries", "0", "--backoff-max", "0.2"])
+        crawler = build_crawler(args, threading.Event(), environ={})  # no credentials of any site
+        crawler.filter_stage.client = FakeFilter()
+        try:
+            stats = crawler.cycle(final=True)
+            got = {pid: bluesky_outcome(crawler.store, pid) for pid in feed.expected}
+            statuses = crawler.store.source_statuses()
+        finally:
+            crawler.shutdown()
+            crawler.store.close()
+        return stats, got, statuses
+
+    feed = emu.scenario.jetstream
+    stats, got, statuses = once()
+    want = {pid: (w if w in ("accept_candidate", "skip_small") else "unseen") for pid, w in feed.expected.items()}
+    assert got == want
+    accepted = sum(1 for w in want.values() if w == "accept_candidate")
+    assert stats.accepted == stats.delivered == accepted == 3
+    # the three kept images only: the small one is refused on its aspectRatio size, before any download
+    assert sorted(r.path.rsplit("/", 2)[1] for r in emu.records() if r.host == CDN_HOST) == [
+        "did:plc:alice2kx7u4z5xq4a7zqk3abc", "did:plc:bobby6yq2n4m5r7t3vwx9def", "did:web:dave.example.com"]
+    assert statuses["bluesky"]["state"] == "ok"
+    sidecars = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")]
+    lake = next(m for m in sidecars if m["post_id"].endswith("/3l3qo2vuowo2a"))
+    assert lake["source"] == "bluesky" and lake["alt"] == "photo lake" and lake["width"] == 1600
+    assert lake["description_url"] == "https://bsky.app/profile/did:plc:alice2kx7u4z5xq4a7zqk3abc/post/3l3qo2vuowo2a"
+
+    before = len(emu.records())
+    stats, got, _ = once()  # a restart: the cursor, opt-outs and seen posts come from the state DB
+    new = [(r.host, r.path) for r in emu.records()[before:]]
+    assert new == [(JETSTREAM_HOST, "/subscribe")]  # only the stream itself; no image, no AppView lookup
+    assert stats.new_posts == 0 and stats.downloaded == 0 and got == want
+
+
+@pytest.mark.parametrize("flag,value", [("--bluesky-jetstream-url", "https://jetstream.example/subscribe"),
+                                        ("--bluesky-cdn-url", "cdn.bsky.app"), ("--bluesky-appview-url", "ftp://x.example")])
+def test_nomad_once_with_a_bad_bluesky_url_says_so_in_one_line(tmp_path: Path, flag: str, value: str) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "nomad", "once", "--source", "bluesky", flag, value,
+                           "--state-dir", str(tmp_path / "state"), "--save-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in proc.stderr
