@@ -3,9 +3,12 @@
 - CLIP: exported from open_clip with a pretrained tag (needs internet and the
   ``models`` extra, i.e. torch, on the first run).
 - GMM: fitted on "good" images. When none is fitted, it is bootstrapped from
-  the gallery folder if that already holds enough images, else from the top
-  images of all time of the "taste" subreddits (default r/EarthPorn), fetched
-  through nomad's own sources, rules and safe downloader. The log says which.
+  the gallery folder if that already holds enough images, else from "taste"
+  images fetched through nomad's own sources, rules and safe downloader: by
+  default the newest Wikimedia Commons Featured pictures (no account; needs
+  ``NOMAD_CONTACT`` for Wikimedia's User-Agent rule), or with
+  ``--taste-source reddit`` the top images of all time of the taste subreddits
+  (default r/EarthPorn; needs reddit OAuth credentials). The log says which.
 - Watermark: trained by the operator (``models.train_watermark``); without it
   the watermark stage is off, and this says so loudly.
 
@@ -22,13 +25,22 @@ import shutil
 import sys
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from anti_sus.modeldir import ModelDirError, read_manifest, verify
+from nomad.net.errors import FetchError
+
+if TYPE_CHECKING:
+    from nomad.sources.base import Candidate
 
 log = logging.getLogger("stack.models")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+TASTE_SOURCES = ("commons", "reddit")
+TASTE_LISTING = "featured"
+"""The Commons listing the bootstrap reads: Featured pictures, Commons' own best photos."""
+REDDIT_NEEDS_OAUTH = ("--taste-source reddit reads reddit's top listings, which need OAuth: set REDDIT_CLIENT_ID and "
+                      "REDDIT_CLIENT_SECRET, or use the default --taste-source commons (no account)")
 
 
 class EnsureError(Exception):
@@ -39,15 +51,27 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
+def _taste_source(text: str) -> str:
+    value = text.strip().lower()
+    if value not in TASTE_SOURCES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(TASTE_SOURCES)}, got {text!r}")
+    return value
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``stack.up`` and ``stack.ensure_models``."""
     g = p.add_argument_group("models (built on first run when missing)")
     g.add_argument("--pretrained", default=_env("STACK_CLIP_PRETRAINED", "openai"),
                    help="open_clip pretrained tag for ViT-B-16 (downloads once) [env STACK_CLIP_PRETRAINED]")
+    # A type, not choices: argparse runs it on the env default too, so a bad STACK_TASTE_SOURCE exits 2 as well.
+    g.add_argument("--taste-source", default=_env("STACK_TASTE_SOURCE", "commons"), type=_taste_source, metavar="{commons,reddit}",
+                   help="where the images that define 'good' come from when the gallery is too small: commons "
+                        "(the newest Wikimedia Commons Featured pictures, no account, needs NOMAD_CONTACT) or reddit "
+                        "(top of --taste-subreddits, needs REDDIT_CLIENT_ID/SECRET) [env STACK_TASTE_SOURCE]")
     g.add_argument("--taste-subreddits", default=_env("STACK_TASTE_SUBREDDITS", "EarthPorn"),
-                   help="comma list of subreddits whose top images of all time define 'good' when the gallery is too small [env STACK_TASTE_SUBREDDITS]")
+                   help="with --taste-source reddit: comma list of subreddits whose top images of all time define 'good' [env STACK_TASTE_SUBREDDITS]")
     g.add_argument("--taste-limit", type=int, default=int(_env("STACK_TASTE_LIMIT", "300")),
-                   help="top posts to read per taste subreddit [env STACK_TASTE_LIMIT]")
+                   help="files to read from Commons Featured pictures, or top posts per taste subreddit [env STACK_TASTE_LIMIT]")
     g.add_argument("--min-good-images", type=int, default=int(_env("STACK_MIN_GOOD_IMAGES", "200")),
                    help="fit the GMM on the gallery when it holds at least this many images [env STACK_MIN_GOOD_IMAGES]")
     g.add_argument("--components", default=_env("STACK_GMM_COMPONENTS", "16"),
@@ -104,45 +128,92 @@ def ensure_clip(models: Path, pretrained: str) -> None:
                           "model hub once; without it, try the offline demo: make demo") from exc
 
 
-def collect_taste(args: argparse.Namespace, out: Path) -> int:
-    """Download the top images of the taste subreddits into ``out`` through nomad's pipeline stages.
+def taste_name(args: argparse.Namespace) -> str:
+    """Where the taste images come from, for log lines and messages."""
+    if args.taste_source == "reddit":
+        return "the top images of r/" + args.taste_subreddits.replace(",", ", r/")
+    return "the newest Wikimedia Commons Featured pictures"
 
-    Post rules, link expansion (imgur, flickr, galleries), image rules, the SSRF-guarded
-    downloader and the safe decoder are nomad's own; only the anti_sus stage is skipped
-    (there is no GMM yet: that is what these images are for).
-    """
+
+def _taste_crawler(args: argparse.Namespace, source: str) -> Any:
+    """A nomad crawler reading only ``source``, configured like ``nomad once`` plus ``--taste-nomad-arg``."""
     from nomad.cli import build_crawler, build_parser
 
-    out.mkdir(parents=True, exist_ok=True)
-    ns = build_parser().parse_args(["once", "--state-dir", str(args.state_dir / "taste-state"),
-                                    "--save-dir", str(args.state_dir / "taste-unused"), *args.taste_nomad_arg])
-    stop = threading.Event()
-    crawler = build_crawler(ns, stop)
-    saved = 0
+    argv = ["once", "--state-dir", str(args.state_dir / "taste-state"), "--save-dir", str(args.state_dir / "taste-unused"),
+            "--source", source, *args.taste_nomad_arg]
     try:
+        ns = build_parser().parse_args(argv)
+    except SystemExit:  # argparse has printed its one line already
+        raise EnsureError(f"a --taste-nomad-arg is not a nomad flag: {' '.join(args.taste_nomad_arg)}") from None
+    try:
+        return build_crawler(ns, threading.Event())
+    except (ValueError, OSError) as exc:  # SourceConfigError (e.g. no NOMAD_CONTACT), bad CA bundle, state dir
+        raise EnsureError(f"cannot download taste images ({source}): {exc}") from exc
+
+
+def _taste_posts(args: argparse.Namespace, crawler: Any) -> Iterator[Candidate]:
+    """The posts to take taste images from, best first."""
+    if args.taste_source == "reddit":
+        if crawler.reddit is None:
+            raise EnsureError(REDDIT_NEEDS_OAUTH)
         for sub in [s.strip() for s in args.taste_subreddits.split(",") if s.strip()]:
             posts = crawler.reddit.top(sub, "all", args.taste_limit)
             log.info("taste: r/%s top of all time: %d posts", sub, len(posts))
-            for post in posts:
-                if crawler.rules.check_post(post):
+            yield from posts
+        return
+    source = next(s for s in crawler.sources if s.name == "commons")
+    log.info("taste: %s, up to %d files (%s)", taste_name(args), args.taste_limit, source.describe())
+    yield from source.newest(TASTE_LISTING, args.taste_limit)
+
+
+def collect_taste(args: argparse.Namespace, out: Path) -> int:
+    """Download taste images into ``out`` through nomad's pipeline stages; returns how many were saved.
+
+    Post rules, link expansion (imgur, flickr, galleries), image rules, the SSRF-guarded
+    downloader and the safe decoder are nomad's own; only the anti_sus stage is skipped
+    (there is no GMM yet: that is what these images are for). A source that cannot be
+    read at all is an :class:`EnsureError`; one that fails midway keeps what was saved.
+    """
+    from nomad.config import secret
+    from nomad.sources.base import SourceError
+
+    if args.taste_source == "reddit" and not (secret("REDDIT_CLIENT_ID") and secret("REDDIT_CLIENT_SECRET")):
+        raise EnsureError(REDDIT_NEEDS_OAUTH)  # reddit answers anonymous JSON with a block page
+    out.mkdir(parents=True, exist_ok=True)
+    crawler = _taste_crawler(args, args.taste_source)
+    saved = 0
+    try:
+        posts = _taste_posts(args, crawler)
+        while True:
+            try:
+                post = next(posts, None)
+            except (SourceError, FetchError) as exc:
+                if saved:
+                    log.warning("taste: %s stopped answering (%s); keeping the %d images saved", args.taste_source, exc, saved)
+                    break
+                raise EnsureError(f"cannot read {taste_name(args)}: {exc}") from exc
+            if post is None:
+                break
+            if crawler.rules.check_post(post):
+                continue
+            try:
+                refs = crawler.expand(post)
+            except Exception as exc:  # noqa: BLE001 - one bad post must not stop the bootstrap
+                log.info("taste: post %s skipped: %s", post.post_id, exc)
+                continue
+            for ref in refs:
+                if crawler.rules.check_ref(ref):
                     continue
-                try:
-                    refs = crawler.expand(post)
-                except Exception as exc:  # noqa: BLE001 - one bad post must not stop the bootstrap
-                    log.info("taste: post %s skipped: %s", post.post_id, exc)
+                outcome, reason, item = crawler.fetch(ref)
+                if item is None:
+                    log.info("taste: %s %s (%s)", ref.key, outcome, reason)
                     continue
-                for ref in refs:
-                    if crawler.rules.check_ref(ref):
-                        continue
-                    outcome, reason, item = crawler.fetch(ref)
-                    if item is None:
-                        log.info("taste: %s %s (%s)", ref.key, outcome, reason)
-                        continue
-                    dest = out / f"{ref.key.replace(':', '_')}.{item.format}"
-                    shutil.move(str(item.spool), dest)
-                    saved += 1
+                dest = out / f"{ref.key.replace(':', '_')}.{item.format}"
+                shutil.move(str(item.spool), dest)
+                saved += 1
     finally:
         crawler.close()
+        crawler.store.close()
     return saved
 
 
@@ -158,15 +229,14 @@ def ensure_gmm(args: argparse.Namespace) -> None:
     else:
         source = Path(args.state_dir) / "taste"
         have = len(find_images(source))
-        log.info("GMM: the gallery has %d images (< %d); using the top images of r/%s instead",
-                 len(good), args.min_good_images, args.taste_subreddits.replace(",", ", r/"))
+        log.info("GMM: the gallery has %d images (< %d); using %s instead", len(good), args.min_good_images, taste_name(args))
         if have < args.min_good_images:
             got = collect_taste(args, source)
             log.info("GMM: downloaded %d taste images into %s", got, source)
         have = len(find_images(source))
         if have == 0:
-            raise EnsureError(f"no good images to fit the GMM on: the gallery is empty and nothing could be "
-                              f"downloaded from r/{args.taste_subreddits}. Put photos you like into "
+            raise EnsureError(f"no good images to fit the GMM on: the gallery is too small and nothing could be "
+                              f"downloaded from {taste_name(args)}. Put photos you like into "
                               f"{Path(args.gallery) / 'images'} or run: python -m models.fit_gmm --models {models} --images DIR")
         log.info("GMM: fitting on %d taste images in %s", have, source)
     from models import fit_gmm

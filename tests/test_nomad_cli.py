@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(240)
 
 def test_every_flag_names_its_env_var() -> None:
     parser = build_parser({})
-    for sub in ("run", "once", "stats", "sources"):
+    for sub in ("run", "once", "stats", "sources", "retry-dead"):
         action = next(a for a in parser._subparsers._group_actions if a.choices)  # type: ignore[union-attr]
         sp = action.choices[sub]
         for act in sp._actions:
@@ -32,6 +32,8 @@ def test_every_flag_names_its_env_var() -> None:
                 assert "[env NOMAD_" in (act.help or ""), (sub, act.option_strings)
     help_text = subprocess.run([sys.executable, "-m", "nomad", "once", "--help"], capture_output=True, text=True).stdout
     assert "NOMAD_BATCH_SIZE" in help_text and "NOMAD_REDDIT_URL" in help_text and "(default: 64)" in help_text
+    for name in ("NOMAD_MAX_DELIVERY_ATTEMPTS", "NOMAD_GALLERY_SERVER_KEY", "NOMAD_GALLERY_CLIENT_KEY"):
+        assert name in help_text
 
 
 def test_env_vars_set_defaults_and_flags_win() -> None:

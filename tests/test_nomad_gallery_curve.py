@@ -125,3 +125,34 @@ def test_cli_refuses_a_wrong_key_file_with_one_line(
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len([ln for ln in proc.stderr.splitlines() if ln.startswith("nomad: error:")]) == 1
+
+
+def test_allow_listed_client_key_gets_in_others_do_not(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """gallery_bridge with an allow-list (its .key_secret certificate + a directory of client .key files):
+    nomad's --gallery-client-key is let in, a throwaway key pair is not."""
+    allow = tmp_path / "allowed"
+    allow.mkdir()
+    (allow / "nomad.key").write_bytes(keys["client"].read_bytes())
+    target = FolderTarget(tmp_path / "gallery")
+    ingester = Ingester(Catalogue(target.catalogue_path), target)
+    server = Server(ingester, ServerConfig(bind="tcp://127.0.0.1:*", curve_secret_key=keys["server_secret"], curve_allow=allow))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        with one_photo_outbox(tmp_path / "state") as s:
+            stranger = GalleryDeliverer(server.endpoint, timeout=0.5, retries=0,
+                                        curve=curve_keys(str(keys["server"]), None, service="gallery"))
+            try:
+                assert drain_outbox(s, stranger, sleep=lambda x: False, wait=False) == (0, 1)
+            finally:
+                stranger.close()
+            d = GalleryDeliverer(server.endpoint, timeout=10, retries=0,
+                                 curve=curve_keys(str(keys["server"]), str(keys["client_secret"]), service="gallery"))
+            try:
+                assert drain_outbox(s, d, sleep=lambda x: False, wait=False) == (1, 0)
+            finally:
+                d.close()
+    finally:
+        server.stop()
+        thread.join(10)
+        ingester.close()

@@ -338,6 +338,7 @@ def test_flags_env_and_build(emu: Emulator) -> None:
     assert "NOMAD_CONTACT" in help_text
     ctx = SourceContext(http=HttpClient(), user_agent="x", environ={}, sleep=lambda s: False)
     assert not commons.available(args, {}) and commons.available(args, {"NOMAD_CONTACT": CONTACT})
+    assert "NOMAD_CONTACT is unset" in commons.credentials({}) and CONTACT in commons.credentials({"NOMAD_CONTACT": CONTACT})
     with pytest.raises(ValueError, match="NOMAD_CONTACT"):
         commons.build(args, ctx)
     ctx.environ = {"NOMAD_CONTACT": CONTACT}
@@ -375,3 +376,73 @@ def test_emulated_answers_match_the_fixtures(emu: Emulator) -> None:
                             headers={"User-Agent": user_agent(CONTACT)})
     assert set(resp.json()["error"]) == set(fixture("commons_maxlag.json")["error"])
     assert resp.headers["Retry-After"] and resp.status == 200
+
+
+# --- `nomad once --source commons`, no credentials at all ---------------------------------------------
+
+LABELS = {"no_image": "skip_not_image", "video": "skip_video", "removed": "skip_removed", "too_small": "skip_small",
+          "too_wide": "skip_aspect", "too_tall": "skip_aspect", "animated": "skip_animated"}
+
+
+def stored_outcome(store: Store, post_id: str) -> str:
+    state = store.post_state(post_id)
+    if state is None:
+        return "unseen"
+    if state[0] != "expanded":
+        return LABELS.get(state[1] or "", f"post_{state[0]}_{state[1]}")
+    (_key, st, reason), = store.images_of(post_id)
+    if st in ("accepted", "delivered"):
+        return "accept_candidate"
+    return LABELS.get(reason or "", f"{st}_{reason}")
+
+
+@pytest.mark.timeout(300)
+def test_nomad_once_source_commons_keeps_the_right_images_and_fetches_nothing_twice(tiny_models: Path, tmp_path: Path) -> None:
+    from stack.procs import Service, free_port, python_module
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDDIT_", "IMGUR_", "FLICKR_", "NOMAD_"))}
+    env["NOMAD_CONTACT"] = CONTACT
+    a_ep = f"tcp://127.0.0.1:{free_port()}"
+    anti = Service("anti_sus", python_module("anti_sus", "serve", "--models", str(tiny_models), "--bind", a_ep, "--threads", "1"),
+                   log_path=tmp_path / "anti_sus.log")
+    saved = tmp_path / "saved"
+    with Emulator() as emu:
+        argv = python_module("nomad", "once", "--source", "commons", *emu.nomad_args(), "--anti-sus", a_ep,
+                             "--gmm-threshold=-1e30", "--watermark-threshold=1.0",  # tiny random models: let all through
+                             "--state-dir", str(tmp_path / "state"), "--save-dir", str(saved), "--anti-sus-timeout", "10",
+                             "--backoff-max", "1", "--http-retries", "0", "--batch-size", "4")
+        anti.start()
+        try:
+            first = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=200)
+            assert first.returncode == 0, first.stderr[-4000:] + anti.tail()
+            after_first = len(emu.records())
+            second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=200)
+            assert second.returncode == 0, second.stderr[-4000:]
+        finally:
+            anti.stop()
+        expected = emu.scenario.commons.expected
+        later = emu.records()[after_first:]
+    with Store(tmp_path / "state") as store:
+        got = {pid: stored_outcome(store, pid) for pid in expected}
+    assert got == expected
+    # The second run asked each listing once and downloaded nothing.
+    assert not [r for r in later if r.host == "upload.wikimedia.org"]
+    assert not [r for r in later if "pageids" in r.query]
+    assert {r.host for r in later} == {"commons.wikimedia.org"}
+    # Licence and attribution travel with every kept image (here: the --save-dir sidecars).
+    sidecars = [json.loads(p.read_text()) for p in saved.rglob("*.json")]
+    assert len(sidecars) == sum(1 for v in expected.values() if v == "accept_candidate")
+    for meta in sidecars:
+        assert meta["source"] == "commons" and meta["licence"].startswith("CC BY") and meta["license_url"].startswith("https://creativecommons.org/")
+        assert meta["artist"] == meta["author"] == "Emu & Photographer" and meta["credit"] == "Own work"
+        assert meta["source_url"] == meta["description_url"] and meta["source_url"].startswith("https://commons.wikimedia.org/wiki/File:")
+        assert meta["image_url"].startswith(f"https://upload.wikimedia.org:")
+
+
+def test_nomad_once_source_commons_without_contact_says_so(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOMAD_",))}
+    out = subprocess.run([sys.executable, "-m", "nomad", "once", "--source", "commons", "--state-dir", str(tmp_path / "s")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "NOMAD_CONTACT" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -49,7 +49,7 @@ def test_gmm_bootstrapped_from_taste_subreddit_through_nomad(tiny_models: Path, 
         for k, v in emu.nomad_env().items():
             monkeypatch.setenv(k, v)
         nomad_flags = [f"--taste-nomad-arg={a}" for a in emu.nomad_args()]
-        code = ensure_models.main(ensure_args(tmp_path, models, "--taste-subreddits", "EarthPorn",
+        code = ensure_models.main(ensure_args(tmp_path, models, "--taste-source", "reddit", "--taste-subreddits", "EarthPorn",
                                               "--min-good-images", "5", *nomad_flags))
         assert code == 0
         # The taste posts were read from reddit's top listing and their images downloaded.

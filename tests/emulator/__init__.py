@@ -125,6 +125,7 @@ class Emulator:
             # Key-less sources: the emulator's feeds, unpaced (reddit's real feeds allow ~1 request/min).
             "--flickr-feed-url", f"https://api.flickr.com:{self.port}",
             "--reddit-feed-interval", "0", "--flickr-feed-interval", "0",
+            "--commons-api-url", f"https://commons.wikimedia.org:{self.port}/w/api.php", "--commons-interval", "0",
         ]
 
     def nomad_env(self, *, keyless: bool = False) -> dict[str, str]:
