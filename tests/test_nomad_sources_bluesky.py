@@ -390,7 +390,7 @@ def test_registry_contract(emu: Emulator) -> None:
     import argparse
 
     from nomad.config import _Flags
-    from nomad.sources.api import SourceContext
+    from nomad.sources.registry import CrawlContext
 
     parser = argparse.ArgumentParser()
     bluesky.add_flags(_Flags(parser, {"NOMAD_BLUESKY_MAX_POSTS": "7"}))
@@ -399,12 +399,16 @@ def test_registry_contract(emu: Emulator) -> None:
                               "--bluesky-appview-url", f"https://{APPVIEW_HOST}:{emu.port}"])
     assert bluesky.NAME == "bluesky" and bluesky.available(args, {})
     statuses: dict[str, SourceStatus] = {}
-    ctx = SourceContext(http=http_for(emu), user_agent="nomad-test/1", environ={}, sleep=lambda s: False,
-                        on_status=statuses.__setitem__)
+    waits: list[tuple[str, str, float]] = []
+    ctx = CrawlContext(http=http_for(emu), user_agent="nomad-test/1", environ={}, sleep=lambda s: False,
+                       on_status=statuses.__setitem__, on_wait=lambda *w: waits.append(w))
+    emu.scenario.inject[(JETSTREAM_HOST, "/subscribe")] = [429]
+    emu.scenario.inject[(APPVIEW_HOST, "/xrpc/app.bsky.actor.getProfiles")] = [503]
     src = bluesky.build(args, ctx)
     assert src.max_posts == 7 and src.name == "bluesky" and "Jetstream" in src.describe()
     assert drain(src, MemCursors(), set()) == accepted_ids(emu)
     assert statuses["bluesky"].state == "ok"
+    assert [(w[0], w[1]) for w in waits] == [("bluesky", "rate_limited"), ("bluesky", "HTTP 503")]
     ua = {r.headers.get("User-Agent") for r in emu.records() if r.host in (JETSTREAM_HOST, APPVIEW_HOST)}
     assert ua == {"nomad-test/1"}
     bad = parser.parse_args(["--bluesky-cdn-url", "cdn.bsky.app"])

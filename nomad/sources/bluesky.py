@@ -352,6 +352,7 @@ class JetstreamSource(ListingSource):
         on_status: Callable[[str, SourceStatus], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         appview_url: str | None = DEFAULT_APPVIEW,
+        on_wait: Callable[[str, float], None] | None = None,
     ) -> None:
         check_ws_url(url)
         self.http = http
@@ -366,6 +367,7 @@ class JetstreamSource(ListingSource):
         self.backoff_max = backoff_max
         self._sleep = sleep or (lambda s: time.sleep(s))
         self._on_status = on_status
+        self._on_wait = on_wait
         self._clock = clock
         self.status = SourceStatus()
         self.optouts = OptOuts()
@@ -373,7 +375,7 @@ class JetstreamSource(ListingSource):
         self.appview_url = (appview_url or "").rstrip("/")
         self.appview = (
             SiteApi(http, NAME, max_retries=retries, backoff=backoff, backoff_max=60.0,
-                    headers={"User-Agent": user_agent}, sleep=self._sleep, on_status=on_status)
+                    headers={"User-Agent": user_agent}, sleep=self._sleep, on_status=on_status, on_wait=on_wait)
             if self.appview_url else None
         )
         self._checked: OrderedDict[str, bool] = OrderedDict()
@@ -392,6 +394,12 @@ class JetstreamSource(ListingSource):
         self.status = SourceStatus(state, detail, time.time())
         if self._on_status is not None:
             self._on_status(self.name, self.status)
+
+    def _wait(self, seconds: float, why: str) -> bool:
+        """Interruptible backoff (counted by ``on_wait``); True when a stop was requested."""
+        if self._on_wait is not None:
+            self._on_wait(why, seconds)
+        return bool(self._sleep(seconds))
 
     def backoff_for(self, attempt: int, retry_after: float | None = None) -> float:
         """Exponential backoff with full jitter, never below the server's Retry-After."""
@@ -484,7 +492,7 @@ class JetstreamSource(ListingSource):
                             f"bluesky: {exc}", transient=True,
                         ) from exc
                     log.info("bluesky: %s; retrying in %.1fs", exc, delay)
-                    if self._sleep(delay):
+                    if self._wait(delay, exc.reason):
                         return
                     continue
                 self._failures = 0
@@ -500,7 +508,7 @@ class JetstreamSource(ListingSource):
                 attempt += 1
                 if attempt > self.retries or self._clock() + delay > deadline:
                     break
-                if self._sleep(delay):
+                if self._wait(delay, "stream closed"):
                     return
         finally:
             self._save(cursors, state)
@@ -680,6 +688,7 @@ def build(args: argparse.Namespace, ctx: SourceContext) -> JetstreamSource:
     url = getattr(args, "bluesky_jetstream_url", DEFAULT_JETSTREAM)
     cdn = getattr(args, "bluesky_cdn_url", DEFAULT_CDN)
     appview = getattr(args, "bluesky_appview_url", DEFAULT_APPVIEW)
+    on_wait = getattr(ctx, "on_wait", None)  # the registry's CrawlContext counts waits per source
     check_ws_url(url)
     check_http_url(cdn)
     if appview:
@@ -695,6 +704,7 @@ def build(args: argparse.Namespace, ctx: SourceContext) -> JetstreamSource:
         sleep=ctx.sleep,
         on_status=ctx.on_status,
         appview_url=appview or None,
+        on_wait=(lambda why, s: on_wait(NAME, why, s)) if on_wait else None,
     )
 
 
