@@ -60,12 +60,7 @@ from nomad.http import HttpClient, parse_retry_after
 from nomad.net.errors import BlockedAddress, FetchError
 from nomad.sources.api import SiteApi, SourceContext, SourceStatus
 
-from .base import Candidate, Cursors, Link, ListingSource, SourceError
-
-try:  # the registry helper adds SourceConfigError to base.py
-    from .base import SourceConfigError  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - until then a plain ValueError says the same
-    SourceConfigError = ValueError  # type: ignore[misc,assignment]
+from .base import Candidate, Cursors, Link, ListingSource, SourceConfigError, SourceError
 
 log = logging.getLogger(__name__)
 

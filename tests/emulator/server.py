@@ -14,6 +14,8 @@ Sites:
   ``/3/gallery/album/{id}``, ``/3/image/{id}``, ``/3/gallery/image/{id}``.
 - flickr REST ``/services/rest/?method=flickr.photos.getSizes|flickr.photos.getInfo``
   with ``api_key``, ``format=json&nojsoncallback=1``.
+- Bluesky (jetstream.py): the Jetstream websocket ``wss://jetstream2.us-east.bsky.network/subscribe``
+  and the AppView's ``app.bsky.actor.getProfiles``; images are ``cdn.bsky.app`` files.
 - everything else: :class:`~tests.emulator.scenario.Resource` files from the scenario.
 """
 from __future__ import annotations
