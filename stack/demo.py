@@ -3,7 +3,9 @@
 Builds tiny random-weight models, starts the emulated internet (reddit, imgur,
 flickr and image hosts over HTTPS on 127.0.0.1, with hostile cases), starts
 anti_sus and gallery_bridge, runs ``nomad once`` against the emulator with the
-SSRF guard on, then prints what happened and where the gallery page is.
+SSRF guard on and no credentials at all (the key-less sources a new user gets:
+reddit's Atom feeds, flickr's public feed, and the others that need no key),
+then prints what happened and where the gallery page is.
 
 Nothing leaves the machine. The tiny models have random weights, so which
 photos count as "good" is arbitrary; the point is to see every stage work.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -51,6 +54,17 @@ def nomad_stats(state: Path) -> dict[str, Any]:
     return json.loads(out.stdout)
 
 
+KEYED = ("REDDIT_", "IMGUR_", "FLICKR_")
+"""Credential variables the demo leaves out: it runs the key-less sources only."""
+
+
+def sources_report(state: Path, env: dict[str, str]) -> str:
+    """``nomad sources`` after the run: which key-less sources ran and what they last did."""
+    out = subprocess.run(python_module("nomad", "sources", "--state-dir", str(state)), capture_output=True, text=True,
+                         timeout=60, env=env)
+    return "sources (no credentials set)\n" + "\n".join("  " + line for line in out.stdout.splitlines())
+
+
 def _by_reason(counts: dict[str, int]) -> str:
     return ", ".join(f"{r} {n}" for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
 
@@ -61,7 +75,7 @@ def summary(stats: dict[str, Any], gallery: Path, emulated_posts: int) -> str:
     accepted = images.get("accepted", 0) + images.get("delivered", 0)
     files = sorted((gallery / "images").glob("*")) if (gallery / "images").is_dir() else []
     rows = [
-        ("emulated posts", f"{emulated_posts}"),
+        ("emulated reddit posts", f"{emulated_posts} (plus the other sources' items)"),
         ("posts read", f"{sum(posts.values())} ({posts.get('expanded', 0)} with images; "
                        f"{posts.get('rejected', 0)} rejected: {_by_reason(stats.get('posts_rejected', {}))})"),
         ("image candidates", f"{sum(images.values())}"),
@@ -112,16 +126,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             say("4/4 nomad once (one poll cycle, everything decided and delivered)")
             cmd = python_module("nomad", "once", "--anti-sus", a, "--gallery", g, "--state-dir", str(state),
                                 "--deadline", "8", "--batch-timeout", "2", *emu.nomad_args())
+            # No accounts: whatever credentials this shell holds stay out, as on a fresh machine.
+            env = {k: v for k, v in os.environ.items() if not k.startswith(KEYED)} | emu.nomad_env(keyless=True)
             t = time.monotonic()
             with open(logs / "nomad.log", "wb") as nlog:
-                proc = subprocess.run(cmd, env={**__import__("os").environ, **emu.nomad_env()}, stdout=nlog,
-                                      stderr=subprocess.STDOUT, timeout=args.timeout)
+                proc = subprocess.run(cmd, env=env, stdout=nlog, stderr=subprocess.STDOUT, timeout=args.timeout)
             say(f"  nomad finished in {time.monotonic() - t:.0f}s with exit code {proc.returncode} (log: {logs / 'nomad.log'})")
             if proc.returncode != 0:
                 say((logs / "nomad.log").read_text("utf-8", "replace")[-3000:])
                 return 1
             say("")
             say(summary(nomad_stats(state), gallery, len(emu.scenario.posts)))
+            say(sources_report(state, env))
             return 0
         finally:
             stop_all(svcs)
