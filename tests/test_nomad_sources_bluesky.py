@@ -88,7 +88,10 @@ def test_text_only_other_ops_and_collections_are_skipped() -> None:
     assert post_candidate(text_only) == (None, "text_only")
     link_card = copy.deepcopy(event)
     link_card["commit"]["record"]["embed"] = {"$type": "app.bsky.embed.external", "external": {"uri": "https://x.example/a.jpg"}}
-    assert post_candidate(link_card) == (None, "text_only")
+    assert post_candidate(link_card) == (None, "not_images")
+    video = copy.deepcopy(event)
+    video["commit"]["record"]["embed"] = {"$type": "app.bsky.embed.video", "video": {"$type": "blob", "ref": {"$link": "bafkrei" + "a" * 50}}}
+    assert post_candidate(video) == (None, "not_images")
     for op in ("update", "delete"):
         other = copy.deepcopy(event)
         other["commit"]["operation"] = op

@@ -177,7 +177,8 @@ def post_candidate(event: Mapping[str, Any], cdn_url: str = DEFAULT_CDN) -> tupl
     """A Candidate for a post-create event, or (None, why it is skipped).
 
     Reasons: ``not_post`` (another collection or operation), ``bad_post``
-    (malformed ids or record), ``adult_label``, ``text_only`` (no image embed),
+    (malformed ids or record), ``adult_label``, ``text_only`` (no embed),
+    ``not_images`` (a video, link card or plain quote),
     ``no_image`` (image entries without a usable blob).
     """
     commit = event.get("commit")
@@ -197,7 +198,7 @@ def post_candidate(event: Mapping[str, Any], cdn_url: str = DEFAULT_CDN) -> tupl
         return None, "opted_out"
     images = embedded_images(record.get("embed"))
     if not images:
-        return None, "text_only"
+        return None, "text_only" if record.get("embed") is None else "not_images"
     base = cdn_url.rstrip("/")
     links: list[Link] = []
     for n, image in enumerate(images):
