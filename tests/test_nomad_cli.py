@@ -169,8 +169,16 @@ def test_once_exit_codes_0_2_3_with_the_emulator(tiny_models: Path, tmp_path: Pa
         try:
             ok = run_cli("once", *emu.nomad_args(), *common, "--source", "reddit", "--anti-sus", a_ep,
                          "--state-dir", str(tmp_path / "s0"), "--save-dir", str(tmp_path / "out"), env=env, timeout=200)
+            # gallery_bridge unreachable: everything is scored, then the outbox waits until the limit.
+            no_gallery = run_cli("once", *emu.nomad_args(), *common, "--source", "reddit", "--anti-sus", a_ep,
+                                 "--gallery", f"tcp://127.0.0.1:{free_port()}", "--gallery-timeout", "1", "--wait-limit", "30",
+                                 "--state-dir", str(tmp_path / "sg"), env=env, timeout=200)
         finally:
             anti.stop()
+        assert no_gallery.returncode == 3, no_gallery.stderr[-3000:]
+        assert "gave up after --wait-limit 30s" in no_gallery.stderr
+        with Store(tmp_path / "sg") as s:
+            assert s.outbox_size() >= 1 and s.dead_letters() == []  # an outage dead-letters nothing
         assert ok.returncode == 0, ok.stderr[-3000:]
         assert len(list((tmp_path / "out").glob("*.json"))) >= 1
         cut = run_cli("once", *emu.nomad_args(), *common, "--source", "reddit", "--anti-sus", a_ep, "--wait-limit", "4",
