@@ -51,12 +51,7 @@ from nomad.http import parse_retry_after
 from nomad.net.errors import FetchError
 
 from .api import SiteApi, SourceContext
-from .base import Candidate, Cursors, Link, ListingSource, SourceError
-
-try:  # the registry's error type; a ValueError either way
-    from .base import SourceConfigError
-except ImportError:  # pragma: no cover - before the registry landed
-    SourceConfigError = ValueError  # type: ignore[misc,assignment]
+from .base import Candidate, Cursors, Link, ListingSource, SourceConfigError, SourceError
 
 log = logging.getLogger(__name__)
 
