@@ -1,4 +1,5 @@
-# One entry point for newcomers and CI. `make up` mines /r/all into ./gallery;
+# One entry point for newcomers and CI. `make up` mines new photos into ./gallery from every
+# source that needs no account (reddit's Atom feeds, flickr's feed, Bluesky; Commons with NOMAD_CONTACT);
 # `make test` runs the test suite; `make demo` runs the whole system offline.
 PYTHON ?= python3
 VENV ?= .venv
@@ -40,7 +41,7 @@ test: setup browser
 up: setup
 	$(PY) -m stack.up --models $(MODELS)
 
-## demo: the whole system offline in about a minute (tiny models, emulated reddit/imgur/flickr)
+## demo: the whole system offline in about a minute (tiny models, emulated sites, no credentials)
 demo: setup
 	$(PY) -m stack.demo
 
