@@ -77,6 +77,9 @@ PAGES_PER_POLL = 20
 MAXLAG = 5
 MAXLAG_RETRIES = 3
 API_MAX_BYTES = 16 * 1024 * 1024
+UPLOADS_LOOKBACK_MAX = 3600.0
+"""Commons gets about a thousand uploads an hour: a first poll of ``uploads`` starts at most an
+hour back, or at 50 files a cycle it would trail a day's backlog for days."""
 
 
 # --- small pure helpers ------------------------------------------------------------------------------
@@ -412,7 +415,8 @@ class CommonsSource(ListingSource):
         start = cursors.get(k_start) or ""
         if not start:
             # Fixed before the first request: a continue token only makes sense with the same start.
-            start = iso(self.clock() - self.lookback)
+            back = min(self.lookback, UPLOADS_LOOKBACK_MAX) if category_of(listing) is None else self.lookback
+            start = iso(self.clock() - back)
             cursors.set(k_start, start)
         budget = self.limit
         for _ in range(PAGES_PER_POLL):
@@ -478,7 +482,7 @@ def add_flags(flags: Any) -> None:
     flags.add("--commons-limit", type=positive(int), default=50, help="files read per Commons listing and cycle")
     flags.add("--commons-interval", type=non_negative, default=1.0, help="seconds between two Commons API requests (they are serial)")
     flags.add("--commons-lookback", type=positive(float), default=24.0,
-              help="hours back a Commons listing starts from on its first poll")
+              help="hours back a Commons listing starts from on its first poll (uploads: at most 1)")
 
 
 def available(args: argparse.Namespace, environ: Mapping[str, str]) -> bool:
