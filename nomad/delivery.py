@@ -3,7 +3,9 @@
 Nothing is dropped. A batch that anti_sus cannot take right now is kept and
 retried with backoff while the crawler waits (downloads pause, so memory stays
 bounded); accepted images sit in the store's outbox, on disk, until the gallery
-acknowledges them, and are redelivered after a restart.
+acknowledges them, and are redelivered after a restart. An image the gallery
+keeps refusing backs off on its own and ends in the dead letters (``nomad
+retry-dead`` puts it back) instead of blocking the rest.
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from typing import Iterator
 
 import pytest
 import zmq
+import zmq.auth
 
 from anti_sus.security import CurveKeyError, keygen
 from gallery_bridge import testing as T

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pytest
 import zmq
 
@@ -40,9 +41,8 @@ def fill(store: Store, n: int, *, features: bool = False) -> list[str]:
         store.add_image(ref, f"t3_{i}")
         sp = store.spool_path(ref.key, ".jpg")
         sp.write_bytes(b"\xff\xd8\xff" + bytes([i]) * 100)
-        feats = [[0.5] * 4] if features else None
-        store.accept(ref.key, sp, ingest_meta(ref, 2000, 1500, "jpeg", {"gmm": 1.0, "watermark": None}),
-                     None if feats is None else __import__("numpy").asarray(feats[0], "float32"), {"gmm": 1.0})
+        feats = np.full(4, 0.5, np.float32) if features else None
+        store.accept(ref.key, sp, ingest_meta(ref, 2000, 1500, "jpeg", {"gmm": 1.0, "watermark": None}), feats, {"gmm": 1.0})
         keys.append(ref.key)
     return keys
 
