@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ from . import __version__
 
 log = logging.getLogger("anti_sus")
 DEFAULT_SERVER = "tcp://127.0.0.1:7777"
-DEFAULT_BACKEND = "tcp://127.0.0.1:7778"
+# 7778 is gallery_bridge's port; the broker's backend gets its own (docs/anti_sus.md has the port map).
+DEFAULT_BACKEND = "tcp://127.0.0.1:7779"
 
 
 class UserError(Exception):
@@ -76,11 +78,101 @@ def probability(s: str) -> float:
     return v
 
 
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
+
+
+def byte_size(s: str) -> int:
+    """``1073741824``, ``512M``, ``1.5G``, ``2GiB`` -> bytes (K/M/G/T are powers of 1024); at least 1."""
+    m = _SIZE.fullmatch(s)
+    if not m:
+        raise argparse.ArgumentTypeError(f"must be a byte count like 1073741824, 512M or 2G, got {s!r}")
+    v = int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 byte, got {s!r}")
+    return v
+
+
+def _memory_bytes() -> int | None:
+    """Memory this process may use: physical RAM, or a smaller cgroup (container) limit."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and 0 < int(raw) < total:
+            total = int(raw)
+    return total
+
+
+QUEUED_BYTES_FLOOR = 256 << 20
+QUEUED_BYTES_CEILING = 4 << 30
+
+
+def default_queued_bytes() -> int:
+    """``--max-queued-bytes`` default: 1/8 of the memory, at least 256 MiB and at most 4 GiB."""
+    mem = _memory_bytes()
+    if mem is None:
+        return 1 << 30
+    return min(max(mem // 8, QUEUED_BYTES_FLOOR), QUEUED_BYTES_CEILING)
+
+
+_INSTANCE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def instance_token(s: str) -> str:
+    if not _INSTANCE.fullmatch(s):
+        raise argparse.ArgumentTypeError(f"must be 1-128 characters of A-Z a-z 0-9 _ . : -, got {s!r}")
+    return s
+
+
 def finite(s: str) -> float:
     v = float(s)
     if v != v or v in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
     return v
+
+
+# -- endpoints -----------------------------------------------------------------------
+
+TRANSPORTS = ("tcp", "ipc", "inproc", "pgm", "epgm", "tipc", "vmci", "udp", "ws", "wss")
+# dest -> (flag, binds?): checked at start so a typo is named, not answered with ZeroMQ's "Invalid argument".
+ENDPOINT_FLAGS = {"bind": ("--bind", True), "frontend": ("--frontend", True), "backend": ("--backend", True),
+                  "connect": ("--connect", False), "server": ("--server", False)}
+
+
+def endpoint_problem(ep: str, binds: bool) -> str | None:
+    """What is wrong with a ZeroMQ endpoint string, or None when it looks usable."""
+    if "://" not in ep:
+        example = f"tcp://{ep}" if re.fullmatch(r"[^\s/]+:(\d+|\*)", ep) else DEFAULT_SERVER
+        return f"a ZeroMQ endpoint needs a transport, e.g. {example}"
+    transport, _, address = ep.partition("://")
+    if transport not in TRANSPORTS:
+        return f"unknown transport {transport!r}; use tcp://HOST:PORT, ipc://PATH or inproc://NAME"
+    if not address:
+        return f"no address after {transport}://"
+    if transport == "tcp":
+        host, sep, port = address.rpartition(":")
+        if not sep or not host:
+            return f"a tcp endpoint needs HOST:PORT, e.g. tcp://{address or '127.0.0.1'}:7777"
+        if port == "*" and binds:
+            return None
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            return f"port {port!r} is not a number within 1-65535" + (" (or * for any free port)" if binds else "")
+    return None
+
+
+def check_endpoints(args: argparse.Namespace) -> None:
+    """Raise :class:`UserError` naming the flag and value of the first unusable endpoint."""
+    for dest, (flag, binds) in ENDPOINT_FLAGS.items():
+        value = getattr(args, dest, None)
+        for ep in ([] if value is None else value if isinstance(value, list) else [value]):
+            problem = endpoint_problem(str(ep).strip(), binds)
+            if problem:
+                raise UserError(f"{flag} {ep}: {problem}")
 
 
 # -- parser ------------------------------------------------------------------------
@@ -138,7 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     _models(s)
     _thresholds(s, True)
     opt(s, "--max-batch", "ANTI_SUS_MAX_BATCH", default=32, type=positive_int, help="most images per model call (requests are batched together up to this)")
-    opt(s, "--max-queue", "ANTI_SUS_MAX_QUEUE", default=256, type=positive_int, help="most images waiting; beyond it new requests wait in ZeroMQ")
+    opt(s, "--max-queue", "ANTI_SUS_MAX_QUEUE", default=256, type=positive_int,
+        help="most images queued; a request beyond it is answered busy (clients retry)")
+    opt(s, "--max-queued-bytes", "ANTI_SUS_MAX_QUEUED_BYTES", default=default_queued_bytes(), type=byte_size,
+        help="most payload bytes held (queued + the batch in hand), e.g. 512M or 2G; a request beyond it is answered busy "
+             "(default: 1/8 of this machine's memory, within 256 MiB..4 GiB)")
+    opt(s, "--instance", "ANTI_SUS_INSTANCE", type=instance_token,
+        help="token that info/ping report, so a launcher can tell its own server (default: a random one per start)")
     _limits(s)
     _curve_server(s)
     opt(s, "--metrics-port", "ANTI_SUS_METRICS_PORT", default=0, type=int, help="serve Prometheus metrics on this port (0: off)")
@@ -213,6 +311,8 @@ def _on_signals(stop: Callable[[], None]) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import zmq
+
     from .observe import start_metrics
     from .server import FilterServer, ServerConfig
     from .wire import Limits
@@ -224,14 +324,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         "(anti-sus broker --curve-secret-key …) and keep its backend on a private network")
     pipeline = _load_pipeline(args, args.gmm_threshold, args.watermark_threshold, args.max_batch)
     cfg = ServerConfig(binds=list(args.bind), connect=args.connect, limits=Limits(args.max_images, args.max_pixels),
-                       max_batch=args.max_batch, max_queue=max(args.max_queue, args.max_images), hwm=args.hwm,
-                       credits=args.credits, heartbeat=args.heartbeat, curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow)
+                       max_batch=args.max_batch, max_queue=max(args.max_queue, args.max_images),
+                       max_queued_bytes=args.max_queued_bytes, hwm=args.hwm, credits=args.credits, heartbeat=args.heartbeat,
+                       curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow, instance=args.instance)
     server = FilterServer(pipeline, cfg)
-    server.bind()
+    try:
+        server.bind()
+    except zmq.ZMQError as exc:
+        raise UserError(f"cannot {'connect to' if args.connect else 'bind'} {args.connect or ', '.join(args.bind)}: {exc}") from None
     if args.metrics_port:
         start_metrics(args.metrics_port, args.metrics_host)
     _on_signals(server.stop)
     server.serve_forever()
+    if server.failure is not None:
+        # Exit non-zero so a supervisor (compose, systemd, the stack launcher) restarts a server that cannot compute.
+        print(f"anti-sus: error: {server.failure}; exiting", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -301,14 +409,18 @@ def cmd_score(args: argparse.Namespace) -> int:
     else:
         with open(args.output, "w", encoding="utf-8", newline="") as f:
             write_rows(rows, f, args.format)
-    errors = sum(r.verdict == "error" for r in rows)
+    errors = [r for r in rows if r.verdict == "error"]
+    if errors and len(errors) == len(rows):
+        print(f"anti-sus: error: none of the {len(rows)} files could be scored; first: {errors[0].path}: {errors[0].error}",
+              file=sys.stderr)
+        return 1
     if errors:
-        log.warning("%d of %d files could not be read", errors, len(rows))
+        log.warning("%d of %d files could not be read", len(errors), len(rows))
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .score import expand, local_scorer, score_files
+    from .score import IMAGE_SUFFIXES, expand, local_scorer, score_files
     from .tune import format_report, plot, report
 
     gmm_sets = (args.good, args.bad)
@@ -317,26 +429,40 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise UserError("give --good with --bad, and --watermarked with --clean")
     if not any(gmm_sets) and not any(wm_sets):
         raise UserError("nothing to tune: give --good and --bad, and/or --watermarked and --clean")
+    # Every folder is checked before the models load, and a problem names the flag and the folder.
+    folders: dict[str, list[Path]] = {}
+    for flag, d in (("--good", args.good), ("--bad", args.bad), ("--watermarked", args.watermarked), ("--clean", args.clean)):
+        if d is None:
+            continue
+        if not d.exists():
+            raise UserError(f"{flag} {d}: folder does not exist")
+        if not d.is_dir():
+            raise UserError(f"{flag} {d}: not a folder")
+        files = expand([d])
+        if not files:
+            raise UserError(f"{flag} {d}: no image files in it (looked for {' '.join(sorted(IMAGE_SUFFIXES))}, recursively)")
+        folders[flag] = files
     pipeline = _load_pipeline(args, float("-inf"), None, args.batch_size)
     scorer = local_scorer(pipeline, watermark_all=True)
 
-    def scores(d: Path, column: int) -> list[float]:
-        files = expand([d])
-        if not files:
-            raise UserError(f"no image files in {d}")
-        rows = score_files(files, scorer, args.batch_size, progress=sys.stderr.isatty())
+    def scores(flag: str, d: Path, column: int) -> list[float]:
+        rows = score_files(folders[flag], scorer, args.batch_size, progress=sys.stderr.isatty())
+        bad = [r for r in rows if r.verdict == "error"]
+        if len(bad) == len(rows):
+            raise UserError(f"{flag} {d}: none of its {len(rows)} image files could be read; first: {bad[0].path}: {bad[0].error}")
         vals = [r.gmm if column == 0 else r.watermark for r in rows if r.verdict != "error"]
         return [v for v in vals if v is not None]
 
     reports = []
     if all(gmm_sets):
         current = pipeline.details["gmm"].get("suggested_threshold")
-        reports.append(report("gmm", "good", "bad", scores(args.good, 0), scores(args.bad, 0), current=current,
+        reports.append(report("gmm", "good", "bad", scores("--good", args.good, 0), scores("--bad", args.bad, 0), current=current,
                               target_precision=args.target_precision, target_recall=args.target_recall))
     if all(wm_sets):
         if not pipeline.has_watermark:
             raise UserError("no watermark model in the model directory (or --no-watermark): cannot tune the watermark threshold")
-        reports.append(report("watermark", "watermarked", "clean", scores(args.watermarked, 1), scores(args.clean, 1),
+        reports.append(report("watermark", "watermarked", "clean", scores("--watermarked", args.watermarked, 1),
+                              scores("--clean", args.clean, 1),
                               current=pipeline.watermark_threshold, target_precision=args.watermark_target_precision,
                               target_recall=args.watermark_target_recall))
     for rep in reports:
@@ -370,6 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging(getattr(args, "log_format", "text"), getattr(args, "log_level", "INFO"))
     try:
+        check_endpoints(args)
         return COMMANDS[args.command](args)
     except (ModelDirError, UserError, CurveKeyError) as exc:
         print(f"anti-sus: error: {exc}", file=sys.stderr)

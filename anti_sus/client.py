@@ -8,10 +8,15 @@
 Reliability is the ZeroMQ guide's Lazy Pirate: a REQ socket, a poll timeout,
 and on timeout the socket is closed and rebuilt and the request sent again, at
 most ``retries`` times; then :class:`AntiSusUnavailable`. A server that answers
-with an error raises :class:`AntiSusError` (with its ``code``) without retrying.
+with an error raises :class:`AntiSusError` (with its ``code``) without retrying,
+except ``busy`` (its queue is full): that request is sent again after a short,
+growing pause for up to ``busy_wait`` seconds, then :class:`AntiSusBusy` (an
+``AntiSusUnavailable``, so callers that wait for an unavailable server wait for
+a busy one too).
 """
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,6 +40,12 @@ class AntiSusError(Exception):
 
 class AntiSusUnavailable(Exception):
     """No answer from the server after every retry."""
+
+
+class AntiSusBusy(AntiSusUnavailable):
+    """The server kept answering ``busy`` (its queue is full) for longer than ``busy_wait``."""
+
+    code = "busy"
 
 
 @dataclass(frozen=True)
@@ -63,12 +74,13 @@ class FilterClient:
     def __init__(self, endpoint: str, *, timeout: float = 60.0, retries: int = 3,
                  curve_server_key: bytes | str | Path | None = None,
                  curve_client_keys: tuple[bytes, bytes] | str | Path | None = None,
-                 context: zmq.Context | None = None) -> None:
-        if retries < 0 or timeout <= 0:
-            raise ValueError("timeout must be > 0 and retries >= 0")
+                 context: zmq.Context | None = None, busy_wait: float | None = None) -> None:
+        if retries < 0 or timeout <= 0 or (busy_wait is not None and busy_wait < 0):
+            raise ValueError("timeout must be > 0, retries >= 0 and busy_wait >= 0")
         self.endpoint = endpoint
         self.timeout = timeout
         self.retries = retries
+        self.busy_wait = timeout if busy_wait is None else busy_wait
         self._curve = (curve_server_key, curve_client_keys)
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
@@ -136,7 +148,10 @@ class FilterClient:
     def _request(self, header: dict[str, Any], payload: list[Any]) -> tuple[dict[str, Any], list[bytes]]:
         header = {**header, "id": uuid.uuid4().hex}
         frames = [encode(header), *payload]
-        for _attempt in range(self.retries + 1):
+        busy_until = time.monotonic() + self.busy_wait
+        pause = 0.05
+        attempt = 0
+        while attempt <= self.retries:
             sock = self._socket()
             sock.send_multipart(frames, copy=False)
             if sock.poll(int(self.timeout * 1000), zmq.POLLIN):
@@ -147,8 +162,19 @@ class FilterClient:
                     raise AntiSusError("internal", f"malformed reply: {exc}") from None
                 if not reply.get("ok"):
                     err = reply.get("error") or {}
-                    raise AntiSusError(str(err.get("code", "internal")), str(err.get("message", "")))
+                    code, message = str(err.get("code", "internal")), str(err.get("message", ""))
+                    if code != "busy":
+                        raise AntiSusError(code, message)
+                    # busy is transient and does not use up a retry; the pause grows (with jitter,
+                    # so clients refused together do not come back together) until busy_wait is spent.
+                    left = busy_until - time.monotonic()
+                    if left <= 0:
+                        raise AntiSusBusy(f"{self.endpoint} busy for {self.busy_wait:g}s: {message}")
+                    time.sleep(min(left, pause * random.uniform(0.5, 1.0)))
+                    pause = min(pause * 2, 2.0)
+                    continue
                 return reply, parts[1:]
             # No answer: the REQ socket is stuck in its send state, so rebuild it (Lazy Pirate).
             self.close()
+            attempt += 1
         raise AntiSusUnavailable(f"no reply from {self.endpoint} after {self.retries + 1} attempt(s) of {self.timeout:g}s")

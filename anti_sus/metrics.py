@@ -12,3 +12,4 @@ STAGE_SECONDS = Histogram(
 )
 BATCH_IMAGES = Histogram("anti_sus_batch_images", "Images per pipeline batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 QUEUE_DEPTH = Gauge("anti_sus_queue_images", "Images waiting for the pipeline")
+QUEUE_BYTES = Gauge("anti_sus_queue_bytes", "Payload bytes held (queued + the batch being computed); bounded by --max-queued-bytes")

@@ -57,6 +57,8 @@ class Outcome:
     watermark: np.ndarray
     verdicts: list[str]
     features: np.ndarray
+    problem: str = ""
+    """Non-empty when a stage gave a non-finite score for one of this task's images (the server answers an error)."""
 
     @property
     def good(self) -> list[int]:
@@ -114,8 +116,10 @@ def evaluate(stages: Stages, tasks: Sequence[Task], *, watermark_all: bool = Fal
     bounds = np.cumsum([0] + [len(t.images) for t in tasks])
     keep = [scores[a:b] >= t.gmm_threshold for t, a, b in zip(tasks, bounds[:-1], bounds[1:])]
     probs = [np.full(len(t.images), np.nan) for t in tasks]
+    ran_on = [np.zeros(len(t.images), bool) for t in tasks]
     if stages.has_watermark:
         picks = [np.ones(len(t.images), bool) if watermark_all else k for t, k in zip(tasks, keep)]
+        ran_on = picks
         t4 = time.perf_counter()
         parts = [stages.watermark_input(t.images[p]) for t, p in zip(tasks, picks) if p.any()]
         t5 = time.perf_counter()
@@ -130,13 +134,28 @@ def evaluate(stages: Stages, tasks: Sequence[Task], *, watermark_all: bool = Fal
         timings.add("watermark", time.perf_counter() - t5)
 
     outcomes = []
-    for t, a, b, k, p in zip(tasks, bounds[:-1], bounds[1:], keep, probs):
+    for t, a, b, k, p, ran in zip(tasks, bounds[:-1], bounds[1:], keep, probs, ran_on):
         verdicts = [
             OUTLIER if not kept else (WATERMARK if stages.has_watermark and pr >= t.watermark_threshold else GOOD)
             for kept, pr in zip(k.tolist(), p.tolist())
         ]
-        outcomes.append(Outcome(scores[a:b], p, verdicts, feats[a:b]))
+        outcomes.append(Outcome(scores[a:b], p, verdicts, feats[a:b], _non_finite(scores[a:b], p, ran)))
     return outcomes
+
+
+def _non_finite(gmm: np.ndarray, watermark: np.ndarray, ran: np.ndarray) -> str:
+    """Why these scores cannot be trusted, or "" when they are all finite.
+
+    A NaN GMM score would silently compare as "outlier" and a NaN probability
+    as "good", and neither is valid JSON: say which image and stage instead.
+    """
+    bad = np.flatnonzero(~np.isfinite(gmm))
+    if len(bad):
+        return f"model produced a non-finite GMM score ({gmm[bad[0]]}) for image {int(bad[0])}"
+    bad = np.flatnonzero(ran & ~np.isfinite(watermark))  # NaN where the stage did not run means "not run"
+    if len(bad):
+        return f"model produced a non-finite watermark probability ({watermark[bad[0]]}) for image {int(bad[0])}"
+    return ""
 
 
 def _load(name: str, d: Path, make: Any) -> Any:

@@ -21,6 +21,8 @@ ERROR_CODES = (
     "bad_dtype",
     "size_mismatch",
     "too_large",
+    # the server holds as much queued work as --max-queue / --max-queued-bytes allow: retry later.
+    "busy",
     "internal",
     # gallery_bridge's ingest adds these two.
     "bad_image",

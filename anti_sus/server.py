@@ -6,13 +6,27 @@ requests fairly per client. The compute thread takes batches of whole requests
 (up to ``max_batch`` images), runs them through one ``pipeline.evaluate`` call
 and hands the replies back over an inproc socket, so a slow batch never stops
 the server from answering pings or refusing bad input.
+
+Memory is bounded by what is held, not by what is asked: the I/O thread keeps
+reading, and a filter request that would take the work held (queued plus the
+batch being computed) past ``max_queue`` images or ``max_queued_bytes`` payload
+bytes is answered ``busy`` at once and its frames are released. (Pausing reads
+instead would leave the requests in ZeroMQ's receive pipes, up to ``hwm``
+messages per client, all of them in this process's memory.)
+
+If the compute thread ever dies, every request it held or that is queued gets
+an ``internal`` reply, ``ping`` stops answering OK, and ``serve_forever``
+returns with :attr:`FilterServer.failure` set so the process can exit non-zero
+and be restarted by its supervisor.
 """
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,14 +37,16 @@ import zmq
 from . import __version__
 from .broker import BYE, READY
 from .fairqueue import FairQueue
-from .metrics import BATCH_IMAGES, ERRORS, IMAGES, QUEUE_DEPTH, REQUESTS, STAGE_SECONDS
-from .pipeline import Stages, Task, Timings, evaluate
+from .metrics import BATCH_IMAGES, ERRORS, IMAGES, QUEUE_BYTES, QUEUE_DEPTH, REQUESTS, STAGE_SECONDS
+from .pipeline import Outcome, Stages, Task, Timings, evaluate
 from .protocol import ProtocolError, error_reply, ok_reply
 from .wire import Filter, Info, Limits, Ping, parse_request, split_envelope
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BIND = "tcp://127.0.0.1:7777"
+DEFAULT_MAX_QUEUED_BYTES = 1 << 30
+"""For servers built in code; ``anti-sus serve`` sizes its default to the machine (``cli.default_queued_bytes``)."""
 
 
 @dataclass
@@ -42,12 +58,15 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     max_batch: int = 32
     max_queue: int = 256
+    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
     hwm: int = 16
     credits: int = 1
     heartbeat: float = 2.0
     curve_secret_key: Path | None = None
     curve_allow: Path | None = None
     linger_ms: int = 2000
+    instance: str | None = None
+    """Token that ``info``/``ping`` report so a launcher can tell its own server from another (random when None)."""
 
 
 @dataclass
@@ -60,6 +79,10 @@ class Job:
     @property
     def n_images(self) -> int:
         return len(self.request.images)
+
+    @property
+    def n_bytes(self) -> int:
+        return int(self.request.images.nbytes)
 
 
 class FilterServer:
@@ -80,6 +103,14 @@ class FilterServer:
         self.processed = 0
         self._in_flight = 0
         self._received = 0
+        self.pid = os.getpid()
+        self.instance = config.instance or uuid.uuid4().hex
+        # Payload bytes held (queued + the batch being computed); both threads update it.
+        self._held_bytes = 0
+        self._held_lock = threading.Lock()
+        self._current: list[Job] = []  # the batch the compute thread holds (answered by the I/O thread if it dies)
+        self.failure: str | None = None
+        """Set when the compute thread died; ``anti-sus serve`` then exits non-zero."""
 
     # -- setup ---------------------------------------------------------------
     def bind(self) -> list[str]:
@@ -130,19 +161,16 @@ class FilterServer:
                  ", ".join(self.endpoints), self.config.max_batch, self.config.limits.max_images, self.config.limits.max_pixels)
         poller = zmq.Poller()
         poller.register(wake, zmq.POLLIN)
-        reading = False
+        # Always read: requests beyond the queue bounds are answered busy (see the module docstring).
+        poller.register(sock, zmq.POLLIN)
         try:
             while not self._stop.is_set():
+                if not compute.is_alive():
+                    self._compute_died()
+                    break
                 if self.config.connect and time.monotonic() - last_beat >= self.config.heartbeat:
                     self._beat()
                     last_beat = time.monotonic()
-                want = self._queue.images < self.config.max_queue
-                if want != reading:  # backpressure: stop reading while the queue is full
-                    if want:
-                        poller.register(sock, zmq.POLLIN)
-                    else:
-                        poller.unregister(sock)
-                    reading = want
                 events = dict(poller.poll(100))
                 if wake in events:
                     self._flush_wake(wake)
@@ -153,8 +181,6 @@ class FilterServer:
                         except zmq.Again:
                             break
                         self._handle(frames)
-                        if self._queue.images >= self.config.max_queue:
-                            break
         finally:
             self._shutdown(compute, wake)
 
@@ -213,15 +239,48 @@ class FilterServer:
             log.exception("request validation failed")
             self._reply_error(envelope, ProtocolError("internal", f"internal error: {type(exc).__name__}"))
             return
-        if isinstance(req, Ping):
+        if self.failure is not None:  # health checks must fail once nothing can be computed
+            self._reply_error(envelope, ProtocolError("internal", f"{self.failure}; the server is exiting", req.id))
+        elif isinstance(req, Ping):
             REQUESTS.labels("ping", "ok").inc()
-            self._send(envelope, [ok_reply(req.id, pong=True, version=__version__)])
+            self._send(envelope, [ok_reply(req.id, pong=True, version=__version__, pid=self.pid, instance=self.instance)])
         elif isinstance(req, Info):
             REQUESTS.labels("info", "ok").inc()
             self._send(envelope, [ok_reply(req.id, **self.info())])
         else:
-            self._queue.put(envelope[0] if envelope else b"", Job(envelope, req, received, frames))
-            QUEUE_DEPTH.set(self._queue.images)
+            self._enqueue(Job(envelope, req, received, frames))
+
+    def _enqueue(self, job: Job) -> None:
+        """Queue a filter request, or answer ``busy`` when it would pass either bound on held work."""
+        cfg = self.config
+        with self._held_lock:
+            held = self._held_bytes
+            # An empty server always takes one request, so no valid request can be refused forever.
+            over_images = self._queue.images > 0 and self._queue.images + job.n_images > cfg.max_queue
+            over_bytes = held > 0 and held + job.n_bytes > cfg.max_queued_bytes
+            if not (over_images or over_bytes):
+                self._held_bytes += job.n_bytes
+        if over_images or over_bytes:
+            what = (f"{self._queue.images} images queued, --max-queue {cfg.max_queue}" if over_images
+                    else f"{held} bytes held, this request {job.n_bytes}, --max-queued-bytes {cfg.max_queued_bytes}")
+            ERRORS.labels("busy").inc()
+            REQUESTS.labels("filter", "busy").inc()
+            log.info("request refused: busy (%s)", what, extra={"request_id": job.request.id, "code": "busy"})
+            self._send(job.envelope, [error_reply("busy", f"server busy ({what}); retry later", job.request.id)])
+            return  # the job's frames are released here, not held
+        self._queue.put(job.envelope[0] if job.envelope else b"", job)
+        QUEUE_DEPTH.set(self._queue.images)
+        QUEUE_BYTES.set(self._held_bytes)
+
+    def _release(self, n_bytes: int) -> None:
+        with self._held_lock:
+            self._held_bytes = max(0, self._held_bytes - n_bytes)
+        QUEUE_BYTES.set(self._held_bytes)
+
+    @property
+    def held_bytes(self) -> int:
+        """Payload bytes of the requests queued or being computed."""
+        return self._held_bytes
 
     def info(self) -> dict[str, Any]:
         """The ``info`` reply's fields: models, thresholds, limits, version."""
@@ -229,9 +288,13 @@ class FilterServer:
         data.setdefault("version", __version__)
         data["limits"] = {"max_images": self.config.limits.max_images, "max_pixels": self.config.limits.max_pixels,
                           "max_message_bytes": self.config.limits.max_message_bytes, "max_batch": self.config.max_batch}
+        data["limits"]["max_queue"] = self.config.max_queue
+        data["limits"]["max_queued_bytes"] = self.config.max_queued_bytes
         data["protocol"] = 1
         data["legacy_format"] = True
         data["curve"] = self.config.curve_secret_key is not None
+        data["pid"] = self.pid
+        data["instance"] = self.instance
         return data
 
     # -- compute thread --------------------------------------------------------
@@ -246,11 +309,32 @@ class FilterServer:
                     if self._stop.is_set():
                         return
                     continue
-                for envelope, frames in self._run_batch(jobs):
+                self._current = jobs
+                held = sum(j.n_bytes for j in jobs)
+                replies = self._run_batch(jobs)
+                for envelope, frames in replies:
                     self._outbox.put((envelope, frames))
+                self._current = []
+                del jobs, replies  # the request frames go now, before their bytes are counted free
+                self._release(held)
                 push.send(b"")
+        except BaseException as exc:  # noqa: BLE001 - whatever killed it, the I/O thread must know
+            self.failure = f"compute thread died: {type(exc).__name__}: {exc}"
+            log.critical("%s", self.failure, exc_info=True)  # logged once here; the I/O thread acts on it
         finally:
             push.close(0)
+
+    def _compute_died(self) -> None:
+        """The compute thread is gone: answer what it held, then leave the loop (the caller exits non-zero)."""
+        if self.failure is None:
+            self.failure = "compute thread died"
+        log.critical("%s: answering held requests with an error and stopping", self.failure)
+        self._send_outbox()
+        for job in self._current:
+            ERRORS.labels("internal").inc()
+            self._send(job.envelope, [error_reply("internal", f"{self.failure}; the server is exiting", job.request.id)])
+        self._current = []
+        self._stop.set()
 
     def _run_batch(self, jobs: list[Job]) -> list[tuple[list[bytes], list[Any]]]:
         p = self.pipeline
@@ -274,36 +358,57 @@ class FilterServer:
         self.processed += n
         out = []
         for job, oc in zip(jobs, outcomes):
-            good = oc.good
-            for v in oc.verdicts:
-                IMAGES.labels(v).inc()
-            REQUESTS.labels("filter", "ok").inc()
-            req = job.request
-            elapsed = (time.perf_counter() - job.received) * 1000.0
-            if req.legacy:
-                log.info("legacy filter images=%d good=%d batch=%d %.1f ms", len(oc.verdicts), len(good), n, elapsed)
-                out.append((job.envelope, [np.asarray(good, dtype="<i4").tobytes()]))
-                continue
+            try:
+                out.append((job.envelope, self._reply_frames(job, oc, n)))
+            except Exception as exc:  # a reply that cannot be built must not kill this thread
+                log.exception("reply for request %s could not be built", job.request.id)
+                ERRORS.labels("internal").inc()
+                REQUESTS.labels("filter", "error").inc()
+                out.append((job.envelope, [error_reply("internal", f"reply failed: {type(exc).__name__}: {exc}", job.request.id)]))
+        return out
+
+    def _reply_frames(self, job: Job, oc: Outcome, n: int) -> list[Any]:
+        """The reply frames of one answered request; an ``internal`` error when a model gave a non-finite score."""
+        req = job.request
+        if oc.problem:
+            log.error("request %s: %s", req.id, oc.problem, extra={"request_id": req.id})
+            ERRORS.labels("internal").inc()
+            REQUESTS.labels("filter", "error").inc()
+            return [error_reply("internal", oc.problem, req.id)]
+        good = oc.good
+        elapsed = (time.perf_counter() - job.received) * 1000.0
+        if req.legacy:
+            frames: list[Any] = [np.asarray(good, dtype="<i4").tobytes()]
+            log.info("legacy filter images=%d good=%d batch=%d %.1f ms", len(oc.verdicts), len(good), n, elapsed)
+        else:
             fields: dict[str, Any] = {"good": good, "results": oc.results(), "elapsed_ms": round(elapsed, 3)}
-            frames: list[Any] = []
+            extra: list[Any] = []
             if req.return_features:
                 feats = np.ascontiguousarray(oc.features[good], dtype="<f4")
                 fields["features_shape"] = list(feats.shape)
-                frames.append(feats.tobytes())
-            out.append((job.envelope, [ok_reply(req.id, **fields), *frames]))
+                extra.append(feats.tobytes())
+            frames = [ok_reply(req.id, **fields), *extra]
             log.info("filter id=%s images=%d good=%d batch=%d %.1f ms", req.id, len(oc.verdicts), len(good), n, elapsed,
                      extra={"request_id": req.id})
-        return out
+        # Counted only once the reply exists, so a failed reply is not also counted as ok.
+        for v in oc.verdicts:
+            IMAGES.labels(v).inc()
+        REQUESTS.labels("filter", "ok").inc()
+        return frames
+
 
     # -- shutdown --------------------------------------------------------------
     def _shutdown(self, compute: threading.Thread, wake: zmq.Socket) -> None:
+        why = "server is shutting down" if self.failure is None else f"{self.failure}; the server is exiting"
         for job in self._queue.drain():
             ERRORS.labels("internal").inc()
-            self._send(job.envelope, [error_reply("internal", "server is shutting down", job.request.id)])
+            self._send(job.envelope, [error_reply("internal", why, job.request.id)])
         compute.join(timeout=60)  # the batch in flight finishes and is answered
         self._send_outbox()
         for job in self._queue.drain():
-            self._send(job.envelope, [error_reply("internal", "server is shutting down", job.request.id)])
+            self._send(job.envelope, [error_reply("internal", why, job.request.id)])
+        with self._held_lock:
+            self._held_bytes = 0
         assert self._sock is not None
         if self.config.connect:
             try:

@@ -70,3 +70,116 @@ def test_missing_key_file_is_a_clear_error(tmp_path: Path, capsys: pytest.Captur
     assert main(["ping", "--curve-server-key", str(tmp_path / "nope.key"), "--timeout", "0.2", "--retries", "0"]) == 2
     err = capsys.readouterr().err
     assert "nope.key not found" in err and "Traceback" not in err
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "anti_sus", *args], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["serve", "--bind", "127.0.0.1:7790"],
+     "--bind 127.0.0.1:7790: a ZeroMQ endpoint needs a transport, e.g. tcp://127.0.0.1:7790"),
+    (["serve", "--connect", "broker:7779"], "--connect broker:7779: a ZeroMQ endpoint needs a transport, e.g. tcp://broker:7779"),
+    (["ping", "--server", "localhost"], "--server localhost: a ZeroMQ endpoint needs a transport"),
+    (["broker", "--frontend", "tcp://127.0.0.1:7777", "--backend", "tpc://10.0.0.5:7779"], "--backend tpc://10.0.0.5:7779: unknown transport"),
+    (["broker", "--frontend", "tcp://127.0.0.1", "--backend", "tcp://127.0.0.1:7779"], "--frontend tcp://127.0.0.1: a tcp endpoint needs HOST:PORT"),
+    (["info", "--server", "tcp://127.0.0.1:99999"], "--server tcp://127.0.0.1:99999: port '99999' is not a number within 1-65535"),
+    (["score", "x.png", "--server", "127.0.0.1:7777"], "--server 127.0.0.1:7777: a ZeroMQ endpoint needs a transport"),
+])
+def test_bad_endpoints_are_named_at_start(argv: list[str], expected: str):
+    r = run_cli(*argv)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert expected in r.stderr and "Invalid argument" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_endpoint_from_env_is_checked_too():
+    r = run_cli("serve", env={"ANTI_SUS_BIND": "127.0.0.1:7790"})
+    assert r.returncode == 2 and "--bind 127.0.0.1:7790: a ZeroMQ endpoint needs a transport" in r.stderr
+
+
+def test_good_endpoints_pass_the_check():
+    from anti_sus.cli import endpoint_problem
+
+    for ep in ("tcp://127.0.0.1:7777", "tcp://*:7777", "tcp://[::1]:7777", "ipc:///tmp/anti-sus.sock", "inproc://x",
+               "tcp://10.0.0.5:7779"):
+        assert endpoint_problem(ep, binds=True) is None, ep
+    assert endpoint_problem("tcp://127.0.0.1:*", binds=True) is None
+    assert endpoint_problem("tcp://127.0.0.1:*", binds=False) is not None  # connecting needs a real port
+
+
+def test_score_exits_1_when_every_file_failed(tmp_path: Path):
+    (tmp_path / "a.png").write_bytes(b"not a png")
+    (tmp_path / "b.jpg").write_bytes(b"")
+    # No server is ever contacted: nothing could be decoded.
+    r = run_cli("score", str(tmp_path), "--server", "tcp://127.0.0.1:9", "--timeout", "1")
+    assert r.returncode == 1, r.stderr
+    assert "none of the 2 files could be scored" in r.stderr and "a.png" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout.count(",error,") == 2  # the rows are still written
+
+
+def test_score_with_some_readable_files_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from PIL import Image
+
+    from .test_anti_sus_support import fake_server, running
+
+    Image.new("RGB", (40, 30), (150, 150, 150)).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    with running(fake_server()) as ep:
+        assert main(["score", str(tmp_path), "--server", ep]) == 0
+    out = capsys.readouterr().out
+    assert "good.png" in out and "bad.png" in out
+
+
+def test_tune_names_the_folder_that_is_missing_or_empty(tmp_path: Path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    (ok / "x.png").write_bytes(b"")
+    a_file = tmp_path / "file.png"
+    a_file.write_bytes(b"")
+    cases = [
+        (["--good", "/nope", "--bad", str(ok)], "--good /nope: folder does not exist"),
+        (["--good", str(ok), "--bad", str(empty)], f"--bad {empty}: no image files in it"),
+        (["--watermarked", str(a_file), "--clean", str(ok)], f"--watermarked {a_file}: not a folder"),
+    ]
+    for argv, expected in cases:
+        r = run_cli("tune", *argv, "--models", str(tmp_path / "no-models"))
+        assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
+
+
+def test_tune_says_which_folder_had_only_unreadable_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]):
+    from PIL import Image
+
+    from anti_sus import cli
+
+    from .test_anti_sus_support import FakeStages
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    Image.new("RGB", (16, 16), (150, 150, 150)).save(good / "g.png")
+    (bad / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    stages = FakeStages()
+    stages.details = {"gmm": {"suggested_threshold": 100.0}}  # type: ignore[attr-defined]
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *a, **k: stages)
+    assert main(["tune", "--good", str(good), "--bad", str(bad), "--plot", str(tmp_path / "t.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"--bad {bad}: none of its 1 image files could be read" in err and "broken.jpg" in err
+
+
+def test_broker_backend_default_differs_from_gallery_bridge():
+    from gallery_bridge.cli import build_parser as gallery_parser
+
+    backend = build_parser().parse_args(["broker"]).backend
+    assert backend == ["tcp://127.0.0.1:7779"]
+    gallery_bind = gallery_parser().parse_args(["serve"]).bind
+    ports = {ep.rsplit(":", 1)[1] for ep in (backend[0], gallery_bind, build_parser().parse_args(["serve"]).bind[0])}
+    assert len(ports) == 3, ports  # anti_sus, gallery_bridge and the broker backend never collide by default
+    doc = (REPO / "docs" / "anti_sus.md").read_text()
+    assert "--backend tcp://0.0.0.0" not in doc and "7779" in doc

@@ -188,12 +188,15 @@ def test_serve_process_ping_info_metrics_json_logs_and_sigterm(tiny_models: Path
     port, mport = free_port(), free_port()
     ep = f"tcp://127.0.0.1:{port}"
     proc = spawn("serve", "--bind", ep, "--metrics-port", str(mport), "--log-format", "json", "--threads", "1",
-                 env={"ANTI_SUS_MODELS": str(tiny_models), "ANTI_SUS_WATERMARK_THRESHOLD": "0.7"})
+                 env={"ANTI_SUS_MODELS": str(tiny_models), "ANTI_SUS_WATERMARK_THRESHOLD": "0.7",
+                      "ANTI_SUS_INSTANCE": "launcher-token-1"})
     try:
         wait_ping(ep, proc)
         assert cli("ping", "--server", ep).returncode == 0
         r = cli("info", "--server", ep)
         assert r.returncode == 0 and json.loads(r.stdout)["thresholds"]["watermark"] == 0.7  # env var read
+        # a launcher can tell its own server: the pid and the token it passed
+        assert json.loads(r.stdout)["pid"] == proc.pid and json.loads(r.stdout)["instance"] == "launcher-token-1"
         with FilterClient(ep, timeout=30) as c:
             c.filter(photos(2))
         text = requests.get(f"http://127.0.0.1:{mport}/metrics", timeout=5).text
