@@ -30,6 +30,8 @@ import imagehash
 import numpy as np
 from PIL import Image, ImageOps
 
+from .validate import to_8bit
+
 SIG_SIDE = 96
 """Side of the grey signature (scenery hashes a 96x96 grey image)."""
 PHASH_SIZE = 24
@@ -74,9 +76,10 @@ def words_from_hex(text: str) -> np.ndarray:
 
 def grey_signature(image: Image.Image) -> Image.Image:
     """The 96x96 grey image scenery's hash is computed from (EXIF orientation applied)."""
-    image = ImageOps.exif_transpose(image)
+    image = to_8bit(ImageOps.exif_transpose(image))
     # Exactly imagehash's own steps (convert, one LANCZOS resize), so the hash is
-    # bit for bit what scenery computes; no reducing_gap shortcut.
+    # bit for bit what scenery computes; no reducing_gap shortcut. 16-bit grey
+    # is scaled first (to_8bit): convert("L") would clip it to white.
     grey = image.convert("L")
     return grey.resize((SIG_SIDE, SIG_SIDE), Image.Resampling.LANCZOS)
 

@@ -5,13 +5,16 @@ import io
 
 from PIL import Image, ImageOps
 
+from .validate import to_8bit
+
 THUMB_SIDE = 750
 THUMB_QUALITY = 80
 
 
 def make_thumbnail(image: Image.Image, side: int = THUMB_SIDE) -> bytes:
     """Encoded JPEG bytes of the image reduced to ``side`` px on its long side."""
-    img = ImageOps.exif_transpose(image)
+    # 16-bit grey scaled to 8 bits first: convert("RGBA") would clip it to white.
+    img = to_8bit(ImageOps.exif_transpose(image))
     if img.mode not in ("RGB", "L"):
         # Flatten transparency onto white rather than black (PNG logos, webp).
         rgba = img.convert("RGBA")

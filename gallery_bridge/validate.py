@@ -170,6 +170,22 @@ def check_image(data: bytes, limits: Limits) -> CheckedImage:
     return CheckedImage(data=data, image=image, ext=FORMATS[fmt], width=width, height=height)
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grey (PNG ``I;16``, or ``I``) scaled to 8-bit ``L``; other modes unchanged.
+
+    Pillow's ``convert("L")``/``convert("RGB")`` clip such images at 255
+    instead of scaling them, so a mid-grey 16-bit photo comes out white and
+    every photo gets the same hash. 16-bit PNG colour images already decode
+    to 8-bit RGB(A), so only the grey modes need this.
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        arr = np.asarray(image)
+        if image.mode == "I":  # 32-bit container: PNG puts 16-bit samples in it
+            arr = np.clip(arr, 0, 65535)
+        return Image.fromarray((arr.astype(np.uint32) >> 8).astype(np.uint8), "L")
+    return image
+
+
 def check_features(frame: bytes | None, declared: Any, limits: Limits) -> np.ndarray | None:
     """Optional float32 CLIP features: dimension declared or inferred, values finite."""
     if frame is None or len(frame) == 0:
