@@ -11,8 +11,13 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
+import uuid
 from typing import Any, Callable, Sequence
+
+from .redact import install as install_redaction
+from .redact import redact, register_secret, userinfo_secrets
 
 ENV = "GALLERY_BRIDGE_"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -21,7 +26,32 @@ log = logging.getLogger("gallery_bridge")
 
 
 class UserError(Exception):
-    """A problem the user can fix: printed as one line, exit status 2."""
+    """A problem the user can fix: printed as one line, exit status 2 (or ``status``)."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _flag(text: str) -> bool:
+    """An on/off environment value: 1/true/yes/on or 0/false/no/off."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(text)
+
+
+_flag.__name__ = "boolean (1/0, true/false)"
+
+
+def check_endpoint(value: str, flag: str) -> str:
+    """A ZeroMQ endpoint must name its transport; ``127.0.0.1:7778`` alone is a common slip."""
+    if "://" not in value:
+        raise UserError(f"{flag} {value!r}: a ZeroMQ endpoint needs a transport, e.g. tcp://127.0.0.1:7778"
+                        + (f" (did you mean tcp://{value}?)" if ":" in value else ""))
+    return value
 
 
 def _env(name: str, default: Any, cast: Callable[[str], Any] = str) -> Any:
@@ -47,6 +77,9 @@ def _target_flags(p: argparse.ArgumentParser) -> None:
     _add(g, "--target", "TARGET", "folder:./gallery", "folder:PATH (embedded gallery) or scenery:URL")
     _add(g, "--ledger", "LEDGER", "./gallery_bridge_ledger.sqlite", "scenery target: local SQLite of key -> scenery id (idempotency, dedup)")
     _add(g, "--scenery-password-file", "SCENERY_PASSWORD_FILE", None, f"file holding import_images_bot_password (or env {ENV}SCENERY_PASSWORD)")
+    g.add_argument("--allow-insecure-scenery", action="store_true", default=_env("ALLOW_INSECURE_SCENERY", False, _flag),
+                   help="accept a plain http:// scenery URL (the password then travels unencrypted; loopback included) "
+                        f"[env {ENV}ALLOW_INSECURE_SCENERY=1; default off]")
     _add(g, "--scenery-tags", "SCENERY_TAGS", '["from_nomad"]', "JSON list of tags sent with every image")
     _add(g, "--scenery-timeout", "SCENERY_TIMEOUT", 60.0, "seconds to wait for scenery's answer", float)
     _add(g, "--scenery-retries", "SCENERY_RETRIES", 4, "retries on 5xx/timeouts (exponential backoff)", int)
@@ -81,7 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the ingest service (ZeroMQ ROUTER)")
     _add(s, "--bind", "BIND", "tcp://127.0.0.1:7778", "ZeroMQ endpoint to bind")
     _add(s, "--metrics-port", "METRICS_PORT", 0, "serve Prometheus metrics on this port (0: off)", int)
-    _add(s, "--curve-secret-file", "CURVE_SECRET_FILE", None, "file with the server's Z85 CURVE secret key (encrypts the socket)")
+    s.add_argument("--curve-secret-file", "--curve-secret-key", dest="curve_secret_file", default=_env("CURVE_SECRET_FILE", None),
+                   help="the server's CURVE secret key: the NAME.key_secret file of `anti-sus keygen` (or a bare Z85 secret); "
+                        f"encrypts the socket [env {ENV}CURVE_SECRET_FILE; default None]")
+    _add(s, "--curve-allow", "CURVE_ALLOW", None, "directory of the public .key files of the clients allowed in (needs --curve-secret-file "
+         "as a keygen file); without it any client that knows the server key is served")
+    s.add_argument("--instance", default=_env("INSTANCE", None),
+                   help="token reported with the pid in ping/info, so a launcher knows it talks to its own child "
+                        f"[env {ENV}INSTANCE; default a fresh uuid4 hex per start]")
     _target_flags(s)
     _log_flags(s)
     i = sub.add_parser("import", help="bulk add a folder of images (same dedup as serve)")
@@ -99,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("ping", "check that a service answers (exit 0 when it does)"), ("info", "print a service's configuration")):
         c = sub.add_parser(name, help=text)
         _client_flags(c)
+        if name == "ping":
+            c.add_argument("--json", action="store_true", help="print the raw JSON reply instead of one line")
     return ap
 
 
@@ -114,6 +156,7 @@ def _password(args: argparse.Namespace) -> str:
         pw = os.environ.get(ENV + "SCENERY_PASSWORD", "")
     if not pw:
         raise UserError(f"the scenery target needs import_images_bot_password: set {ENV}SCENERY_PASSWORD or --scenery-password-file")
+    register_secret(pw)
     return pw
 
 
@@ -127,6 +170,21 @@ def _catalogue_path(args: argparse.Namespace) -> tuple[str, str, Path]:
     return kind, rest, (Path(rest) / "catalogue.sqlite" if kind == "folder" else Path(args.ledger))
 
 
+def check_target(args: argparse.Namespace) -> tuple[str, str]:
+    """Parse ``--target`` and, for scenery, check its URL (https unless allowed); nothing is opened."""
+    kind, rest, _ = _catalogue_path(args)
+    if kind == "scenery":
+        from .targets.scenery import check_url
+
+        for secret in userinfo_secrets(rest):
+            register_secret(secret)
+        try:
+            check_url(rest, args.allow_insecure_scenery)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    return kind, rest
+
+
 def open_ingester(args: argparse.Namespace):  # -> Ingester
     """Catalogue + target + indexes from the common flags (takes the writer lock, runs crash recovery)."""
     from .catalogue import Catalogue
@@ -134,7 +192,7 @@ def open_ingester(args: argparse.Namespace):  # -> Ingester
     from .ingest import Ingester, crash_hook
     from .lock import GalleryLocked
 
-    kind, rest, _ = _catalogue_path(args)
+    kind, rest = check_target(args)
     cfg = DedupConfig(phash_threshold=args.phash_threshold, crop_correlation=args.crop_threshold,
                       max_crop=args.max_crop, clip_threshold=args.clip_threshold)
     if not 0 <= cfg.max_crop <= 0.2:
@@ -147,15 +205,14 @@ def open_ingester(args: argparse.Namespace):  # -> Ingester
     else:
         from .targets.scenery import SceneryTarget
 
-        if not rest.startswith(("http://", "https://")):
-            raise UserError(f"scenery target needs an http(s) URL, got {rest!r}")
         try:
             tags = json.loads(args.scenery_tags)
         except ValueError:
             tags = None
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise UserError(f"--scenery-tags must be a JSON list of strings, got {args.scenery_tags!r}")
-        target = SceneryTarget(rest, _password(args), tags=tags, timeout=args.scenery_timeout, retries=args.scenery_retries)
+        target = SceneryTarget(rest, _password(args), tags=tags, timeout=args.scenery_timeout, retries=args.scenery_retries,
+                               allow_insecure=args.allow_insecure_scenery)
         catalogue = Catalogue(Path(args.ledger))
     try:
         return Ingester(catalogue, target, cfg)
@@ -170,31 +227,115 @@ def _limits(args: argparse.Namespace):
     return Limits(max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, min_side=args.min_side)
 
 
+def _is_z85_key(raw: bytes) -> bool:
+    import zmq.utils.z85
+
+    if len(raw) != 40:
+        return False
+    try:
+        zmq.utils.z85.decode(raw)
+    except (ValueError, KeyError, IndexError):
+        return False
+    return True
+
+
+def curve_settings(secret_file: str | None, allow: str | None) -> dict[str, Any]:
+    """Check the CURVE flags and turn them into ServerConfig fields; every mistake is one clear line.
+
+    ``secret_file`` is a ZeroMQ certificate holding a secret (``anti-sus keygen``
+    writes NAME.key_secret) or, as before, a bare Z85 secret key. ``allow`` is
+    a directory of clients' public ``.key`` files.
+    """
+    from anti_sus.security import CurveKeyError, load_keypair
+
+    if allow and not secret_file:
+        raise UserError("--curve-allow needs --curve-secret-file (the server's .key_secret file)")
+    if not secret_file:
+        return {}
+    path = Path(secret_file)
+    hint = "make a key pair with `anti-sus keygen DIR --name gallery`"
+    if not path.is_file():
+        raise UserError(f"--curve-secret-file {path}: no such file ({hint})")
+    try:
+        _public, secret = load_keypair(path)
+    except CurveKeyError:
+        try:
+            raw = path.read_bytes().strip()
+        except OSError as exc:
+            raise UserError(f"cannot read --curve-secret-file: {exc}") from None
+        if not _is_z85_key(raw):
+            raise UserError(f"--curve-secret-file {path} is neither a ZeroMQ certificate nor a Z85 secret key ({hint})")
+        if allow:
+            raise UserError("--curve-allow needs the server key as a certificate file (the .key_secret of `anti-sus keygen`), "
+                            "not a bare Z85 key")
+        return {"curve_secret": raw}
+    if secret is None:
+        raise UserError(f"--curve-secret-file {path} holds only a public key: pass the server's .key_secret file "
+                        "(the public .key file is for the clients, e.g. nomad --gallery-server-key)")
+    return {"curve_secret_key": path, **({"curve_allow": _allow_dir(Path(allow), load_keypair, CurveKeyError)} if allow else {})}
+
+
+def _allow_dir(path: Path, load_keypair: Callable[[Path], tuple[bytes, bytes | None]], key_error: type[Exception]) -> Path:
+    """The allow-list directory: public client keys only, at least one."""
+    what = "--curve-allow takes a directory of the allowed clients' public .key files"
+    if path.is_file():
+        try:
+            secret = load_keypair(path)[1]
+        except key_error:
+            secret = None
+        if secret is not None:
+            raise UserError(f"--curve-allow {path} is a secret key file: {what} (a .key_secret stays with its client)")
+        raise UserError(f"--curve-allow {path} is a file: {what}; put the .key file into a directory and pass that")
+    if not path.is_dir():
+        raise UserError(f"--curve-allow {path} does not exist: {what}")
+    keys = sorted(path.glob("*.key"))
+    for key in keys:
+        try:
+            secret = load_keypair(key)[1]
+        except key_error as exc:
+            raise UserError(f"--curve-allow: {exc}") from None
+        if secret is not None:
+            raise UserError(f"--curve-allow: {key} holds a secret key: {what} (a .key_secret stays with its client)")
+    if not keys:
+        stray = sorted(p.name for p in path.glob("*.key_secret"))
+        raise UserError(f"--curve-allow {path} holds no client .key file, so no client could connect"
+                        + (f" (found only secret keys: {', '.join(stray)}; give the public .key files instead)" if stray else ""))
+    for stray in sorted(path.glob("*.key_secret")):
+        log.warning("--curve-allow %s also holds the secret key %s: only the public .key files are read; "
+                    "a client's secret belongs with the client", path, stray.name)
+    return path
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import zmq
 
     from anti_sus.observe import start_metrics
+    from anti_sus.security import CurveKeyError
 
     from .server import Server, ServerConfig
 
-    curve = None
-    if args.curve_secret_file:
-        try:
-            curve = Path(args.curve_secret_file).read_bytes().strip()
-        except OSError as exc:
-            raise UserError(f"cannot read --curve-secret-file: {exc}") from None
+    check_endpoint(args.bind, "--bind")
+    curve = curve_settings(args.curve_secret_file, args.curve_allow)
+    instance = args.instance or uuid.uuid4().hex
+    if not instance or len(instance) > 128 or not instance.isprintable():
+        raise UserError(f"--instance must be 1-128 printable characters, got {instance[:40]!r}")
     ingester = open_ingester(args)
     try:
         try:
-            server = Server(ingester, ServerConfig(bind=args.bind, limits=_limits(args), curve_secret=curve))
+            server = Server(ingester, ServerConfig(bind=args.bind, limits=_limits(args), instance=instance, **curve))
+        except CurveKeyError as exc:
+            raise UserError(str(exc)) from None
         except zmq.ZMQError as exc:
             raise UserError(f"cannot bind {args.bind}: {exc}") from None
         try:
-            start_metrics(args.metrics_port)
-        except OSError as exc:
-            raise UserError(f"cannot serve metrics on port {args.metrics_port}: {exc}") from None
-        server.install_signal_handlers()
-        server.run()
+            try:
+                start_metrics(args.metrics_port)
+            except OSError as exc:
+                raise UserError(f"cannot serve metrics on port {args.metrics_port}: {exc}") from None
+            server.install_signal_handlers()
+            server.run()
+        finally:
+            server.close()
     finally:
         ingester.close()
     return 0
@@ -211,7 +352,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     root: Path = args.dir
     if not root.is_dir():
         raise UserError(f"{root} is not a folder")
+    check_target(args)  # a wrong target is the first thing to hear about
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        # An import that finds nothing is almost always a wrong path: say so, and fail.
+        raise UserError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, recursively)", status=1)
     limits = _limits(args)
     ingester = open_ingester(args)
     counts: dict[str, int] = {"added": 0, "duplicate": 0, "rejected": 0, "error": 0}
@@ -292,18 +437,30 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
+    import zmq
+
     from .client import GalleryUnavailable, IngestClient, IngestError
 
+    check_endpoint(args.connect, "--connect")
     try:
         with IngestClient(args.connect, timeout=args.timeout, retries=args.retries) as client:
+            t0 = time.perf_counter()
             reply = client.ping() if args.command == "ping" else client.info()
+            elapsed_ms = 1000 * (time.perf_counter() - t0)
+    except zmq.ZMQError as exc:
+        raise UserError(f"--connect {args.connect!r}: {exc}") from None
     except GalleryUnavailable as exc:
         print(f"gallery-bridge: {exc}", file=sys.stderr)
         return 1
     except IngestError as exc:
         print(f"gallery-bridge: error reply {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(reply, indent=None if args.command == "ping" else 2))
+    if args.command == "ping" and not args.json:
+        # One line, as `anti-sus ping` prints; --json gives the reply itself.
+        print(f"pong from {args.connect} in {elapsed_ms:.1f} ms (gallery_bridge {reply.get('version', '?')}, "
+              f"pid {reply.get('pid', '?')}, instance {reply.get('instance', '?')})")
+    else:
+        print(json.dumps(reply, indent=None if args.command == "ping" else 2))
     return 0
 
 
@@ -317,9 +474,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from anti_sus.observe import setup_logging
 
             setup_logging(args.log_format, args.log_level)
+            # Every log line, at any level and from any library, goes through the redaction.
+            install_redaction()
         return COMMANDS[args.command](args)
     except UserError as exc:
-        print(f"gallery-bridge: {exc}", file=sys.stderr)
-        return 2
+        print(f"gallery-bridge: {redact(str(exc))}", file=sys.stderr)
+        return exc.status
     except KeyboardInterrupt:
         return 130

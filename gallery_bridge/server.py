@@ -4,14 +4,22 @@ One request at a time on one thread: ingests must be serialised anyway (check
 then write), and the gallery's bottleneck is the crawler, not this loop. The
 reply to an ingest is sent only after the catalogue commit. A bad request
 gets an error reply and never stops the loop.
+
+With CURVE the socket is encrypted; given an allow-list directory, only the
+clients whose public key is in it are served (``anti_sus.security``, a ZAP
+handler thread). :meth:`Server.close` stops and joins every thread the server
+started, so nothing of it outlives its owner.
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -20,6 +28,7 @@ from anti_sus.protocol import MAX_HEADER_BYTES, ProtocolError, error_from, error
 
 from . import __version__
 from .ingest import Ingester
+from .redact import redact
 from .targets import TargetError
 from .validate import Limits, check_features, check_image, check_key, check_meta
 
@@ -34,37 +43,84 @@ try:  # metrics are optional at import time; prometheus_client is a runtime depe
 except ImportError:  # pragma: no cover
     INGESTS = ERRORS = SECONDS = None
 
+OVERSIZE_FACTOR = 2
+"""Frames up to this many times ``max_image_bytes`` are received and answered
+``too_large``; only bigger ones are dropped by libzmq (ZMQ_MAXMSGSIZE)."""
+
+
+def max_message_bytes(limits: Limits) -> int:
+    """The libzmq hard cap: room for an oversized image to be refused with a reply."""
+    return OVERSIZE_FACTOR * limits.max_image_bytes + MAX_HEADER_BYTES + 4 * limits.max_features_dim + 1024
+
 
 @dataclass
 class ServerConfig:
+    """Socket, limits, CURVE and the identity the server reports in ping/info."""
+
     bind: str = "tcp://127.0.0.1:7778"
-    limits: Limits = None  # type: ignore[assignment]
+    limits: Limits = field(default_factory=Limits)
     curve_secret: bytes | None = None
+    """A bare Z85 secret key: encryption, any client that knows the server key."""
+    curve_secret_key: Path | None = None
+    """A ZeroMQ certificate file holding the secret key (``anti-sus keygen``)."""
+    curve_allow: Path | None = None
+    """Directory of allowed clients' public ``.key`` files (needs ``curve_secret_key``)."""
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """Per-start token echoed in ping/info, so a launcher knows it talks to its own child."""
 
     def __post_init__(self) -> None:
-        if self.limits is None:
+        if self.limits is None:  # older callers passed limits=None for the defaults
             self.limits = Limits()
 
 
 class Server:
-    """Owns the socket; :meth:`run` loops until :meth:`stop` (or SIGTERM/SIGINT)."""
+    """Owns the socket; :meth:`run` loops until :meth:`stop` (or SIGTERM/SIGINT).
+
+    ``start()`` runs the loop on a background thread; ``close()`` stops it,
+    joins it, stops the CURVE authenticator and frees the socket and context.
+    """
 
     def __init__(self, ingester: Ingester, config: ServerConfig, context: zmq.Context | None = None) -> None:
         self.ingester = ingester
         self.config = config
-        self._ctx = context or zmq.Context.instance()
+        # An own context by default: a ZAP authenticator is per context, and two
+        # servers in one process must not share (or inherit) each other's.
+        self._own_ctx = context is None
+        self._ctx = context or zmq.Context()
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._auth: Any = None
+        self._closed = False
         self.sock = self._ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        lim = config.limits
-        # Refuse oversized messages in libzmq, before Python ever allocates them.
-        self.sock.setsockopt(zmq.MAXMSGSIZE, lim.max_image_bytes + MAX_HEADER_BYTES + 4 * lim.max_features_dim + 1024)
-        self.sock.setsockopt(zmq.RCVHWM, 16)
-        if config.curve_secret:
+        try:
+            self.sock.setsockopt(zmq.LINGER, 1000)
+            # Refuse absurd messages in libzmq, before Python ever allocates them;
+            # up to OVERSIZE_FACTOR x the image limit still gets a too_large reply.
+            self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(config.limits))
+            self.sock.setsockopt(zmq.RCVHWM, 16)
+            self._secure(config)
+            self.sock.bind(config.bind)
+            self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        except BaseException:
+            self._release()
+            raise
+
+    def _secure(self, config: ServerConfig) -> None:
+        if config.curve_secret_key is not None:
+            from anti_sus.security import secure_server
+
+            self._auth = secure_server(self._ctx, [self.sock], config.curve_secret_key, config.curve_allow)
+        elif config.curve_allow is not None:
+            raise ValueError("curve_allow needs curve_secret_key (a certificate file), not a bare curve_secret")
+        elif config.curve_secret:
             self.sock.curve_server = True
             self.sock.curve_secretkey = config.curve_secret
-        self.sock.bind(config.bind)
-        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    @property
+    def curve(self) -> dict[str, bool]:
+        """For ``info``: is the socket encrypted, and are clients checked against a list?"""
+        return {"enabled": bool(self.config.curve_secret_key or self.config.curve_secret),
+                "allow_list": self.config.curve_allow is not None}
 
     def stop(self, *_: Any) -> None:
         self._stop.set()
@@ -73,8 +129,50 @@ class Server:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
 
+    def start(self) -> "Server":
+        """Run the loop on a background thread (tests, embedding); pair with :meth:`close`."""
+        if self._thread is not None:
+            raise RuntimeError("server already started")
+        self._thread = threading.Thread(target=self.run, name="gallery-bridge-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the loop, join its thread and the authenticator's, free socket and context.
+
+        Raises ``RuntimeError`` when the loop thread is still busy after
+        ``timeout`` seconds (an ingest that does not end), rather than leaving
+        a thread behind silently.
+        """
+        self.stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise RuntimeError(f"gallery_bridge server thread still running after {timeout:g}s")
+            self._thread = None
+        self._release()
+
+    def _release(self) -> None:
+        """Close the socket, stop (join) the ZAP thread, terminate our own context; once."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.sock.closed:
+            self.sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()  # joins the ZAP thread
+            self._auth = None
+        if self._own_ctx:
+            self._ctx.term()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def run(self) -> None:
-        log.info("gallery_bridge listening on %s", self.endpoint)
+        log.info("gallery_bridge listening on %s (pid %d, instance %s)", self.endpoint, os.getpid(), self.config.instance)
         try:
             while not self._stop.is_set():
                 if not self.sock.poll(200, zmq.POLLIN):
@@ -85,7 +183,13 @@ class Server:
                 self.sock.send_multipart([*envelope, reply])
         finally:
             log.info("gallery_bridge stopping")
-            self.sock.close(linger=1000)
+            self.sock.close(linger=1000)  # lets the last reply go out
+            # The loop owns the cleanup, so a caller that only stops and joins
+            # leaves no authenticator thread or context behind either.
+            self._release()
+
+    def _identity(self) -> dict[str, Any]:
+        return {"version": __version__, "pid": os.getpid(), "instance": self.config.instance}
 
     def handle(self, body: list[bytes]) -> bytes:
         """One request's frames -> one reply frame. Never raises."""
@@ -97,9 +201,10 @@ class Server:
             rid = request_id(header)
             op = header["op"]
             if op == "ping":
-                return ok_reply(rid, pong=True, version=__version__)
+                return ok_reply(rid, pong=True, **self._identity())
             if op == "info":
-                return ok_reply(rid, version=__version__, limits=vars(self.config.limits), **self.ingester.info())
+                return ok_reply(rid, **self._identity(), limits=vars(self.config.limits), curve=self.curve,
+                                **self.ingester.info())
             if op == "ingest":
                 return self._ingest(header, body[1:], rid)
             raise ProtocolError("unknown_op", f"unknown op {op!r}; ops are ingest, ping, info", rid)
@@ -113,12 +218,12 @@ class Server:
             if ERRORS:
                 ERRORS.labels("internal").inc()
             log.error("gallery unavailable for id=%s: %s", rid, exc)
-            return error_reply("internal", f"gallery unavailable, retry later: {exc}", rid)
+            return error_reply("internal", redact(f"gallery unavailable, retry later: {exc}"), rid)
         except Exception as exc:  # a bug must not kill the service or leave the client hanging
             if ERRORS:
                 ERRORS.labels("internal").inc()
             log.exception("internal error on id=%s", rid)
-            return error_reply("internal", f"{type(exc).__name__}: {exc}", rid)
+            return error_reply("internal", redact(f"{type(exc).__name__}: {exc}"), rid)
 
     def _ingest(self, header: dict[str, Any], frames: list[bytes], rid: str | None) -> bytes:
         t0 = time.perf_counter()
@@ -127,6 +232,9 @@ class Server:
             meta = check_meta(header.get("meta"))
             if len(frames) not in (1, 2):
                 raise ProtocolError("size_mismatch", f"ingest takes an image frame and optional features frame, got {len(frames)} frames")
+            # Before anything reads the bytes (sha256, decode): an oversized frame is refused at once.
+            if len(frames[0]) > self.config.limits.max_image_bytes:
+                raise ProtocolError("too_large", f"image is {len(frames[0])} bytes, limit {self.config.limits.max_image_bytes}")
             features = check_features(frames[1] if len(frames) == 2 else None, header.get("features_dim"), self.config.limits)
             # A redelivery (same key or same bytes) is answered before any decoding.
             outcome = self.ingester.known(key, frames[0])

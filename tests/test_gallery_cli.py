@@ -95,6 +95,32 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
     assert out.returncode == 2 and "GALLERY_BRIDGE_PAGE_LIMIT" in out.stderr
 
 
+def test_import_of_a_folder_without_images_says_so_and_fails(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("no pictures here")
+    out = _run("import", str(empty), "--target", f"folder:{tmp_path / 'g'}")
+    assert out.returncode == 1
+    assert f"no images found in {empty}" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert out.stdout == "" and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args,env", [
+    (["ping", "--connect", "127.0.0.1:7778"], {}),
+    (["info"], {"GALLERY_BRIDGE_CONNECT": "localhost:7778"}),
+    (["serve", "--bind", "127.0.0.1:7778"], {}),
+    (["serve"], {"GALLERY_BRIDGE_BIND": "0.0.0.0:7778"}),
+])
+def test_endpoint_without_transport_gets_a_hint(tmp_path: Path, args: list[str], env: dict[str, str]) -> None:
+    if args[0] == "serve":
+        args = [*args, "--target", f"folder:{tmp_path / 'g'}"]
+    out = _run(*args, "--timeout", "0.2", "--retries", "0", env=env) if args[0] != "serve" else _run(*args, env=env)
+    assert out.returncode == 2, out.stderr
+    assert "a ZeroMQ endpoint needs a transport, e.g. tcp://127.0.0.1:7778" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert not (tmp_path / "g").exists()  # refused before anything was opened
+
+
 def test_every_flag_names_its_env_var() -> None:
     parser = build_parser()
     for name, sub in parser._subparsers._group_actions[0].choices.items():  # type: ignore[union-attr]
@@ -112,18 +138,25 @@ def test_ping_exit_codes(tmp_path: Path) -> None:
     assert down.returncode == 1 and "no reply" in down.stderr
     proc = subprocess.Popen([sys.executable, "-m", "gallery_bridge", "serve", "--target", f"folder:{tmp_path / 'g'}",
                              "--log-format", "json"],
-                            cwd=REPO, env={**os.environ, "GALLERY_BRIDGE_BIND": endpoint},
+                            cwd=REPO, env={**os.environ, "GALLERY_BRIDGE_BIND": endpoint, "GALLERY_BRIDGE_INSTANCE": "launcher-token-1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         up = _run("ping", "--connect", endpoint, "--timeout", "0.5", "--retries", "60")
-        assert up.returncode == 0 and json.loads(up.stdout)["pong"] is True
-        assert _run("ping", "--server", endpoint, "--timeout", "5").returncode == 0  # anti-sus's spelling
+        # One human line, as `anti-sus ping` prints.
+        assert up.returncode == 0 and up.stdout.startswith(f"pong from {endpoint} in ") and len(up.stdout.splitlines()) == 1
+        assert f"pid {proc.pid}" in up.stdout and "instance launcher-token-1" in up.stdout
+        raw = _run("ping", "--server", endpoint, "--timeout", "5", "--json")  # anti-sus's spelling; the raw reply
+        assert raw.returncode == 0
+        pong = json.loads(raw.stdout)
+        assert pong["pong"] is True and pong["pid"] == proc.pid and pong["instance"] == "launcher-token-1"
         info = _run("info", "--connect", endpoint)
         assert info.returncode == 0 and json.loads(info.stdout)["target"]["kind"] == "folder"
+        assert json.loads(info.stdout)["pid"] == proc.pid and json.loads(info.stdout)["instance"] == "launcher-token-1"
         busy = _run("serve", "--bind", endpoint, "--target", f"folder:{tmp_path / 'g2'}")
         assert busy.returncode == 2 and "cannot bind" in busy.stderr
         # One writer per gallery: a second one would run recovery under the first's feet.
         (tmp_path / "src").mkdir()
+        (tmp_path / "src" / "one.jpg").write_bytes(T.encode(T.photo(72)))
         second = _run("import", str(tmp_path / "src"), "--target", f"folder:{tmp_path / 'g'}")
         assert second.returncode == 2 and "in use by another gallery-bridge process" in second.stderr
         assert _run("list", "--target", f"folder:{tmp_path / 'g'}").returncode == 0  # reading is fine

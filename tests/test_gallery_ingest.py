@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import zlib
@@ -29,16 +30,12 @@ class Running:
         self.root = root
         target = FolderTarget(root)
         self.ingester = Ingester(Catalogue(target.catalogue_path), target, dedup)
-        self.server = Server(self.ingester, ServerConfig(bind="tcp://127.0.0.1:*", limits=limits or Limits()))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
+        self.server = Server(self.ingester, ServerConfig(bind="tcp://127.0.0.1:*", limits=limits or Limits())).start()
         self.client = IngestClient(self.server.endpoint, timeout=20, retries=0)
 
     def stop(self) -> None:
         self.client.close()
-        self.server.stop()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
+        self.server.close()  # joins the server thread, or raises
         self.ingester.close()
 
 
@@ -244,7 +241,9 @@ def test_protocol_errors(gallery: Running) -> None:
             assert reply["ok"] is False and reply["error"]["code"] == code, (frames, reply)
         sock.send_multipart([json.dumps({"v": 1, "op": "ping", "id": "p1"}).encode()])
         assert sock.poll(20000)
-        assert json.loads(sock.recv()) == {"v": 1, "id": "p1", "ok": True, "pong": True, "version": "0.1.0"}
+        pong = json.loads(sock.recv())
+        assert pong == {"v": 1, "id": "p1", "ok": True, "pong": True, "version": "0.1.0",
+                        "pid": os.getpid(), "instance": gallery.server.config.instance}
     finally:
         sock.close(0)
 
@@ -288,18 +287,16 @@ def test_curve_encrypted_socket(tmp_path: Path) -> None:
     client_public, client_secret = zmq.curve_keypair()
     target = FolderTarget(tmp_path / "g")
     ingester = Ingester(Catalogue(target.catalogue_path), target)
-    server = Server(ingester, ServerConfig(bind="tcp://127.0.0.1:*", curve_secret=server_secret))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server = Server(ingester, ServerConfig(bind="tcp://127.0.0.1:*", curve_secret=server_secret)).start()
     try:
         with IngestClient(server.endpoint, timeout=10, retries=0, curve=(server_public, client_public, client_secret)) as c:
             assert c.ingest("curve:1", {}, T.encode(T.photo(13))).status == "added"
+            assert c.info()["curve"] == {"enabled": True, "allow_list": False}
         with IngestClient(server.endpoint, timeout=0.5, retries=0) as plain:  # no CURVE: no handshake, no answer
             with pytest.raises(GalleryUnavailable):
                 plain.ping()
     finally:
-        server.stop()
-        thread.join(10)
+        server.close()
         ingester.close()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import ssl
 import subprocess
 import sys
 import threading
@@ -15,9 +16,12 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
+
+if TYPE_CHECKING:
+    import trustme
 
 from gallery_bridge import testing as T
 from gallery_bridge.catalogue import Catalogue
@@ -32,11 +36,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 class FakeScenery:
-    def __init__(self) -> None:
+    """scenery's /import_image on 127.0.0.1: plain http, or https with ``tls`` (a trustme CA)."""
+
+    def __init__(self, tls: "trustme.CA | None" = None, basic_auth: tuple[str, str] | None = None) -> None:
         self.images: dict[str, int] = {}  # sha256 -> id
         self.requests: list[dict] = []
+        self.paths: list[str] = []  # every POST's path, whatever happened to it
+        self.auth_headers: list[str | None] = []
         self.fail_next = 0  # answer this many requests with HTTP 503
         self.message_override: str | None = None
+        self.redirect: tuple[int, str] | None = None  # (status, Location) for POSTs to /import_image
         self.release = threading.Event()  # ends the silent (unauthorised) waits at teardown
         fake = self
 
@@ -45,7 +54,17 @@ class FakeScenery:
                 pass
 
             def do_POST(self) -> None:
-                if self.path != "/import_image":
+                fake.paths.append(self.path)
+                fake.auth_headers.append(self.headers.get("Authorization"))
+                if fake.redirect is not None and self.path == "/import_image":
+                    status, location = fake.redirect
+                    self.rfile.read(int(self.headers["Content-Length"]))
+                    self.send_response(status)
+                    self.send_header("Location", location)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if self.path not in ("/import_image", "/moved/import_image"):
                     self.send_error(404)
                     return
                 body = self.rfile.read(int(self.headers["Content-Length"]))
@@ -83,15 +102,25 @@ class FakeScenery:
                 self.wfile.write(data)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # Handler threads are joined on close: none may outlive the test (and log into a closed stream).
+        self.httpd.daemon_threads = False
+        self.httpd.block_on_close = True
+        scheme = "http"
+        if tls is not None:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+            scheme = "https"
+        self.port = self.httpd.server_address[1]
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def close(self) -> None:
         self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.thread.join(10)
 
 
 @pytest.fixture
@@ -102,6 +131,7 @@ def scenery() -> Iterator[FakeScenery]:
 
 
 def _ingester(tmp_path: Path, url: str, password: str = PASSWORD, **kw) -> Ingester:
+    kw.setdefault("allow_insecure", url.startswith("http://"))  # the fake is plain http on loopback
     target = SceneryTarget(url, password, timeout=kw.pop("timeout", 5.0), retries=kw.pop("retries", 2),
                            backoff=0.01, **kw)
     return Ingester(Catalogue(tmp_path / "ledger.sqlite"), target, DedupConfig())
@@ -204,7 +234,7 @@ def test_cli_refuses_scenery_without_password(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     out = subprocess.run(
         [sys.executable, "-m", "gallery_bridge", "serve", "--bind", "tcp://127.0.0.1:*", "--target", "scenery:http://127.0.0.1:9",
-         "--ledger", str(tmp_path / "l.sqlite")],
+         "--allow-insecure-scenery", "--ledger", str(tmp_path / "l.sqlite")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 2
@@ -225,7 +255,8 @@ def test_service_with_scenery_target_end_to_end(tmp_path: Path, scenery: FakeSce
     pw_file.write_text(PASSWORD + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GALLERY_BRIDGE_")}
     env.update({"GALLERY_BRIDGE_SCENERY_PASSWORD_FILE": str(pw_file), "GALLERY_BRIDGE_LEDGER": str(tmp_path / "l.sqlite"),
-                "GALLERY_BRIDGE_SCENERY_TAGS": '["from_nomad", "landscape"]', "GALLERY_BRIDGE_SCENERY_RETRIES": "1"})
+                "GALLERY_BRIDGE_SCENERY_TAGS": '["from_nomad", "landscape"]', "GALLERY_BRIDGE_SCENERY_RETRIES": "1",
+                "GALLERY_BRIDGE_ALLOW_INSECURE_SCENERY": "1"})
     proc = subprocess.Popen([sys.executable, "-m", "gallery_bridge", "serve", "--bind", f"tcp://127.0.0.1:{port}",
                              "--target", f"scenery:{scenery.url}"], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

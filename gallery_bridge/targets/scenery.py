@@ -13,6 +13,14 @@ timeout, and running out of retries on timeouts is reported as a probable
 password problem. 5xx, timeouts and connection errors are retried with
 exponential backoff. Success is only ever reported from scenery's own words.
 The local catalogue (the "ledger") remembers key -> scenery id for idempotency.
+
+The password travels in the form body, so plain ``http://`` is refused unless
+the operator says ``allow_insecure`` (``--allow-insecure-scenery``), and
+redirects are never followed by ``requests``: a 307/308 to the same origin
+(scheme, host, port) is re-posted, any other redirect is an error, so the
+password never reaches another host and another host's "Success" is never
+trusted. The URL's userinfo (basic auth for a proxy) is used for requests but
+never shown: ``describe()``, errors and logs carry the URL without it.
 """
 from __future__ import annotations
 
@@ -21,10 +29,12 @@ import logging
 import re
 import time
 from typing import Any, Callable
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
 
 from ..catalogue import Catalogue
+from ..redact import redact, register_secret, safe_url, userinfo_secrets
 from ..validate import CheckedImage, Meta
 from . import Stored, TargetError
 
@@ -35,6 +45,32 @@ _SAME_SHA = re.compile(r"same sha256.*?Image id\s*=\s*(\d+)", re.IGNORECASE | re
 _SIMILAR = re.compile(r"Similar image is already in the db.*?Image ids\s*=\s*(\[.*?\])", re.IGNORECASE | re.DOTALL)
 _REJECTS = ("Not supported mime type", "Can't generate thumbnail", "invalid url")
 _MIME = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+MAX_REDIRECTS = 3
+"""Same-origin 307/308 hops followed for one upload."""
+
+
+class RedirectRefused(TargetError):
+    """scenery answered with a redirect that is not followed (other origin, or not 307/308)."""
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a URL, the port filled in from the scheme."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(scheme, 0)
+
+
+def check_url(url: str, allow_insecure: bool = False) -> None:
+    """Raise ``ValueError`` for a URL the target must not post its password to."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"scenery target needs an http(s) URL, got {safe_url(url)!r}")
+    if parts.scheme.lower() == "http" and not allow_insecure:
+        raise ValueError(
+            f"scenery target {safe_url(url)} is plain http: the import_images_bot_password would travel unencrypted; "
+            "use https, or pass --allow-insecure-scenery (env GALLERY_BRIDGE_ALLOW_INSECURE_SCENERY=1) to accept that"
+        )
 
 
 def interpret(message: Any) -> Stored | None:
@@ -68,10 +104,19 @@ class SceneryTarget:
 
     def __init__(self, url: str, password: str, *, tags: list[str] | None = None, timeout: float = 60.0,
                  connect_timeout: float = 5.0, retries: int = 4, backoff: float = 1.0,
-                 sleep: Callable[[float], None] = time.sleep, session: requests.Session | None = None) -> None:
+                 sleep: Callable[[float], None] = time.sleep, session: requests.Session | None = None,
+                 allow_insecure: bool = False) -> None:
         if not password:
             raise ValueError("scenery needs import_images_bot_password (env GALLERY_BRIDGE_SCENERY_PASSWORD or --scenery-password-file)")
+        # Registered first, so that no message below (nor any log line) can carry them.
+        register_secret(password)
+        for secret in userinfo_secrets(url):
+            register_secret(secret)
+        check_url(url, allow_insecure)
         self.url = url.rstrip("/")
+        self.shown_url = safe_url(self.url)
+        self.allow_insecure = allow_insecure
+        self._origin = origin(self.url)
         self._password = password
         self.tags = list(tags) if tags is not None else ["from_nomad"]
         self.timeout = timeout
@@ -92,15 +137,14 @@ class SceneryTarget:
             if attempt:
                 self._sleep(min(30.0, self.backoff * 2 ** (attempt - 1)))
             try:
-                resp = self.session.post(f"{self.url}/import_image", data=data, files=files,
-                                         timeout=(self.connect_timeout, self.timeout))
+                resp = self._post(data, files)
             except requests.Timeout:
                 timeouts += 1
                 last = f"no answer within {self.timeout:g}s"
                 log.warning("scenery: %s (try %d/%d)", last, attempt + 1, self.retries + 1)
                 continue
             except requests.ConnectionError as exc:
-                last = f"cannot connect: {exc}"
+                last = redact(f"cannot connect: {exc}")
                 log.warning("scenery: %s (try %d/%d)", last, attempt + 1, self.retries + 1)
                 continue
             if resp.status_code >= 500:
@@ -116,16 +160,44 @@ class SceneryTarget:
                 raise TargetError(f"scenery refused the password (HTTP {resp.status_code})")
             if stored is None:
                 if 400 <= resp.status_code < 500:
-                    return Stored("rejected", None, f"scenery: HTTP {resp.status_code} {str(message)[:200]}")
+                    return Stored("rejected", None, redact(f"scenery: HTTP {resp.status_code} {str(message)[:200]}"))
                 # 2xx without a confirmation ("fail"): never report it as added.
-                raise TargetError(f"scenery did not confirm the import: {str(message)[:200]!r}")
+                raise TargetError(redact(f"scenery did not confirm the import: {str(message)[:200]!r}"))
             return stored
         if timeouts == self.retries + 1:
             raise TargetError(
-                f"scenery at {self.url} never answered ({timeouts} tries): scenery does not answer unauthorised "
+                f"scenery at {self.shown_url} never answered ({timeouts} tries): scenery does not answer unauthorised "
                 "requests, so the import_images_bot_password is probably wrong"
             )
-        raise TargetError(f"scenery at {self.url} failed after {self.retries + 1} tries: {last}")
+        raise TargetError(f"scenery at {self.shown_url} failed after {self.retries + 1} tries: {last}")
+
+    def _post(self, data: dict[str, str], files: dict[str, Any]) -> requests.Response:
+        """POST to /import_image, re-posting only same-origin 307/308 redirects (at most MAX_REDIRECTS)."""
+        url = f"{self.url}/import_image"
+        for _ in range(MAX_REDIRECTS + 1):
+            # allow_redirects=False: requests would re-post the body (password
+            # included) on a 307/308 to any host, and then trust its answer.
+            resp = self.session.post(url, data=data, files=files, timeout=(self.connect_timeout, self.timeout),
+                                     allow_redirects=False)
+            if not resp.is_redirect:
+                return resp
+            location = urljoin(url, resp.headers.get("location", ""))
+            shown = redact(safe_url(location))
+            resp.close()
+            if origin(location) != self._origin:
+                log.error("scenery: HTTP %d redirect to another origin (%s); the password is not sent there",
+                          resp.status_code, shown)
+                raise RedirectRefused(f"scenery at {self.shown_url} redirected (HTTP {resp.status_code}) to another origin, "
+                                      f"{shown}; not following it with the password: fix the --target URL")
+            if resp.status_code not in (307, 308):
+                raise RedirectRefused(f"scenery at {self.shown_url} answered HTTP {resp.status_code} (redirect to {shown}) "
+                                      "instead of taking the upload: fix the --target URL")
+            # Same origin: keep the configured netloc (its userinfo included) and take the new path.
+            parts = urlsplit(location)
+            base = urlsplit(self.url)
+            url = urlunsplit((base.scheme, base.netloc, parts.path, parts.query, ""))
+            log.info("scenery: HTTP %d redirect to %s (same origin), posting there", resp.status_code, shown)
+        raise RedirectRefused(f"scenery at {self.shown_url} redirected more than {MAX_REDIRECTS} times")
 
     def recover(self, catalogue: Catalogue) -> dict[str, int]:
         # A pending row means the upload may or may not have happened. Forget it:
@@ -142,7 +214,7 @@ class SceneryTarget:
         pass
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "scenery", "url": self.url, "tags": self.tags, "timeout_s": self.timeout, "retries": self.retries}
+        return {"kind": "scenery", "url": self.shown_url, "insecure_http_allowed": self.allow_insecure, "tags": self.tags, "timeout_s": self.timeout, "retries": self.retries}
 
     def close(self) -> None:
         self.session.close()
