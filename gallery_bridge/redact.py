@@ -46,9 +46,13 @@ def redact(text: str) -> str:
 
 
 def userinfo_secrets(url: str) -> list[str]:
-    """The user name and password in a URL's userinfo (to register them)."""
-    parts = urlsplit(url)
-    return [unquote(v) for v in (parts.username, parts.password) if v]
+    """The password in a URL's userinfo (to register it).
+
+    The user name is not registered on its own (a name like "bot" would mask
+    words all over the log); inside a URL the whole userinfo is masked anyway.
+    """
+    password = urlsplit(url).password
+    return [unquote(password)] if password else []
 
 
 def safe_url(url: str) -> str:

@@ -245,3 +245,32 @@ def test_no_credential_in_logs_at_any_level(tmp_path: Path, https_scenery: FakeS
     assert "***" in logs  # the echoed password was there to be masked
     for text in (logs, *replies):
         assert PASSWORD not in text and url_secret not in text and "bot:" not in text
+
+
+def test_redacting_filter_masks_messages_tracebacks_and_extras() -> None:
+    import io
+    import logging
+
+    from anti_sus.observe import JsonFormatter
+    from gallery_bridge.redact import RedactingFilter, redact, register_secret
+
+    register_secret("p@ss word/9")
+    assert redact("https://u:x@host/a and p%40ss%20word%2F9 and p@ss word/9") == "https://***@host/a and *** and ***"
+    for formatter in (logging.Formatter("%(levelname)s %(message)s"), JsonFormatter()):
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(formatter)
+        handler.addFilter(RedactingFilter())
+        logger = logging.getLogger("gallery_bridge.test_redact")
+        logger.addHandler(handler)
+        logger.propagate = False
+        try:
+            try:
+                raise RuntimeError("boom with p@ss word/9")
+            except RuntimeError:
+                logger.exception("failed at %s", "https://bot:p@ss word/9@h/", extra={"target": "p@ss word/9"})
+            logger.debug("debug line p@ss word/9")
+        finally:
+            logger.removeHandler(handler)
+        out = stream.getvalue()
+        assert "p@ss word/9" not in out and "boom with ***" in out and "RuntimeError" in out
