@@ -3,23 +3,25 @@
 Makes sure the models exist (``stack.ensure_models``), starts anti_sus and
 gallery_bridge on loopback, waits until both answer, then starts nomad mining
 reddit /r/all (new) into the gallery folder. A service that dies is restarted
-with backoff; one Ctrl-C (or SIGTERM) stops nomad first (it flushes what it
-holds), then gallery_bridge, then anti_sus.
+with backoff (1 s, doubling per crash in a row up to 60 s; a child that
+stayed up a minute starts again at 1 s); one Ctrl-C (or SIGTERM) stops nomad
+first (it flushes what it holds), then gallery_bridge, then anti_sus.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from anti_sus.observe import setup_logging
 from stack import ensure_models
-from stack.procs import Service, python_module, stop_all, wait_until
+from stack.procs import Service, python_module, stop_all
 
 log = logging.getLogger("stack.up")
 
@@ -45,6 +47,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# Each server gets a fresh random token in this variable and echoes it (with its
+# pid) in its ``info`` reply, so the launcher knows the answer comes from its own child.
+INSTANCE_ENV = {"anti_sus": "ANTI_SUS_INSTANCE", "gallery_bridge": "GALLERY_BRIDGE_INSTANCE"}
+PORT_FLAG = {"anti_sus": "--anti-sus-port", "gallery_bridge": "--gallery-port"}
+
+
 def services(args: argparse.Namespace, nomad_args: Sequence[str]) -> list[Service]:
     """The three services, commanded exactly like docker-compose.yml does (on loopback)."""
     a = f"tcp://127.0.0.1:{args.anti_sus_port}"
@@ -55,6 +63,14 @@ def services(args: argparse.Namespace, nomad_args: Sequence[str]) -> list[Servic
         Service("gallery_bridge", python_module("gallery_bridge", "serve", "--bind", g, "--target", f"folder:{args.gallery}", *fmt)),
         Service("nomad", python_module("nomad", "run", "--anti-sus", a, "--gallery", g, "--state-dir", str(args.state_dir), *fmt, *nomad_args)),
     ]
+
+
+def start(svc: Service) -> Service:
+    """Start (or restart) ``svc``, a server getting a new instance token each time."""
+    var = INSTANCE_ENV.get(svc.name)
+    if var is not None:
+        svc.env[var] = secrets.token_hex(16)
+    return svc.start()
 
 
 def answers(kind: str, endpoint: str) -> bool:
@@ -78,23 +94,104 @@ def answers(kind: str, endpoint: str) -> bool:
             return False
 
 
-def supervise(svcs: list[Service], stop_flag: list[bool], max_backoff: float = 60.0) -> None:
-    """Restart any service that exits on its own, with exponential backoff, until asked to stop."""
+def info(kind: str, endpoint: str, timeout: float = 1.0) -> dict[str, Any] | None:
+    """The ``info`` reply of whatever answers at ``endpoint``, or None when nothing answers."""
+    try:
+        if kind == "anti_sus":
+            from anti_sus.client import FilterClient
+
+            with FilterClient(endpoint, timeout=timeout, retries=0) as c:
+                reply = c.info()
+        else:
+            from gallery_bridge.client import IngestClient
+
+            with IngestClient(endpoint, timeout=timeout, retries=0) as c:
+                reply = c.info()
+    except Exception:  # noqa: BLE001 - not up yet, or not a server of ours at all
+        return None
+    return reply if isinstance(reply, dict) else None
+
+
+def is_ours(svc: Service, reply: dict[str, Any]) -> bool:
+    """True when an ``info`` reply comes from ``svc``'s own child: same instance token, same pid.
+
+    A reply without the token is from a server that was not started by us (or
+    predates the token), so it is not ours.
+    """
+    token = svc.env.get(INSTANCE_ENV[svc.name])
+    if reply.get("instance") != token:
+        return False
+    return reply.get("pid") is None or reply.get("pid") == svc.pid
+
+
+def _quote(text: str) -> str:
+    return "\n".join(f"  | {line}" for line in text.splitlines())
+
+
+def wait_ready(svc: Service, endpoint: str, port: int, stop_flag: list[bool], timeout: float = 120.0,
+               interval: float = 0.5) -> str | None:
+    """Wait until ``svc``'s own child answers at ``endpoint``; an error message when it cannot.
+
+    Fails fast when the child exits during start-up (quoting its last stderr
+    lines, e.g. "Address already in use") or when someone else answers on the port.
+    """
+    deadline = time.monotonic() + timeout
+    while not stop_flag[0]:
+        alive = svc.running
+        reply = info(svc.name, endpoint)
+        if reply is not None and is_ours(svc, reply):
+            log.info("%s is up (pid %d) on %s", svc.name, svc.pid, endpoint)
+            return None
+        if reply is not None or not alive:
+            lines = []
+            if reply is not None:
+                pid = reply.get("pid", "unknown")
+                lines.append(f"port {port} is answered by another {svc.name} (pid {pid}), not ours: "
+                             f"stop it or choose {PORT_FLAG[svc.name]}")
+            if not svc.running:
+                tail = svc.tail(10)
+                lines.append(f"{svc.name} exited during start-up with code {svc.returncode}"
+                             + (f"; its last messages:\n{_quote(tail)}" if tail else " and said nothing"))
+            return "\n".join(lines)
+        if time.monotonic() >= deadline:
+            return f"{svc.name} did not answer on {endpoint} within {timeout:.0f}s"
+        time.sleep(interval)
+    return None
+
+
+def supervise(svcs: list[Service], stop_flag: list[bool], *, base_backoff: float = 1.0, max_backoff: float = 60.0,
+              stable_after: float = 60.0, poll: float = 0.5) -> None:
+    """Restart any service that exits on its own until asked to stop.
+
+    The wait before a restart doubles with each crash in a row
+    (``base_backoff``, 2x, 4x … up to ``max_backoff``); a child that stayed up
+    ``stable_after`` seconds before it died starts the count again.
+    """
     next_start: dict[str, float] = {}
+    crashes: dict[str, int] = {svc.name: 0 for svc in svcs}
     while not stop_flag[0]:
         now = time.monotonic()
         for svc in svcs:
+            if svc.name in next_start:
+                if now >= next_start[svc.name]:
+                    del next_start[svc.name]
+                    svc.restarts += 1
+                    start(svc)
+                continue
             if svc.running:
                 continue
-            if svc.name not in next_start:
-                code = svc.proc.returncode if svc.proc else None
-                delay = min(max_backoff, 2.0 ** min(svc.restarts, 6))
-                log.error("%s exited with code %s; restarting in %.0fs", svc.name, code, delay)
-                next_start[svc.name] = now + delay
-            elif now >= next_start.pop(svc.name):
-                svc.restarts += 1
-                svc.start()
-        time.sleep(0.5)
+            uptime = now - svc.started_at
+            if uptime >= stable_after:
+                crashes[svc.name] = 0
+            delay = min(max_backoff, base_backoff * 2.0 ** min(crashes[svc.name], 30))
+            crashes[svc.name] += 1
+            last = svc.tail(1)
+            log.error("%s exited with code %s after %.1fs%s; restarting in %.1fs (crash %d in a row)", svc.name,
+                      svc.returncode, uptime, f" (last message: {last})" if last else "", delay, crashes[svc.name])
+            next_start[svc.name] = now + delay
+        # Sleep until the next check or the next due restart, whichever comes first.
+        wake = min([poll] + [t - time.monotonic() for t in next_start.values()])
+        time.sleep(max(0.01, wake))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,15 +220,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     svcs = services(args, nomad_extra)
     try:
-        for svc, endpoint in zip(svcs[:2], (f"tcp://127.0.0.1:{args.anti_sus_port}", f"tcp://127.0.0.1:{args.gallery_port}")):
-            svc.start()
-            wait_until(lambda: answers(svc.name, endpoint) or not svc.running or stop_flag[0], 120, 0.5, f"{svc.name} to answer")
-            if not svc.running:
-                print(f"error: {svc.name} stopped at start (exit code {svc.proc.returncode if svc.proc else '?'}); see its messages above", file=sys.stderr)
+        for svc, port in zip(svcs[:2], (args.anti_sus_port, args.gallery_port)):
+            start(svc)
+            error = wait_ready(svc, f"tcp://127.0.0.1:{port}", port, stop_flag)
+            if error is not None:
+                print(f"error: {error}", file=sys.stderr)
                 return 1
             if stop_flag[0]:
                 return 0
-        svcs[2].start()
+        start(svcs[2])
         log.info("mining into %s (index: %s); Ctrl-C stops everything", args.gallery, args.gallery / "index.html")
         supervise(svcs, stop_flag)
         return 0
