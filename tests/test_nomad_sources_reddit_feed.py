@@ -167,3 +167,15 @@ def test_one_failing_listing_does_not_stop_the_others() -> None:
     with pytest.raises(SourceError) as err:  # every listing failed: the source failed
         list(source(http, Clock(), interval=0).poll(Cursors(), lambda _: False))
     assert err.value.reason == "hostile_feed"
+
+
+def test_feed_pacing_survives_a_restart() -> None:
+    clock, cursors = Clock(), Cursors(json_blocked_until=repr(1000.0 + 3600))
+    list(source(FakeHttp([Reply(200, ATOM)]), clock).poll(cursors, lambda _: False))
+    assert clock.slept == [] and float(cursors["feed_last_at"]) == 1000.0
+    clock.t += 20  # a new process 20 s later: it waits the remaining 40 s before asking the feed
+    list(source(FakeHttp([Reply(200, ATOM)]), clock).poll(cursors, lambda _: False))
+    assert clock.slept == [pytest.approx(40.0)]
+    clock.t += 300  # long after: no wait
+    list(source(FakeHttp([Reply(200, ATOM)]), clock).poll(cursors, lambda _: False))
+    assert len(clock.slept) == 1

@@ -575,6 +575,16 @@ class RedditSource(ListingSource):
 
     def _feed(self, path: str, cursors: Cursors) -> Iterator[Candidate]:
         """One Atom feed read (newest ``feed_limit`` entries), oldest first, cursor after each post."""
+        # reddit throttles per IP, not per process: the last request's time is kept in the store,
+        # so a restart (a crash loop, `nomad once` from cron) does not ask sooner than the interval.
+        try:
+            last = float(cursors.get("feed_last_at") or 0)
+        except ValueError:
+            last = 0.0
+        left = min(self.feeds.min_interval, last + self.feeds.min_interval - self._clock())
+        if left > 0:
+            self.feeds.wait(left, "pacing (a request before the restart)")
+        cursors.set("feed_last_at", repr(self._clock()))
         resp = self.feeds.get(self.feed_url(path), params={"limit": self.feed_limit},
                               headers={"Accept": "application/atom+xml"}, max_bytes=FEED_MAX_BYTES)
         posts = parse_feed(resp.body)
