@@ -113,7 +113,7 @@ def test_allow_list_serves_listed_clients_only(ingester: Ingester, tmp_path: Pat
     try:
         spub = zmq.auth.load_certificate(str(server_pub))[0]
         good = zmq.auth.load_certificate(str(allowed_sec))
-        with IngestClient(server.endpoint, timeout=10, retries=0, curve=(spub, *good)) as c:  # type: ignore[arg-type]
+        with IngestClient(server.endpoint, timeout=60, retries=0, curve=(spub, *good)) as c:  # type: ignore[arg-type]
             assert c.ingest("curve:ok", {}, T.encode(T.photo(32))).status == "added"
             assert c.info()["curve"] == {"enabled": True, "allow_list": True}
         bad = zmq.auth.load_certificate(str(stranger_sec))
