@@ -39,8 +39,8 @@ from anti_sus.client import FilterClient  # noqa: E402
 from bench.anti_sus import build_models  # noqa: E402
 from nomad import images as nomad_images  # noqa: E402
 from stack.procs import Service, free_port, python_module, wait_until  # noqa: E402
-from tests.emulator import Emulator, Scenario  # noqa: E402
-from tests.emulator.images import picture  # noqa: E402
+from stack.emulator import Emulator, Scenario  # noqa: E402
+from stack.emulator.images import picture  # noqa: E402
 
 PERMISSIVE = ["--gmm-threshold=-1e30", "--watermark-threshold=1.0"]
 

@@ -91,7 +91,7 @@ def bench_decode(n_images: int, repeats: int, grain_std: float) -> dict[str, flo
 
 def _serve(conn: Connection, n: int, delay: float) -> None:
     """Child process: the emulator with ``n`` images spread over four hosts."""
-    from tests.emulator import Emulator, Scenario
+    from stack.emulator import Emulator, Scenario
 
     scn = Scenario()
     with Emulator(scn) as emu:

@@ -92,7 +92,7 @@ def summary(stats: dict[str, Any], gallery: Path, emulated_posts: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from tests.emulator import Emulator
+    from stack.emulator import Emulator
 
     work = args.workdir.resolve()
     models, gallery, state, logs = work / "models", work / "gallery", work / "state", work / "logs"

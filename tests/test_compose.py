@@ -96,7 +96,7 @@ def test_docker_compose_config_when_plugin_present() -> None:
 
 def test_compose_commands_start_locally(compose: dict, tiny_models: Path, tmp_path: Path) -> None:
     """models (one-shot) -> anti_sus + gallery_bridge (health checks pass) -> nomad (runs, stops on SIGTERM)."""
-    from tests.emulator import Emulator
+    from stack.emulator import Emulator
 
     svcs = compose["services"]
     models = tmp_path / "models"

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from stack.procs import Service, free_port, python_module, stop_all, wait_until
-from tests.emulator import Emulator
+from stack.emulator import Emulator
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -16,8 +16,8 @@ from PIL import Image
 
 from nomad.http import FetchError, HttpClient, HttpConfig, HttpStatusError
 from tests.conftest import FIXTURES, REPO
-from tests.emulator import Emulator, Scenario, base58, default_scenario
-from tests.emulator.scenario import FLICKR_ALPHABET
+from stack.emulator import Emulator, Scenario, base58, default_scenario
+from stack.emulator.scenario import FLICKR_ALPHABET
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -411,7 +411,7 @@ def test_wildcard_cert_covers_farm_hosts(emu: Emulator) -> None:
 
 def test_standalone_main_prints_flags_and_stops() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tests.emulator"], cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "stack.emulator"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     try:
         lines = []

@@ -17,7 +17,7 @@ from nomad.cli import build_parser, main
 from nomad.sources.base import Candidate, ImageRef
 from nomad.store import Store
 from stack.procs import Service, free_port, python_module
-from tests.emulator import Emulator
+from stack.emulator import Emulator
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -16,7 +16,7 @@ import pytest
 
 from anti_sus.client import AntiSusUnavailable, FilterResult, ImageResult
 from nomad.cli import build_crawler, build_parser
-from tests.emulator import Emulator
+from stack.emulator import Emulator
 from tests.nomad_outcomes import outcome
 
 __all__ = ["FakeFilter", "make"]

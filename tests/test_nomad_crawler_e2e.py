@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from stack.procs import Service, free_port, python_module
-from tests.emulator import Emulator
+from stack.emulator import Emulator
 from tests.nomad_outcomes import keyless_expected, outcome
 from nomad.store import Store
 

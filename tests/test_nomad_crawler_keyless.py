@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from nomad.cli import build_crawler, build_parser
-from tests.emulator import Emulator
+from stack.emulator import Emulator
 from tests.nomad_outcomes import keyless_expected, outcome
 from tests.test_nomad_crawler import FakeFilter
 

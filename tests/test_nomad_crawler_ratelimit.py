@@ -12,7 +12,7 @@ import pytest
 from nomad.http import HttpClient, HttpConfig
 from nomad.sources.base import SourceError
 from nomad.sources.reddit import RedditClient, RedditConfig
-from tests.emulator import Emulator
+from stack.emulator import Emulator
 
 pytestmark = pytest.mark.timeout(120)
 

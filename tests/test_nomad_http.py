@@ -26,7 +26,7 @@ from nomad.http import (
     reject_removed_placeholder,
     sniff_format,
 )
-from tests.emulator import Emulator, Resource
+from stack.emulator import Emulator, Resource
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -599,7 +599,7 @@ def test_thread_pool_downloads_get_their_own_bytes(emu: Emulator) -> None:
     """Many threads, several hosts, pooled TLS connections: every image arrives intact."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.emulator import images as gen
+    from stack.emulator import images as gen
 
     files = [((h, p), r) for (h, p), r in emu.scenario.files.items()
              if r.kind == "image" and r.fmt in ("jpeg", "png") and r.width * r.height <= 2_000_000]

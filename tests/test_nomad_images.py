@@ -10,7 +10,7 @@ from PIL import Image
 
 from anti_sus.preprocess import to_wire
 from nomad.images import Decoded, ImageError, decode, probe
-from tests.emulator import images as gen
+from stack.emulator import images as gen
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,7 +11,7 @@ import pytest
 from nomad.http import FetchError, HttpClient, HttpConfig
 from nomad.net.redact import RedactingFilter, redact, register_secret
 from stack.procs import free_port, python_module
-from tests.emulator import Emulator
+from stack.emulator import Emulator
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -26,8 +26,8 @@ from nomad.sources.bluesky import (
 )
 from nomad.store import Store
 from tests.conftest import FIXTURES
-from tests.emulator import Emulator
-from tests.emulator.jetstream import APPVIEW_HOST, CDN_HOST, JETSTREAM_HOST, image_entry, post_event
+from stack.emulator import Emulator
+from stack.emulator.jetstream import APPVIEW_HOST, CDN_HOST, JETSTREAM_HOST, image_entry, post_event
 
 POST = "app.bsky.feed.post"
 

@@ -1,7 +1,7 @@
 """Wikimedia Commons listing source: thumb sizes, licence fields, cursors, politeness, hostile answers.
 
 Parsers are checked against tests/fixtures/commons_*.json (real API shapes);
-the rest runs against the emulator's Commons (tests/emulator/commons.py)
+the rest runs against the emulator's Commons (stack/emulator/commons.py)
 through nomad's own HttpClient, with the SSRF guard on.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from nomad.sources.base import SourceError
 from nomad.sources.commons import CommonsSource, Entry, plain_text, thumb_step, user_agent
 from nomad.store import Store
 from tests.conftest import FIXTURES, REPO
-from tests.emulator import Emulator
+from stack.emulator import Emulator
 
 CONTACT = "ops@example.org"
 

@@ -10,7 +10,7 @@ from nomad.sources.base import SourceError
 from nomad.sources.reddit import RedditClient, RedditConfig, RedditSource
 from nomad.sources.reddit_feed import is_block_page, link_of, parse_feed
 from tests.conftest import FIXTURES
-from tests.emulator.feeds import BLOCK_PAGE, ENTITY_BOMB, EXTERNAL_ENTITY
+from stack.emulator.feeds import BLOCK_PAGE, ENTITY_BOMB, EXTERNAL_ENTITY
 from tests.nomad_fakes import FakeHttp, Reply
 
 ATOM = (FIXTURES / "reddit_new.atom").read_bytes()

@@ -16,7 +16,7 @@ from anti_sus.modeldir import read_manifest, verify, write_manifest
 from stack import ensure_models
 from stack.procs import Service, free_port, python_module, wait_until
 from tests.conftest import REPO
-from tests.emulator import Emulator
+from stack.emulator import Emulator
 
 pytestmark = pytest.mark.timeout(600)
 

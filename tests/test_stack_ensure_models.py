@@ -12,8 +12,8 @@ import pytest
 from anti_sus.modeldir import verify
 from stack import ensure_models
 from stack.procs import free_port, python_module
-from tests.emulator import Emulator
-from tests.emulator.commons import FEATURED
+from stack.emulator import Emulator
+from stack.emulator.commons import FEATURED
 from tests.test_stack import ensure_args, gmm_source, without_gmm
 
 pytestmark = pytest.mark.timeout(300)

@@ -21,7 +21,7 @@ from anti_sus.client import FilterClient
 from anti_sus.protocol import ok_reply, parse_header, request_id
 from stack import up
 from stack.procs import Service, free_port, python_module, stop_all, wait_until
-from tests.emulator import Emulator
+from stack.emulator import Emulator
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -16,7 +16,7 @@ Sites:
   with ``api_key``, ``format=json&nojsoncallback=1``.
 - Bluesky (jetstream.py): the Jetstream websocket ``wss://jetstream2.us-east.bsky.network/subscribe``
   and the AppView's ``app.bsky.actor.getProfiles``; images are ``cdn.bsky.app`` files.
-- everything else: :class:`~tests.emulator.scenario.Resource` files from the scenario.
+- everything else: :class:`~stack.emulator.scenario.Resource` files from the scenario.
 """
 from __future__ import annotations
 

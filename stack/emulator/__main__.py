@@ -23,7 +23,7 @@ def _env_default(name: str, kind: Callable[[str], object], fallback: object, ap:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.emulator", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m stack.emulator", description=__doc__)
     ap.add_argument("--port", type=int, default=_env_default("NOMAD_EMULATOR_PORT", int, 0, ap),
                     help="port on 127.0.0.1, 0 for a random one (default: 0) [env NOMAD_EMULATOR_PORT]")
     ap.add_argument("--rate-limit", type=int, default=_env_default("NOMAD_EMULATOR_RATE_LIMIT", int, 100, ap),

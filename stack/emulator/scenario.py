@@ -136,15 +136,15 @@ class Scenario:
         self.imgur_images: dict[str, ImgurImage] = {}
         self.imgur_albums: dict[str, list[str]] = {}
         self.flickr_photos: dict[str, FlickrPhoto] = {}
-        # Key-less formats (tests/emulator/feeds.py): flickr's public feed (photo, tags), newest first, and
+        # Key-less formats (stack/emulator/feeds.py): flickr's public feed (photo, tags), newest first, and
         # its outcome labels keyed by post id (flickr_<id>); reddit's anonymous JSON answers the block page
         # unless reddit_anonymous_json; reddit_feed_interval > 0 throttles the Atom feeds like reddit (429).
         self.flickr_feed: list[tuple[FlickrPhoto, str]] = []
         self.flickr_feed_expected: dict[str, str] = {}
         self.reddit_anonymous_json = False
         self.reddit_feed_interval = 0.0
-        self.jetstream = JetstreamFeed()  # Bluesky's Jetstream frames (tests/emulator/jetstream.py)
-        self.commons: Any = None  # a tests.emulator.commons.CommonsSite, set by add_commons()
+        self.jetstream = JetstreamFeed()  # Bluesky's Jetstream frames (stack/emulator/jetstream.py)
+        self.commons: Any = None  # a stack.emulator.commons.CommonsSite, set by add_commons()
         self.listing_cap = 1000
         # Credentials the emulated APIs accept.
         self.reddit_clients: dict[str, str] = {"emu-client-id": "emu-client-secret"}
