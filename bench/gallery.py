@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gallery_bridge import dedup as D  # noqa: E402
-from gallery_bridge import testing as T  # noqa: E402
+from stack.emulator import photos as T  # noqa: E402
 from gallery_bridge.catalogue import Catalogue  # noqa: E402
 from gallery_bridge.client import IngestClient  # noqa: E402
 from gallery_bridge.ingest import Ingester  # noqa: E402

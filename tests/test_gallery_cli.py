@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 from PIL import ImageOps
 
-from gallery_bridge import testing as T
+from tests import gallery_helpers as T
 from gallery_bridge.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parent.parent

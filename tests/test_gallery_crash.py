@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from gallery_bridge import testing as T
+from tests import gallery_helpers as T
 from gallery_bridge.client import GalleryUnavailable, IngestClient
 from gallery_bridge.ingest import CRASH_ENV, CRASH_POINTS
 

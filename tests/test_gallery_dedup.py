@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from gallery_bridge import dedup as D
-from gallery_bridge import testing as T
+from tests import gallery_helpers as T
 
 
 def _recompress(img: Image.Image, quality: int = 60) -> Image.Image:

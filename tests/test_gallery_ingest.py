@@ -14,7 +14,7 @@ import pytest
 import zmq
 from PIL import Image
 
-from gallery_bridge import testing as T
+from tests import gallery_helpers as T
 from gallery_bridge.catalogue import Catalogue
 from gallery_bridge.client import GalleryUnavailable, IngestClient, IngestError
 from gallery_bridge.dedup import DedupConfig

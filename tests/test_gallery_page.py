@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gallery_bridge import testing as T
+from tests import gallery_helpers as T
 from gallery_bridge.catalogue import Catalogue
 from gallery_bridge.ingest import Ingester
 from gallery_bridge.targets.folder import FolderTarget

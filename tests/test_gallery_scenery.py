@@ -23,7 +23,7 @@ import pytest
 if TYPE_CHECKING:
     import trustme
 
-from gallery_bridge import testing as T
+from tests import gallery_helpers as T
 from gallery_bridge.catalogue import Catalogue
 from gallery_bridge.dedup import DedupConfig
 from gallery_bridge.ingest import Ingester

@@ -17,7 +17,7 @@ import pytest
 import requests
 import trustme
 
-from gallery_bridge import testing as T
+from tests import gallery_helpers as T
 from gallery_bridge.catalogue import Catalogue
 from gallery_bridge.client import IngestClient, IngestError
 from gallery_bridge.dedup import DedupConfig

@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 from anti_sus.security import keygen
-from gallery_bridge import testing as T
+from tests import gallery_helpers as T
 from gallery_bridge.catalogue import Catalogue
 from gallery_bridge.client import GalleryUnavailable, IngestClient, IngestError
 from gallery_bridge.ingest import Ingester

@@ -13,7 +13,7 @@ import zmq
 import zmq.auth
 
 from anti_sus.security import CurveKeyError, keygen
-from gallery_bridge import testing as T
+from tests import gallery_helpers as T
 from gallery_bridge.catalogue import Catalogue
 from gallery_bridge.ingest import Ingester
 from gallery_bridge.server import Server, ServerConfig
