@@ -1,0 +1,88 @@
+"""Fingerprints: everything dedup needs about one image, computed once at ingest.
+
+* ``phash``: scenery's 576-bit DCT hash (imagehash ``phash`` with hash_size 24
+  from a 96x96 grey image), of the image and of its mirror. Compatible with
+  what scenery stores.
+* ``coarse``: a 64-bit DCT hash (8x8 from 32x32, only the lowest
+  frequencies, which a few-percent crop barely moves), of the image and of its
+  mirror: the crop check's candidate picker.
+* ``signature``: the 96x96 grey image itself, which the crop check aligns.
+
+Hashes are kept as packed uint64 words in imagehash's bit order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import imagehash
+import numpy as np
+from PIL import Image, ImageOps
+
+from ..validate import to_8bit
+
+SIG_SIDE = 96
+"""Side of the grey signature (scenery hashes a 96x96 grey image)."""
+PHASH_SIZE = 24
+"""576-bit hash: 24x24 lowest DCT coefficients of the 96x96 image (highfreq_factor 4)."""
+PHASH_WORDS = PHASH_SIZE * PHASH_SIZE // 64
+COARSE_SIZE = 8
+"""64-bit hash of the 8x8 lowest DCT coefficients of a 32x32 image: robust to small crops."""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Everything dedup needs about one image, computed once at ingest."""
+
+    phash: np.ndarray  # uint64[PHASH_WORDS]
+    phash_mirror: np.ndarray  # uint64[PHASH_WORDS]
+    coarse: np.ndarray  # uint64[1]
+    coarse_mirror: np.ndarray  # uint64[1]
+    signature: bytes  # 96x96 uint8 grey, row major
+
+    @property
+    def phash_hex(self) -> str:
+        """The 576-bit hash as imagehash writes it (144 hex digits), scenery's notation."""
+        return pack_bits_hex(self.phash)
+
+
+def _bits_to_words(bits: np.ndarray) -> np.ndarray:
+    """bool[...] flattened (imagehash order) -> big-endian-packed uint64 words."""
+    packed = np.packbits(bits.reshape(-1).astype(np.uint8))
+    return packed.view(">u8").astype(np.uint64)
+
+
+def pack_bits_hex(words: np.ndarray) -> str:
+    """uint64 words -> hex string in imagehash's bit order."""
+    return words.astype(">u8").tobytes().hex()
+
+
+def words_from_hex(text: str) -> np.ndarray:
+    """Inverse of :func:`pack_bits_hex`."""
+    return np.frombuffer(bytes.fromhex(text), dtype=">u8").astype(np.uint64)
+
+
+def grey_signature(image: Image.Image) -> Image.Image:
+    """The 96x96 grey image scenery's hash is computed from (EXIF orientation applied)."""
+    image = to_8bit(ImageOps.exif_transpose(image))
+    # Exactly imagehash's own steps (convert, one LANCZOS resize), so the hash is
+    # bit for bit what scenery computes; no reducing_gap shortcut. 16-bit grey
+    # is scaled first (to_8bit): convert("L") would clip it to white.
+    grey = image.convert("L")
+    return grey.resize((SIG_SIDE, SIG_SIDE), Image.Resampling.LANCZOS)
+
+
+def fingerprint(image: Image.Image) -> Fingerprint:
+    """Compute all hashes and the signature of a decoded image."""
+    sig = grey_signature(image)
+    mirror = ImageOps.mirror(sig)
+    ph = imagehash.phash(sig, hash_size=PHASH_SIZE, highfreq_factor=SIG_SIDE // PHASH_SIZE)
+    phm = imagehash.phash(mirror, hash_size=PHASH_SIZE, highfreq_factor=SIG_SIDE // PHASH_SIZE)
+    co = imagehash.phash(sig, hash_size=COARSE_SIZE, highfreq_factor=4)
+    com = imagehash.phash(mirror, hash_size=COARSE_SIZE, highfreq_factor=4)
+    return Fingerprint(
+        phash=_bits_to_words(ph.hash),
+        phash_mirror=_bits_to_words(phm.hash),
+        coarse=_bits_to_words(co.hash),
+        coarse_mirror=_bits_to_words(com.hash),
+        signature=sig.tobytes(),
+    )
