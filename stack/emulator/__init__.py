@@ -1,4 +1,8 @@
-"""A loopback internet for tests: reddit, imgur, flickr and image hosts over real HTTPS.
+"""The product's offline stand-in for the real sites: reddit, imgur, flickr, Commons, Bluesky and image hosts
+over real HTTPS on loopback (used by ``python -m stack.demo``, bench/ and the tests).
+
+It is part of the installed package and reads nothing from the repository (no ``tests/`` files):
+every response is generated from a :class:`Scenario` in memory.
 
 Usage::
 
@@ -9,7 +13,7 @@ Usage::
 The server listens on 127.0.0.1 (random port) and serves the *real* host names
 with a certificate from a CA made at test time; nomad reaches it through
 ``--resolve HOST:PORT:127.0.0.1`` pins and ``--ca-bundle`` with its SSRF guard
-on, so tests exercise the same URLs and TLS path as production.
+on, so the demo and the tests exercise the same URLs and TLS path as production.
 """
 from __future__ import annotations
 
