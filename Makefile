@@ -1,15 +1,16 @@
 # One entry point for newcomers and CI. `make up` mines new photos into ./gallery from every
 # source that needs no account (reddit's Atom feeds, flickr's feed, Bluesky; Commons with NOMAD_CONTACT);
-# `make test` runs the test suite; `make demo` runs the whole system offline.
+# `make test` runs the test suite (`make test-fast`: without the end-to-end tests); `make demo` runs the whole system offline.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-MODELS ?= models
+# Built model artifacts: a data folder, not the models/ code package (an old models/ is still read, with a notice).
+MODELS ?= var/models
 # CI pins torch to the builds on its disk (.ci/constraints.txt); users are not pinned.
 PIP_CONSTRAINT ?=
 export PIP_CONSTRAINT
 
-.PHONY: setup setup-runtime test browser up demo bench clean
+.PHONY: setup setup-runtime test test-fast browser up demo bench clean
 
 $(VENV)/.installed-all: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,10 @@ browser:
 ## test: the whole test suite (what .ci/run calls)
 test: setup browser
 	$(PY) -m pytest -q -p no:cacheprovider
+
+## test-fast: the inner loop: every test except the end-to-end ones (marker e2e: whole system, browser, compose, installed package)
+test-fast: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m "not e2e"
 
 ## up: the main job: build missing models, start anti_sus, gallery_bridge and nomad (Ctrl-C stops all)
 up: setup

@@ -94,6 +94,7 @@ def test_docker_compose_config_when_plugin_present() -> None:
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.e2e  # starts every compose service as a real process: left out of `make test-fast`
 def test_compose_commands_start_locally(compose: dict, tiny_models: Path, tmp_path: Path) -> None:
     """models (one-shot) -> anti_sus + gallery_bridge (health checks pass) -> nomad (runs, stops on SIGTERM)."""
     from stack.emulator import Emulator

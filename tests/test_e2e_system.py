@@ -26,7 +26,7 @@ import pytest
 from stack.procs import Service, free_port, python_module, stop_all, wait_until
 from stack.emulator import Emulator
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 NOMAD_FAST = ["--deadline", "3", "--http-retries", "0", "--backoff-max", "1", "--batch-size", "2",
               "--batch-timeout", "1", "--anti-sus-timeout", "5", "--gallery-timeout", "5", "--workers", "2"]

@@ -80,6 +80,7 @@ def test_page_structure_without_a_browser(tmp_path: Path) -> None:
     ing.close()
 
 
+@pytest.mark.e2e  # a real browser: slow, left out of `make test-fast`
 @needs_chromium
 def test_page_in_headless_chromium(tmp_path: Path) -> None:
     root = tmp_path / "g"

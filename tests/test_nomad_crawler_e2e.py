@@ -19,7 +19,7 @@ from stack.emulator import Emulator
 from tests.nomad_outcomes import keyless_expected, outcome
 from nomad.store import Store
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 # Thresholds sent as per-request overrides: tiny random models score arbitrarily, so the
 # test lets every candidate through anti_sus and checks the plumbing, not the taste.

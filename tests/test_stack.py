@@ -18,7 +18,7 @@ from stack.procs import Service, free_port, python_module, wait_until
 from tests.conftest import REPO
 from stack.emulator import Emulator
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
 def without_gmm(tiny_models: Path, dest: Path, drop: tuple[str, ...] = ("gmm", "gmm_meta")) -> Path:

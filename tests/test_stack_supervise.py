@@ -23,7 +23,7 @@ from stack import up
 from stack.procs import Service, free_port, python_module, stop_all, wait_until
 from stack.emulator import Emulator
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 STARTED = re.compile(r"started (\w+) \(pid (\d+)\)")
 
