@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from photocore.paths import DEFAULT_MODELS_DIR, models_dir
+
 from . import __version__
 
 log = logging.getLogger("anti_sus")
@@ -183,7 +185,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _models(p: argparse.ArgumentParser) -> None:
-    opt(p, "--models", "ANTI_SUS_MODELS", default="models", help="model directory (verified against its manifest.json)")
+    opt(p, "--models", "ANTI_SUS_MODELS", default=DEFAULT_MODELS_DIR, help="model directory (verified against its manifest.json)")
     opt(p, "--threads", "ANTI_SUS_THREADS", default=0, type=int, help="ONNX Runtime threads per model (0: all cores)")
     opt(p, "--int8", "ANTI_SUS_INT8", flag_bool=True, help="use the int8-quantized CLIP if the model directory has one")
     opt(p, "--no-watermark", "ANTI_SUS_NO_WATERMARK", flag_bool=True, help="run without the watermark stage")
@@ -297,7 +299,8 @@ def _load_pipeline(args: argparse.Namespace, gmm_threshold: float | None = None,
                    max_batch: int = 32) -> Any:
     from .pipeline import DEFAULT_WATERMARK_THRESHOLD, Pipeline
 
-    return Pipeline.load(args.models, int8=args.int8, no_watermark=args.no_watermark, threads=args.threads, max_batch=max_batch,
+    # models_dir: the default var/models, or the old models/ folder with a notice to move it.
+    return Pipeline.load(models_dir(args.models), int8=args.int8, no_watermark=args.no_watermark, threads=args.threads, max_batch=max_batch,
                          gmm_threshold=gmm_threshold,
                          watermark_threshold=DEFAULT_WATERMARK_THRESHOLD if watermark_threshold is None else watermark_threshold)
 

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from anti_sus.modeldir import ARTIFACTS, artifact_entry, write_manifest
 from anti_sus.preprocess import WATERMARK_SPEC, PreprocessSpec
+from photocore.paths import DEFAULT_MODELS_DIR, models_dir
 
 from ._cli import EnvParser, UserError, run_main, setup
 from .onnx_export import MAX_ABS, MIN_COSINE, OPSET, ParityError, export_onnx, utc_now, versions
@@ -54,7 +55,7 @@ def export_watermark(model: Any, out: Path, *, arch: str, spec: PreprocessSpec =
 def parser() -> EnvParser:
     p = EnvParser("export_watermark", description=__doc__.split("\n\n")[0])
     p.add_env("--weights", type=Path, required=True, help="safetensors file written by models.train_watermark")
-    p.add_env("--out", type=Path, default=Path("models"), help="model directory to write into")
+    p.add_env("--out", type=Path, default=Path(DEFAULT_MODELS_DIR), help="model directory to write into")
     p.add_parity_gate()
     p.add_common()
     return p
@@ -65,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     setup(args)
+    # Merged into an existing manifest: an old models/ folder that is still in use gets the new artifact too.
+    args.out = models_dir(args.out)
     model, meta = load_weights(args.weights)
     size = int(meta.get("size", WATERMARK_SPEC.size))
     spec = PreprocessSpec("watermark", size, WATERMARK_SPEC.mean, WATERMARK_SPEC.std)

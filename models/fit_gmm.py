@@ -22,6 +22,7 @@ import numpy as np
 from anti_sus.modeldir import ARTIFACTS, MANIFEST, ModelDirError, artifact_entry, read_manifest, write_manifest
 from anti_sus.preprocess import PreprocessSpec, clip_input, load_image, to_wire
 from anti_sus.stages.gmm import COVARIANCE_TYPES, GmmScorer
+from photocore.paths import DEFAULT_MODELS_DIR, models_dir
 
 from ._cli import EnvParser, UserError, int_list, run_main, setup
 from .onnx_export import ort_session, utc_now
@@ -241,7 +242,7 @@ def load_features(path: Path, dim: int) -> np.ndarray:
 
 def parser() -> EnvParser:
     p = EnvParser("fit_gmm", description=__doc__.split("\n\n")[0])
-    p.add_env("--models", type=Path, default=Path("models"), help="model directory (has the clip encoder; gets gmm.npz/gmm.json)")
+    p.add_env("--models", type=Path, default=Path(DEFAULT_MODELS_DIR), help="model directory (has the clip encoder; gets gmm.npz/gmm.json)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--images", type=Path, help="folder of good images (recursive: jpg, jpeg, png, webp) [env: ANTI_SUS_FIT_GMM_IMAGES]")
     src.add_argument("--features", type=Path, help="saved features .npy [N, D] instead of images [env: ANTI_SUS_FIT_GMM_FEATURES]")
@@ -275,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup(args, torch_threads=False)
     if not 0 <= args.threshold_percentile <= 100:
         raise UserError(f"--threshold-percentile must be within 0..100, got {args.threshold_percentile}")
+    args.models = models_dir(args.models)  # the old models/ folder is still read, with a notice
     clip = ClipModel.from_dir(args.models)
     skipped = 0
     if args.features is not None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from anti_sus.modeldir import ModelDirError, read_manifest, verify
 from nomad.net.errors import FetchError
+from photocore.paths import DEFAULT_MODELS_DIR, models_dir
 
 if TYPE_CHECKING:
     from nomad.sources.base import Candidate
@@ -272,7 +273,8 @@ def ensure(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stack.ensure_models", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", type=Path, default=Path(_env("STACK_MODELS", "models")), help="model directory [env STACK_MODELS]")
+    p.add_argument("--models", type=Path, default=Path(_env("STACK_MODELS", DEFAULT_MODELS_DIR)),
+                   help=f"model directory (default: {DEFAULT_MODELS_DIR}) [env STACK_MODELS]")
     p.add_argument("--gallery", type=Path, default=Path(_env("STACK_GALLERY", "gallery")), help="gallery folder [env STACK_GALLERY]")
     p.add_argument("--state-dir", type=Path, default=Path(_env("STACK_STATE_DIR", "state")), help="where taste images are kept [env STACK_STATE_DIR]")
     add_model_flags(p)
@@ -280,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from anti_sus.observe import setup_logging
 
     setup_logging(_env("STACK_LOG_FORMAT", "text"))
+    args.models = models_dir(args.models)  # an old models/ folder is still read, with a notice
     try:
         ensure(args)
     except EnsureError as exc:

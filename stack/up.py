@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from anti_sus.observe import setup_logging
+from photocore.observe import setup_logging
+from photocore.paths import DEFAULT_MODELS_DIR, models_dir
 from stack import ensure_models
 from stack.procs import Service, python_module, stop_all
 
@@ -36,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="Arguments after `--` go to `nomad run` unchanged (e.g. -- --listing r/EarthPorn/new).",
     )
-    p.add_argument("--models", type=Path, default=Path(_env("STACK_MODELS", "models")), help="model directory [env STACK_MODELS]")
+    p.add_argument("--models", type=Path, default=Path(_env("STACK_MODELS", DEFAULT_MODELS_DIR)), help=f"model directory (default: {DEFAULT_MODELS_DIR}) [env STACK_MODELS]")
     p.add_argument("--gallery", type=Path, default=Path(_env("STACK_GALLERY", "gallery")), help="gallery folder [env STACK_GALLERY]")
     p.add_argument("--state-dir", type=Path, default=Path(_env("STACK_STATE_DIR", "state")), help="nomad state and launcher logs [env STACK_STATE_DIR]")
     p.add_argument("--anti-sus-port", type=int, default=int(_env("STACK_ANTI_SUS_PORT", "7777")), help="loopback port of anti_sus [env STACK_ANTI_SUS_PORT]")
@@ -202,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv, nomad_extra = argv[:i], argv[i + 1:]
     args = parser().parse_args(argv)
     setup_logging(args.log_format)
+    # Built models live in var/models; an old models/ folder is still read, with a notice to move it.
+    args.models = models_dir(args.models)
     args.state_dir.mkdir(parents=True, exist_ok=True)
     args.gallery.mkdir(parents=True, exist_ok=True)
     if not args.skip_models:
