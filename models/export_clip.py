@@ -1,6 +1,6 @@
 """Export an open_clip visual tower to ONNX (``clip_visual.onnx``), L2-normalised inside the graph.
 
-    python -m models.export_clip --out models --pretrained openai          # operator, with internet
+    python -m models.export_clip --out var/models --pretrained openai          # operator, with internet
     python -m models.export_clip --out /tmp/m --pretrained none --int8     # random weights, offline
 
 Artifact contract: input ``image`` float32[N,3,S,S] (S from the model, 224 for

@@ -1,6 +1,6 @@
 """Export a trained watermark classifier to ONNX (``watermark.onnx``) with a parity gate.
 
-    python -m models.export_watermark --weights runs/wm/watermark.safetensors --out models
+    python -m models.export_watermark --weights runs/wm/watermark.safetensors --out var/models
 
 Artifact contract: input ``image`` float32[N,3,S,S] (S = 512 by default,
 preprocessing ``WATERMARK_SPEC``: squash, mean/std 0.5), output ``logit``

@@ -1,8 +1,8 @@
 """Fit the "looks like my good photos" Gaussian mixture on CLIP features.
 
-    python -m models.fit_gmm --models models --images ~/good-photos
-    python -m models.fit_gmm --models models --images ~/good-photos --select bic --components 4,8,16,24,32
-    python -m models.fit_gmm --models models --features feats.npy
+    python -m models.fit_gmm --models var/models --images ~/good-photos
+    python -m models.fit_gmm --models var/models --images ~/good-photos --select bic --components 4,8,16,24,32
+    python -m models.fit_gmm --models var/models --features feats.npy
 
 Features come from the model directory's ``clip`` ONNX encoder through the
 preprocessing contract (``load_image`` -> ``to_wire`` -> ``clip_input``), the

@@ -1,7 +1,7 @@
 """Train the watermark classifier (one logit: watermark vs clear).
 
     python -m models.train_watermark --data data/wm --out runs/wm/watermark.safetensors --pretrained
-    python -m models.export_watermark --weights runs/wm/watermark.safetensors --out models
+    python -m models.export_watermark --weights runs/wm/watermark.safetensors --out var/models
 
 ``--data`` holds ``watermark/`` and ``clear/`` (images, recursive). A stratified
 split holds out ``--val-fraction`` of each class; after training the report
@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"recall {m['recall']:.3f}")
     print(f"confusion matrix (rows true, cols predicted; clear, watermark): {cm[0]} / {cm[1]}")
     print(f"wrote {args.out} and {args.out.name}.metrics.json; export with: "
-          f"python -m models.export_watermark --weights {args.out} --out models")
+          f"python -m models.export_watermark --weights {args.out} --out var/models")
     return 0
 
 
