@@ -56,6 +56,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
+from nomad import DEFAULT_USER_AGENT
 from nomad.http import HttpClient, parse_retry_after
 from nomad.net.errors import BlockedAddress, FetchError
 from nomad.sources.api import SiteApi, SourceContext, SourceStatus
@@ -340,7 +341,7 @@ class JetstreamSource(ListingSource):
         max_posts: int = 200,
         cycle_seconds: float = 30.0,
         idle_seconds: float = 10.0,
-        user_agent: str = "nomad",
+        user_agent: str = DEFAULT_USER_AGENT,
         retries: int = 3,
         backoff: float = 2.0,
         backoff_max: float = 300.0,
