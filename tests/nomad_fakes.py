@@ -10,9 +10,38 @@ from nomad.http import HttpResponse, HttpStatusError
 
 @dataclass
 class Reply:
+    """One scripted answer; ``error`` (a FetchError) is raised instead, as if the site were unreachable."""
+
     status: int
     body: Any
     headers: dict[str, str] = field(default_factory=dict)
+    error: Exception | None = None
+
+
+class Clock:
+    """Injected monotonic time and sleep: sleeping advances the clock and is recorded, never real."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+        self.slept: list[float] = []
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, s: float) -> bool:
+        self.slept.append(s)
+        self.t += s
+        return False
+
+
+class Cursors(dict):
+    """An in-memory ``Cursors`` (the store's own is tested in test_nomad_store.py)."""
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        return dict.get(self, name, default)
+
+    def set(self, name: str, value: str) -> None:
+        self[name] = value
 
 
 class FakeHttp:
@@ -37,6 +66,8 @@ class FakeHttp:
             if not self.script:
                 raise AssertionError(f"unexpected request {method} {url}")
             reply = self.script.pop(0)
+        if reply.error is not None:
+            raise reply.error
         body = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
         if reply.status >= 400:
             ra = reply.headers.get("Retry-After")

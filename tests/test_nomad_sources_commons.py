@@ -26,6 +26,7 @@ from nomad.sources.base import SourceError
 from nomad.sources.commons import CommonsSource, Entry, plain_text, thumb_step, user_agent
 from nomad.store import Store
 from tests.conftest import FIXTURES, REPO
+from tests.nomad_fakes import Cursors
 from stack.emulator import Emulator
 
 CONTACT = "ops@example.org"
@@ -34,15 +35,6 @@ CONTACT = "ops@example.org"
 def fixture(name: str) -> Any:
     return json.loads((FIXTURES / name).read_text())
 
-
-class Cursors(dict):
-    """An in-memory Cursors (the store's is tested below, across a kill -9)."""
-
-    def get(self, name: str) -> str | None:  # type: ignore[override]
-        return dict.get(self, name)
-
-    def set(self, name: str, value: str) -> None:
-        self[name] = value
 
 
 @pytest.fixture()

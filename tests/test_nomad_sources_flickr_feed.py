@@ -11,7 +11,7 @@ from nomad.sources.api import SiteApi
 from nomad.sources.base import SourceError
 from nomad.sources.flickr_feed import FlickrFeedSource, feed_endpoint, large_url, parse_feed, parse_feed_text
 from tests.conftest import FIXTURES
-from tests.nomad_fakes import FakeHttp, Reply
+from tests.nomad_fakes import Cursors, FakeHttp, Reply
 
 FEED = (FIXTURES / "flickr_public_feed.js").read_text()
 
@@ -63,10 +63,6 @@ def test_feed_endpoint() -> None:
     assert feed_endpoint("https://api.flickr.com:8443") == "https://api.flickr.com:8443/services/feeds/photos_public.gne"
     assert feed_endpoint("https://mirror.example/feed.gne") == "https://mirror.example/feed.gne"
 
-
-class Cursors(dict):
-    def set(self, name: str, value: str) -> None:
-        self[name] = value
 
 
 def test_poll_asks_json_with_tags_and_moves_the_cursor_after_each_post() -> None:

@@ -15,7 +15,7 @@ from nomad.sources.reddit import (
     user_agent,
 )
 from tests.conftest import FIXTURES
-from tests.nomad_fakes import FakeHttp, Reply
+from tests.nomad_fakes import Clock, FakeHttp, Reply
 
 
 @pytest.fixture(scope="module")
@@ -152,19 +152,6 @@ def page(ids: list[str], after: str | None) -> dict:
     return {"kind": "Listing", "data": {"after": after, "children": [
         {"kind": "t3", "data": {"id": i, "name": f"t3_{i}", "url": f"https://i.redd.it/{i}.jpg"}} for i in ids]}}
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-        self.slept: list[float] = []
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, s: float) -> bool:
-        self.slept.append(s)
-        self.t += s
-        return False
 
 
 def test_anonymous_listing_request_shape() -> None:

@@ -11,7 +11,7 @@ from nomad.sources.reddit import RedditClient, RedditConfig, RedditSource
 from nomad.sources.reddit_feed import is_block_page, link_of, parse_feed
 from tests.conftest import FIXTURES
 from stack.emulator.feeds import BLOCK_PAGE, ENTITY_BOMB, EXTERNAL_ENTITY
-from tests.nomad_fakes import FakeHttp, Reply
+from tests.nomad_fakes import Clock, Cursors, FakeHttp, Reply
 
 ATOM = (FIXTURES / "reddit_new.atom").read_bytes()
 
@@ -68,26 +68,6 @@ def test_block_page_recognised() -> None:
 
 # --- the source: JSON, block page, feed fallback, pacing ------------------------------------------------
 
-class Cursors(dict):
-    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
-        return super().get(name, default)
-
-    def set(self, name: str, value: str) -> None:
-        self[name] = value
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-        self.slept: list[float] = []
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, s: float) -> bool:
-        self.slept.append(s)
-        self.t += s
-        return False
 
 
 def source(http: FakeHttp, clock: Clock, *, oauth: bool = False, interval: float = 60.0,
@@ -179,3 +159,18 @@ def test_feed_pacing_survives_a_restart() -> None:
     clock.t += 300  # long after: no wait
     list(source(FakeHttp([Reply(200, ATOM)]), clock).poll(cursors, lambda _: False))
     assert len(clock.slept) == 1
+
+
+def test_an_unreachable_feed_does_not_hold_back_the_next_try() -> None:
+    """Offline, no request reached reddit: the next process asks at once, not a pacing interval later."""
+    from nomad.net.errors import FetchError
+
+    down = Reply(0, b"", error=FetchError("connection", "connection refused"))
+    clock, cursors = Clock(), Cursors(json_blocked_until=repr(1000.0 + 3600))
+    with pytest.raises(SourceError) as err:
+        list(source(FakeHttp([down, down, down]), clock).poll(cursors, lambda _: False))
+    assert err.value.reason == "reddit_fetch" and "feed_last_at" not in cursors
+    assert all(s <= 2.0 for s in clock.slept)  # backoff (1 s, 2 s), never the 60 s interval
+    slept = len(clock.slept)
+    list(source(FakeHttp([Reply(200, ATOM)]), clock).poll(cursors, lambda _: False))
+    assert len(clock.slept) == slept and float(cursors["feed_last_at"]) == clock.t

@@ -160,6 +160,30 @@ class ListingSource:
         return ""
 
 
+@dataclass(frozen=True)
+class UrlTarget:
+    """What a link expander's URL names: ``kind`` (image | album | gallery | page | static) and the site's id.
+
+    ``ext``: the file extension the URL gave (imgur), ``user``: the owner the
+    URL named (flickr photo pages).
+    """
+
+    kind: str
+    id: str
+    ext: str = ""
+    user: str = ""
+
+
+def url_parts(url: str) -> tuple[str, list[str], str] | None:
+    """(lower-case host, non-empty path segments, path) of ``url``; None when it does not parse."""
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+    except ValueError:
+        return None
+    return host, [s for s in parts.path.split("/") if s], parts.path
+
+
 def host_of(url: str) -> str:
     """Lower-case host name of ``url`` without a port ('' when there is none)."""
     try:

@@ -14,13 +14,13 @@ The listing source's rules are its own: the feed opens at most the 1024 px
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from nomad.http import FetchError, HttpClient, HttpStatusError
+from nomad.http import HttpClient
 
-from .base import ImageRef, Link, SourceError, host_matches
+from .api import request_json
+from .base import ImageRef, Link, SourceError, UrlTarget, host_matches, url_parts
 
 DEFAULT_API = "https://api.flickr.com/services/rest"
 BASE58 = "123456789abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"
@@ -63,32 +63,16 @@ def base58_decode(text: str) -> int:
     return value
 
 
-def base58_encode(value: int) -> str:
-    """Numeric photo id -> flic.kr short id (used by tests and the emulator)."""
-    out = ""
-    while value:
-        value, rem = divmod(value, 58)
-        out = BASE58[rem] + out
-    return out or BASE58[0]
-
-
-@dataclass(frozen=True)
-class FlickrTarget:
-    """What a flickr URL names: ``kind`` is page | static."""
-
-    kind: str
-    photo_id: str
-    user: str = ""
+FlickrTarget = UrlTarget
+"""What a flickr URL names: ``kind`` is page | static, ``id`` the photo id."""
 
 
 def parse_url(url: str) -> FlickrTarget | None:
     """Classify a flickr URL; None when it names no single photo."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
+    split = url_parts(url)
+    if split is None:
         return None
-    host = (parts.hostname or "").lower()
-    segments = [s for s in parts.path.split("/") if s]
+    host, segments, path = split
     if host_matches(host, "flic.kr"):
         if len(segments) >= 2 and segments[0] == "p":
             try:
@@ -97,7 +81,7 @@ def parse_url(url: str) -> FlickrTarget | None:
                 return None
         return None
     if host_matches(host, "staticflickr.com"):
-        m = _STATIC.match(parts.path)
+        m = _STATIC.match(path)
         return FlickrTarget("static", m.group(1)) if m else None
     if host_matches(host, "flickr.com"):
         if len(segments) >= 3 and segments[0] == "photos" and segments[2].isdigit():
@@ -139,18 +123,8 @@ class FlickrClient:
         if not self.api_key:
             raise SourceError("flickr_no_api_key", "flickr pages need FLICKR_API_KEY")
         query = {"method": method, "api_key": self.api_key, "format": "json", "nojsoncallback": 1, **params}
-        try:
-            resp = self.http.request("GET", self.api_url, params=query, headers={"Accept": "application/json"})
-        except HttpStatusError as exc:
-            raise SourceError("flickr_http", f"flickr API answered HTTP {exc.status}", transient=True) from exc
-        except FetchError as exc:
-            raise SourceError("flickr_fetch", f"flickr API unreachable: {exc}", transient=True) from exc
-        if resp.status != 200:
-            raise SourceError("flickr_http", f"flickr API answered HTTP {resp.status}", transient=True)
-        try:
-            body = resp.json()
-        except (ValueError, FetchError) as exc:
-            raise SourceError("flickr_bad_reply", "flickr API answered something that is not JSON", transient=True) from exc
+        body = request_json(self.http, "GET", self.api_url, site="flickr", what="flickr API", params=query,
+                            headers={"Accept": "application/json"})
         if not isinstance(body, Mapping):
             raise SourceError("flickr_bad_reply", "flickr API reply is not an object", transient=True)
         if body.get("stat") != "ok":
@@ -190,16 +164,16 @@ class FlickrClient:
         if target is None:
             raise SourceError("unsupported_link", f"not a flickr photo: {link.url}")
         key = f"{key_prefix}:{start}"
-        meta = {**link.meta, "flickr_id": target.photo_id}
+        meta = {**link.meta, "flickr_id": target.id}
         if target.kind == "page":
             meta["page_url"] = link.url
         if target.kind == "static" and not self.api_key:
             return [ImageRef(key, link.url, link.width, link.height, site="flickr", meta=meta)]
-        sizes = self.call("flickr.photos.getSizes", photo_id=target.photo_id)
+        sizes = self.call("flickr.photos.getSizes", photo_id=target.id)
         best = largest_photo(sizes)
         if best is None:
-            raise SourceError("no_photo_size", f"flickr photo {target.photo_id} has no photo size")
-        meta.update(self.info(target.photo_id))
+            raise SourceError("no_photo_size", f"flickr photo {target.id} has no photo size")
+        meta.update(self.info(target.id))
         return [
             ImageRef(
                 key,

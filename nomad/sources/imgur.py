@@ -10,25 +10,20 @@ marked animated, and the rules skip them.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from nomad.http import FetchError, HttpClient, HttpStatusError
+from nomad.http import HttpClient
 
-from .base import ImageRef, Link, SourceError, extension_of, host_matches
+from .api import request_json
+from .base import ImageRef, Link, SourceError, UrlTarget, extension_of, host_matches, url_parts
 
 _ID = re.compile(r"^[A-Za-z0-9]{5,10}$")
 DEFAULT_API = "https://api.imgur.com"
 
 
-@dataclass(frozen=True)
-class ImgurTarget:
-    """What an imgur URL names: ``kind`` is image | album | gallery."""
-
-    kind: str
-    id: str
-    ext: str = ""
+ImgurTarget = UrlTarget
+"""What an imgur URL names: ``kind`` is image | album | gallery."""
 
 
 def _slug_id(segment: str) -> str | None:
@@ -39,14 +34,12 @@ def _slug_id(segment: str) -> str | None:
 
 def parse_url(url: str) -> ImgurTarget | None:
     """Classify an imgur URL; None when it is not one nomad understands."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
+    split = url_parts(url)
+    if split is None:
         return None
-    host = (parts.hostname or "").lower()
+    host, segments, _path = split
     if not host_matches(host, "imgur.com"):
         return None
-    segments = [s for s in parts.path.split("/") if s]
     if not segments:
         return None
     if host in ("i.imgur.com", "i.stack.imgur.com") or host.startswith("i."):
@@ -97,18 +90,8 @@ class ImgurClient:
         if not self.client_id:
             raise SourceError("imgur_no_client_id", "imgur albums need IMGUR_CLIENT_ID")
         headers = {"Authorization": "Client-ID " + self.client_id, "Accept": "application/json"}
-        try:
-            resp = self.http.request("GET", self.api_url + "/3/" + path.lstrip("/"), headers=headers)
-        except HttpStatusError as exc:
-            raise self._status_error(exc.status) from exc
-        except FetchError as exc:
-            raise SourceError("imgur_fetch", f"imgur API unreachable: {exc}", transient=True) from exc
-        if resp.status != 200:
-            raise self._status_error(resp.status)
-        try:
-            body = resp.json()
-        except (ValueError, FetchError) as exc:
-            raise SourceError("imgur_bad_reply", "imgur API answered something that is not JSON", transient=True) from exc
+        body = request_json(self.http, "GET", self.api_url + "/3/" + path.lstrip("/"), site="imgur", what="imgur API",
+                            status_error=self._status_error, headers=headers)
         if not isinstance(body, Mapping) or not body.get("success", True) or "data" not in body:
             raise SourceError("imgur_bad_reply", "imgur API reply without data", transient=True)
         return body["data"]

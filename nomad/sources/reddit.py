@@ -4,9 +4,8 @@ Parsing is pure (``parse_post``/``parse_listing``, and ``reddit_feed`` for the
 Atom feeds) so every shape of post is tested against fixtures;
 :class:`RedditClient` does the polite JSON fetching: a proper User-Agent,
 ``X-Ratelimit-*`` obeyed, 429/5xx backed off with jitter, OAuth tokens
-refreshed before they expire and on 401. It keeps its own retry loop rather
-than :class:`~nomad.sources.api.SiteApi`'s because it must read the rate-limit
-headers of every answer (a 429 included) and refresh a token on a 401.
+refreshed before they expire and on 401, all through
+:class:`~nomad.sources.api.SiteApi` (its ``window`` and ``auth`` hooks).
 
 :class:`RedditSource` is the ``reddit`` listing source: OAuth JSON when
 ``REDDIT_CLIENT_ID``/``REDDIT_CLIENT_SECRET`` are set; otherwise anonymous JSON
@@ -19,16 +18,15 @@ from __future__ import annotations
 
 import html
 import logging
-import random
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
+from nomad import DEFAULT_USER_AGENT
 from nomad.http import FetchError, HttpClient, HttpStatusError
 
-from .api import SiteApi, SourceContext, SourceStatus
+from .api import RateWindow, SiteApi, SourceContext, SourceStatus, request_json
 from .base import (
     Candidate,
     Cursors,
@@ -209,7 +207,7 @@ class RedditConfig:
     oauth_url: str = "https://oauth.reddit.com"
     client_id: str | None = None
     client_secret: str | None = None
-    user_agent: str = user_agent("python", "nomad", "0.1.0", "nomad")
+    user_agent: str = DEFAULT_USER_AGENT
     limit: int = 100
     ratelimit_reserve: float = 1.0  # sleep until reset when this many requests (or fewer) remain
     max_retries: int = 4
@@ -222,31 +220,18 @@ class RedditConfig:
         return bool(self.client_id and self.client_secret)
 
 
-@dataclass
-class RateState:
-    """What reddit's headers said last (for logs and metrics)."""
-
-    used: float | None = None
-    remaining: float | None = None
-    reset_at: float | None = None  # monotonic time the window ends
-    waits: int = 0
-    waited_s: float = 0.0
-    throttled: int = 0  # 429 answers
-    requests: int = 0
-
-    def describe(self, now: float) -> str:
-        if self.remaining is None:
-            return "unknown"
-        reset = max(0.0, (self.reset_at or now) - now)
-        return f"remaining={self.remaining:g} reset={reset:.0f}s waits={self.waits} 429s={self.throttled}"
+RateState = RateWindow
+"""What reddit's ``X-Ratelimit-*`` headers said last (the name this module used before SiteApi read them)."""
 
 
 class RedditClient:
-    """Polite reddit reader: one request at a time, rate limits obeyed.
+    """Polite reddit JSON reader over a :class:`SiteApi`: one request at a time, rate limits obeyed.
 
-    ``sleep`` is injectable so a stop event can interrupt waits (graceful
-    SIGTERM) and tests can run without real sleeping; it returns True when the
-    wait was interrupted.
+    The SiteApi reads ``X-Ratelimit-*`` from every answer (a 429's too) into
+    :attr:`rate`, waits for the window's reset when the budget is spent, adds
+    the OAuth bearer to each try and refreshes it once on a 401. ``sleep`` is
+    injectable so a stop event can interrupt waits (graceful SIGTERM) and tests
+    can run without real sleeping; it returns True when the wait was interrupted.
     """
 
     def __init__(
@@ -259,144 +244,63 @@ class RedditClient:
         on_wait: Callable[[str, float], None] | None = None,
     ) -> None:
         self.http = http
-        self.config = config or RedditConfig()
-        self._sleep = sleep or time.sleep
+        self.config = cfg = config or RedditConfig()
         self._clock = clock
-        self._on_wait = on_wait
-        self._lock = threading.Lock()
         self._token: str | None = None
         self._token_expires = 0.0
-        self.rate = RateState()
-
-    # --- waiting -------------------------------------------------------------------
-    def _wait(self, seconds: float, why: str) -> None:
-        if seconds <= 0:
-            return
-        self.rate.waits += 1
-        self.rate.waited_s += seconds
-        log.info("reddit: waiting %.1fs (%s)", seconds, why)
-        if self._on_wait:
-            self._on_wait(why, seconds)
-        if self._sleep(seconds):
-            raise SourceError("stopped", "stop requested while waiting for reddit", transient=True)
-
-    def _obey_window(self) -> None:
-        """Sleep until the window resets when (nearly) no requests remain in it."""
-        r = self.rate
-        if r.remaining is None or r.reset_at is None:
-            return
-        if r.remaining <= self.config.ratelimit_reserve:
-            left = r.reset_at - self._clock()
-            if left > 0:
-                self._wait(left + 0.05, "rate limit")
-            r.remaining = None  # a new window: trust the next response's headers
-
-    def _read_headers(self, headers: Mapping[str, str]) -> None:
-        h = {k.lower(): v for k, v in headers.items()}
-
-        def num(name: str) -> float | None:
-            try:
-                return float(h[name])
-            except (KeyError, ValueError, TypeError):
-                return None
-
-        remaining, reset, used = num("x-ratelimit-remaining"), num("x-ratelimit-reset"), num("x-ratelimit-used")
-        if remaining is not None:
-            self.rate.remaining = remaining
-        if reset is not None:
-            self.rate.reset_at = self._clock() + reset
-        if used is not None:
-            self.rate.used = used
-
-    def _backoff(self, attempt: int) -> float:
-        """Exponential backoff with full jitter (so many crawlers do not retry in step)."""
-        cap = min(self.config.backoff_max, self.config.backoff * (2**attempt))
-        return random.uniform(cap / 2, cap)
+        self.rate = RateWindow(reserve=cfg.ratelimit_reserve)
+        self.api = SiteApi(
+            http, "reddit", max_retries=cfg.max_retries, backoff=cfg.backoff, backoff_max=cfg.backoff_max,
+            headers={"User-Agent": cfg.user_agent, "Accept": "application/json"}, sleep=sleep, clock=clock,
+            on_wait=on_wait, window=self.rate, auth=self._auth if cfg.oauth else None, check_error=self._check_error,
+        )
 
     # --- OAuth ---------------------------------------------------------------------
     def _bearer(self, force: bool = False) -> str:
         now = self._clock()
         if force or not self._token or now >= self._token_expires - self.config.token_margin:
             cfg = self.config
-            url = cfg.base_url.rstrip("/") + "/api/v1/access_token"
+            body = request_json(
+                self.http, "POST", cfg.base_url.rstrip("/") + "/api/v1/access_token", reason="reddit_auth",
+                what="reddit's token request", data={"grant_type": "client_credentials"},
+                auth=(cfg.client_id, cfg.client_secret), headers={"User-Agent": cfg.user_agent}, retry=False,
+            )
             try:
-                resp = self.http.request(
-                    "POST",
-                    url,
-                    data={"grant_type": "client_credentials"},
-                    auth=(cfg.client_id, cfg.client_secret),
-                    headers={"User-Agent": cfg.user_agent},
-                    retry=False,
-                )
-            except HttpStatusError as exc:
-                raise SourceError("reddit_auth", f"token request answered HTTP {exc.status}", transient=True) from exc
-            except FetchError as exc:
-                raise SourceError("reddit_auth", f"token request failed: {exc}", transient=True) from exc
-            if resp.status != 200:
-                raise SourceError("reddit_auth", f"token request answered HTTP {resp.status}", transient=True)
-            try:
-                body = resp.json()
                 token = str(body["access_token"])
                 expires = float(body.get("expires_in", 3600))
-            except (ValueError, KeyError, TypeError, FetchError) as exc:
+            except (ValueError, KeyError, TypeError) as exc:
                 raise SourceError("reddit_auth", "token reply without access_token", transient=True) from exc
             self._token, self._token_expires = token, now + expires
             log.info("reddit: new OAuth token, valid %.0fs", expires)
         return self._token  # type: ignore[return-value]
 
+    def _auth(self, refresh: bool) -> dict[str, str]:
+        return {"Authorization": "bearer " + self._bearer(force=refresh)}
+
+    def _check_error(self, exc: HttpStatusError) -> None:
+        """reddit's own reasons: the anonymous block page, and 4xx that SiteApi would call 'blocked'."""
+        status = exc.status
+        if status == 429 or status == 408 or status >= 500:
+            return  # SiteApi backs these off and retries
+        if not self.config.oauth and is_block_page(status, exc.headers or {}, exc.body or b""):
+            raise SourceError("reddit_blocked", "reddit answered its 403 block page to anonymous JSON", transient=True)
+        raise SourceError("reddit_http", f"reddit answered HTTP {status} for {urlsplit(exc.url or '').path}",
+                          transient=status in (401, 403))
+
     # --- requests ------------------------------------------------------------------
     def get_json(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
-        """GET one reddit JSON document, obeying rate limits and retrying 429/5xx/timeouts."""
+        """GET one reddit JSON document (OAuth host with a token, else ``<path>.json``)."""
         cfg = self.config
-        params = {**(params or {}), "raw_json": 1}
         path = path.strip("/").removesuffix(".json")
-        refreshed = False
-        with self._lock:
-            for attempt in range(cfg.max_retries + 1):
-                self._obey_window()
-                headers = {"User-Agent": cfg.user_agent, "Accept": "application/json"}
-                if cfg.oauth:
-                    url = cfg.oauth_url.rstrip("/") + "/" + path.strip("/")
-                    headers["Authorization"] = "bearer " + self._bearer()
-                else:
-                    url = cfg.base_url.rstrip("/") + "/" + path.strip("/") + ".json"
-                self.rate.requests += 1
-                status, resp_headers, retry_after, resp, body = 0, {}, None, None, b""
-                try:
-                    resp = self.http.request("GET", url, params=params, headers=headers, retry=False)
-                    status, resp_headers = resp.status, resp.headers
-                except HttpStatusError as exc:
-                    status, resp_headers, retry_after, body = exc.status, exc.headers or {}, exc.retry_after, exc.body or b""
-                except FetchError as exc:
-                    if attempt >= cfg.max_retries:
-                        raise SourceError("reddit_fetch", f"reddit unreachable: {exc}", transient=True) from exc
-                    self._wait(self._backoff(attempt), f"fetch error: {exc}")
-                    continue
-                self._read_headers(resp_headers)
-                if status == 200 and resp is not None:
-                    try:
-                        return resp.json()
-                    except (ValueError, FetchError) as exc:
-                        raise SourceError("bad_listing", "reddit answered something that is not JSON", transient=True) from exc
-                if status == 401 and cfg.oauth and not refreshed:
-                    refreshed = True
-                    self._bearer(force=True)  # expired or revoked early: one fresh token, then retry
-                    continue
-                if status == 429 or status >= 500:
-                    if status == 429:
-                        self.rate.throttled += 1
-                    if attempt >= cfg.max_retries:
-                        raise SourceError("reddit_http", f"reddit answered HTTP {status}", transient=True)
-                    delay = self._backoff(attempt)
-                    if status == 429:
-                        reset_left = (self.rate.reset_at or 0) - self._clock()
-                        delay = max(delay, float(retry_after or 0), reset_left)
-                    self._wait(delay, f"HTTP {status}")
-                    continue
-                if not cfg.oauth and is_block_page(status, resp_headers, body):
-                    raise SourceError("reddit_blocked", "reddit answered its 403 block page to anonymous JSON", transient=True)
-                raise SourceError("reddit_http", f"reddit answered HTTP {status} for {path}", transient=status in (401, 403, 408))
-        raise SourceError("reddit_http", "reddit retries exhausted", transient=True)
+        if cfg.oauth:
+            url = cfg.oauth_url.rstrip("/") + "/" + path
+        else:
+            url = cfg.base_url.rstrip("/") + "/" + path + ".json"
+        resp = self.api.get(url, params={**(params or {}), "raw_json": 1})
+        try:
+            return resp.json()
+        except (ValueError, FetchError) as exc:
+            raise SourceError("bad_listing", "reddit answered something that is not JSON", transient=True) from exc
 
     def listing(self, path: str, *, after: str | None = None, limit: int | None = None, extra: Mapping[str, Any] | None = None) -> tuple[list[Candidate], str | None]:
         """One page of a listing such as ``r/all/new``."""
@@ -584,9 +488,14 @@ class RedditSource(ListingSource):
         left = min(self.feeds.min_interval, last + self.feeds.min_interval - self._clock())
         if left > 0:
             self.feeds.wait(left, "pacing (a request before the restart)")
-        cursors.set("feed_last_at", repr(self._clock()))
-        resp = self.feeds.get(self.feed_url(path), params={"limit": self.feed_limit},
-                              headers={"Accept": "application/atom+xml"}, max_bytes=FEED_MAX_BYTES)
+        answered = self.feeds.answers
+        try:
+            resp = self.feeds.get(self.feed_url(path), params={"limit": self.feed_limit},
+                                  headers={"Accept": "application/atom+xml"}, max_bytes=FEED_MAX_BYTES)
+        finally:
+            # Only a request reddit saw counts against its budget: offline, the next cycle asks at once.
+            if self.feeds.answers > answered:
+                cursors.set("feed_last_at", repr(self._clock()))
         posts = parse_feed(resp.body)
         log.debug("reddit feed %s: %d entries", path, len(posts))
         for post in reversed(posts):
