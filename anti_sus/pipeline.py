@@ -17,12 +17,12 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from . import __version__
+from .defaults import DEFAULT_WATERMARK_THRESHOLD
 from .modeldir import ModelDirError, build_hint, open_model_dir
 
 log = logging.getLogger(__name__)
 
 GOOD, OUTLIER, WATERMARK = "good", "outlier", "watermark"
-DEFAULT_WATERMARK_THRESHOLD = 0.5
 
 
 class Stages(Protocol):

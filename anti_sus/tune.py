@@ -73,18 +73,16 @@ def suggest(pos: np.ndarray, neg: np.ndarray, *, target_precision: float | None 
     s = np.r_[pos, neg]
     precision, recall, thresholds = precision_recall_curve(y, s)
     precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
-    if target_precision is not None:
-        ok = np.flatnonzero(precision >= target_precision)
+    # A target on one measure: the best of the other among the thresholds that reach it.
+    target = (("precision", target_precision, precision, "recall", recall) if target_precision is not None else
+              ("recall", target_recall, recall, "precision", precision) if target_recall is not None else None)
+    if target is not None:
+        name, goal, held, other_name, other = target
+        ok = np.flatnonzero(held >= goal)
         if not len(ok):
-            return None, f"no threshold reaches precision {target_precision}"
-        i = ok[np.argmax(recall[ok])]
-        why = f"highest recall with precision >= {target_precision}"
-    elif target_recall is not None:
-        ok = np.flatnonzero(recall >= target_recall)
-        if not len(ok):
-            return None, f"no threshold reaches recall {target_recall}"
-        i = ok[np.argmax(precision[ok])]
-        why = f"highest precision with recall >= {target_recall}"
+            return None, f"no threshold reaches {name} {goal}"
+        i = ok[np.argmax(other[ok])]
+        why = f"highest {other_name} with {name} >= {goal}"
     else:
         f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
         i = int(np.argmax(f1))

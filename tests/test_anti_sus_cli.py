@@ -80,28 +80,75 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["serve", "--bind", "127.0.0.1:7790"],
-     "--bind 127.0.0.1:7790: a ZeroMQ endpoint needs a transport, e.g. tcp://127.0.0.1:7790"),
-    (["serve", "--connect", "broker:7779"], "--connect broker:7779: a ZeroMQ endpoint needs a transport, e.g. tcp://broker:7779"),
-    (["ping", "--server", "localhost"], "--server localhost: a ZeroMQ endpoint needs a transport"),
-    (["broker", "--frontend", "tcp://127.0.0.1:7777", "--backend", "tpc://10.0.0.5:7779"], "--backend tpc://10.0.0.5:7779: unknown transport"),
-    (["broker", "--frontend", "tcp://127.0.0.1", "--backend", "tcp://127.0.0.1:7779"], "--frontend tcp://127.0.0.1: a tcp endpoint needs HOST:PORT"),
-    (["info", "--server", "tcp://127.0.0.1:99999"], "--server tcp://127.0.0.1:99999: port '99999' is not a number within 1-65535"),
-    (["score", "x.png", "--server", "127.0.0.1:7777"], "--server 127.0.0.1:7777: a ZeroMQ endpoint needs a transport"),
+    (["serve", "--bind", "127.0.0.1:7790"], "argument --bind: 127.0.0.1:7790: a ZeroMQ endpoint needs a transport: "
+                                            "did you mean tcp://127.0.0.1:7790?"),
+    (["serve", "--connect", "broker:7779"], "argument --connect: broker:7779: a ZeroMQ endpoint needs a transport: "
+                                            "did you mean tcp://broker:7779?"),
+    (["ping", "--server", "localhost"], "argument --server: localhost: a ZeroMQ endpoint needs a transport, e.g. tcp://host:port"),
+    (["broker", "--frontend", "tcp://127.0.0.1:7777", "--backend", "tpc://10.0.0.5:7779"],
+     "argument --backend: tpc://10.0.0.5:7779: unknown transport"),
+    (["broker", "--frontend", "tcp://127.0.0.1", "--backend", "tcp://127.0.0.1:7779"],
+     "argument --frontend: tcp://127.0.0.1: a tcp endpoint needs HOST:PORT"),
+    (["info", "--server", "tcp://127.0.0.1:99999"], "argument --server: tcp://127.0.0.1:99999: port '99999' is not a number within 1-65535"),
+    (["score", "x.png", "--server", "127.0.0.1:7777"], "argument --server: 127.0.0.1:7777: a ZeroMQ endpoint needs a transport"),
 ])
 def test_bad_endpoints_are_named_at_start(argv: list[str], expected: str):
     r = run_cli(*argv)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert expected in r.stderr and "Invalid argument" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # one line, no usage block
 
 
 def test_endpoint_from_env_is_checked_too():
     r = run_cli("serve", env={"ANTI_SUS_BIND": "127.0.0.1:7790"})
-    assert r.returncode == 2 and "--bind 127.0.0.1:7790: a ZeroMQ endpoint needs a transport" in r.stderr
+    assert r.returncode == 2 and "ANTI_SUS_BIND='127.0.0.1:7790' is invalid" in r.stderr, r.stderr
+    assert "did you mean tcp://127.0.0.1:7790?" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "enable"])
+def test_bad_boolean_env_fails_instead_of_meaning_off(value: str, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch):
+    # It used to become False silently: ANTI_SUS_INT8=enable ran the float32 model.
+    monkeypatch.setenv("ANTI_SUS_INT8", value)
+    assert main(["ping"]) == 2
+    err = capsys.readouterr().err
+    assert f"ANTI_SUS_INT8={value!r} is invalid" in err and len(err.strip().splitlines()) == 1
+
+
+def test_strict_boolean_env_values_and_the_negated_flag(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("ANTI_SUS_INT8", "on")
+    monkeypatch.setenv("ANTI_SUS_NO_WATERMARK", "off")
+    args = build_parser().parse_args(["serve"])
+    assert args.int8 is True and args.no_watermark is False
+    assert build_parser().parse_args(["serve", "--no-int8", "--no-watermark"]).int8 is False
+
+
+def test_watermark_threshold_has_one_default():
+    from anti_sus.defaults import DEFAULT_WATERMARK_THRESHOLD
+    from anti_sus.pipeline import DEFAULT_WATERMARK_THRESHOLD as in_pipeline
+
+    assert build_parser().parse_args(["serve"]).watermark_threshold == DEFAULT_WATERMARK_THRESHOLD == in_pipeline
+    assert build_parser().parse_args(["score", "x.png"]).watermark_threshold is None  # the server's, or the default
+    for path in ("anti_sus/cli/options.py", "anti_sus/pipeline.py", "nomad/config.py"):
+        assert "0.5" not in (REPO / path).read_text(), path  # the value is written once, in anti_sus/defaults.py
+
+
+def test_suggest_honours_a_target_precision_or_recall():
+    import numpy as np
+
+    from anti_sus.tune import suggest
+
+    pos, neg = np.array([0.9, 0.8, 0.7, 0.4]), np.array([0.6, 0.3, 0.2, 0.1])
+    choice, why = suggest(pos, neg, target_precision=1.0)
+    assert choice is not None and choice.threshold == 0.7 and "highest recall with precision >= 1.0" == why
+    choice, why = suggest(pos, neg, target_recall=1.0)
+    assert choice is not None and choice.threshold == 0.4 and choice.recall == 1.0 and why == "highest precision with recall >= 1.0"
+    choice, why = suggest(pos, neg, target_recall=1.01)
+    assert choice is None and why == "no threshold reaches recall 1.01"
 
 
 def test_good_endpoints_pass_the_check():
-    from anti_sus.cli import endpoint_problem
+    from photocore.settings import endpoint_problem
 
     for ep in ("tcp://127.0.0.1:7777", "tcp://*:7777", "tcp://[::1]:7777", "ipc:///tmp/anti-sus.sock", "inproc://x",
                "tcp://10.0.0.5:7779"):
@@ -156,7 +203,7 @@ def test_tune_says_which_folder_had_only_unreadable_images(tmp_path: Path, monke
                                                           capsys: pytest.CaptureFixture[str]):
     from PIL import Image
 
-    from anti_sus import cli
+    from anti_sus.cli import options
 
     from .test_anti_sus_support import FakeStages
 
@@ -167,7 +214,7 @@ def test_tune_says_which_folder_had_only_unreadable_images(tmp_path: Path, monke
     (bad / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     stages = FakeStages()
     stages.details = {"gmm": {"suggested_threshold": 100.0}}  # type: ignore[attr-defined]
-    monkeypatch.setattr(cli, "_load_pipeline", lambda *a, **k: stages)
+    monkeypatch.setattr(options, "load_pipeline", lambda *a, **k: stages)
     assert main(["tune", "--good", str(good), "--bad", str(bad), "--plot", str(tmp_path / "t.png")]) == 2
     err = capsys.readouterr().err
     assert f"--bad {bad}: none of its 1 image files could be read" in err and "broken.jpg" in err

@@ -105,8 +105,8 @@ def _free_port() -> int:
 def test_serve_exits_non_zero_when_the_compute_thread_dies(monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]):
     monkeypatch.setattr(FilterServer, "_run_batch", _boom)
-    monkeypatch.setattr(cli, "_load_pipeline", lambda *a, **k: FakeStages())
-    monkeypatch.setattr(cli, "_on_signals", lambda stop: None)  # keep pytest's own signal handlers
+    monkeypatch.setattr(cli.options, "load_pipeline", lambda *a, **k: FakeStages())
+    monkeypatch.setattr(cli.options, "on_signals", lambda stop: None)  # keep pytest's own signal handlers
     ep = f"tcp://127.0.0.1:{_free_port()}"
     got: list = []
 
