@@ -74,6 +74,34 @@ def test_compose_shape(compose: dict) -> None:
             assert cmd[0] in SCRIPTS or cmd[:2] == ["python", "-m"], f"{name}: {cmd[0]} is not ours"
 
 
+def test_each_threshold_has_one_owner_anti_sus(compose: dict) -> None:
+    """The filter thresholds are set on anti_sus only, without a second default; nomad sends no override.
+
+    A nomad override set from the same variable silently won over whatever anti_sus was told.
+    """
+    svcs = compose["services"]
+    nomad_env = svcs["nomad"].get("environment") or {}
+    assert not [k for k in nomad_env if "THRESHOLD" in k], "nomad must leave the thresholds to anti_sus"
+    anti_env = svcs["anti_sus"]["environment"]
+    for var in ("ANTI_SUS_GMM_THRESHOLD", "ANTI_SUS_WATERMARK_THRESHOLD"):
+        assert var in anti_env
+        # Empty unless the operator sets it: anti_sus's own default applies, not a copy of it here.
+        assert interpolate(str(anti_env[var]), {}) == "", (var, anti_env[var])
+    from nomad.cli import build_parser
+
+    args = build_parser({}).parse_args(["once"])
+    assert args.gmm_threshold is None and args.watermark_threshold is None
+
+
+def test_documented_switches_are_in_compose(compose: dict) -> None:
+    svcs = compose["services"]
+    assert "NOMAD_CONTACT" in svcs["nomad"]["environment"]
+    assert "GALLERY_BRIDGE_ALLOW_INSECURE_SCENERY" in svcs["gallery_bridge"]["environment"]
+    readme = (REPO / "README.md").read_text()
+    for name in ("NOMAD_CONTACT", "GALLERY_BRIDGE_ALLOW_INSECURE_SCENERY", "GMM_THRESHOLD"):
+        assert name in readme, name
+
+
 def test_dockerfile_stages() -> None:
     text = (REPO / "Dockerfile").read_text()
     assert re.search(r"^FROM .* AS runtime$", text, re.M) and re.search(r"^FROM .* AS models$", text, re.M)

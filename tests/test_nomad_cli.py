@@ -187,3 +187,38 @@ def test_once_exit_codes_0_2_3_with_the_emulator(tiny_models: Path, tmp_path: Pa
         assert "gave up after --wait-limit 4s" in cut.stderr and "Traceback" not in cut.stderr
     bad = run_cli("once", "--max-delivery-attempts", "0", "--state-dir", str(tmp_path / "s2"))
     assert bad.returncode == 2 and "must be > 0" in bad.stderr
+
+
+def _readme_rows() -> list[str]:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = text.split("## Commands and flags", 1)[1].split("\n\n", 3)[2]
+    return [line for line in table.splitlines() if line.startswith("| `")]
+
+
+def test_readme_commands_table_matches_help() -> None:
+    """Every nomad command is in README's table, and every flag the table names exists in that command's --help."""
+    rows = _readme_rows()
+    commands = [r.split("`")[1] for r in rows]
+    action = next(a for a in build_parser({})._subparsers._group_actions if a.choices)  # type: ignore[union-attr]
+    for sub in action.choices:
+        assert any(c.startswith(f"nomad {sub}") or f"`nomad {sub}`" in r for c, r in zip(commands, rows)), sub
+    helps: dict[tuple[str, str], str] = {}
+    for row in rows:
+        module = sub = ""
+        for cell in re.findall(r"`([^`]*)`", row.split("|")[1]):
+            words = cell.split()
+            if words and words[0] in ("nomad", "anti-sus", "gallery-bridge"):
+                module = {"nomad": "nomad", "anti-sus": "anti_sus", "gallery-bridge": "gallery_bridge"}[words[0]]
+                sub = words[1].split("\\|")[0]
+            elif not (words and words[0].startswith("--") and module):
+                continue  # not a command; a cell of bare flags belongs to the command before it
+            if (module, sub) not in helps:
+                out = subprocess.run([sys.executable, "-m", module, sub, "--help"], capture_output=True, text=True, timeout=60)
+                assert out.returncode == 0, (module, sub, out.stderr)
+                helps[module, sub] = out.stdout
+            for flag in re.findall(r"--[a-z][a-z0-9-]*", cell):
+                assert re.search(rf"{re.escape(flag)}\b", helps[module, sub]), (cell, flag)
+    named = " ".join(rows)
+    for flag in ("--max-queued-bytes", "--curve-allow", "--allow-insecure-scenery", "--gallery-server-key",
+                 "--gallery-client-key", "--source", "--commons-listing", "--bluesky-max-posts", "--reddit-feed-interval"):
+        assert flag in named, flag
