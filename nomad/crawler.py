@@ -11,12 +11,13 @@ consulted before anything is fetched, so a restart never downloads twice.
 """
 from __future__ import annotations
 
-import collections
 import logging
+import random
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -25,29 +26,18 @@ from anti_sus.client import AntiSusError
 from nomad import images
 from nomad.delivery import Batcher, Deliverer, Downloaded, FilterStage, Stopped, drain_outbox, ingest_meta
 from nomad.http import FetchError, HttpClient, reject_removed_placeholder
+from nomad.outcomes import PERMANENT_FETCH, CycleStats, Metrics, classify_fetch
 from nomad.rules import Rules
-from nomad.sources.base import Candidate, ImageRef, ListingSource, SourceError, direct_ref, site_of
+from nomad.sources.base import (
+    Candidate, ImageRef, ListingSource, SourceError, direct_ref, headers_for, media_headers, site_of,
+)
 from nomad.sources.reddit import RedditClient
 from nomad.sources.registry import ExpanderRegistry
 from nomad.store import Store
 
 log = logging.getLogger(__name__)
 
-# Fetch error codes that will not get better by retrying: a rejection, not a failure.
-PERMANENT_FETCH = {
-    "removed", "not_image", "unsupported_format", "too_large", "blocked_address", "bad_url",
-    "bad_scheme", "too_many_redirects",
-}
-
-
-def classify_fetch(exc: FetchError) -> tuple[str, str]:
-    """('rejected'|'failed', reason code) for a download error."""
-    reason = exc.reason
-    if reason in PERMANENT_FETCH:
-        return "rejected", reason
-    if reason.startswith("http_") and reason not in ("http_429", "http_5xx", "http_408"):
-        return "rejected", reason  # 404, 410, 403: the image is gone or not ours to take
-    return "failed", reason
+__all__ = ["Crawler", "CrawlerConfig", "CycleStats", "Metrics", "PERMANENT_FETCH", "classify_fetch"]
 
 
 @dataclass
@@ -55,82 +45,19 @@ class CrawlerConfig:
     """The crawl's own knobs (rules, HTTP, sources and endpoints are configured elsewhere)."""
 
     workers: int = 4
+    """Download threads (``--workers``); at most twice as many downloads are in flight."""
     batch_size: int = 64
+    """Images per anti_sus request (``--batch-size``)."""
     batch_timeout: float = 30.0
+    """Seconds a partial batch waits before it is sent (``--batch-timeout``)."""
     max_retries: int = 3
+    """Times a failed download or expansion is retried, across cycles and restarts (``--max-retries``)."""
     max_pixels: int = images.DEFAULT_MAX_PIXELS
+    """Largest image decoded: the decompression-bomb limit (``--max-pixels``)."""
     backoff_max: float = 30.0
+    """Longest wait between retries to anti_sus and the gallery (``--backoff-max``)."""
     max_delivery_attempts: int = 10
-    """Failed deliveries of one image before it becomes a dead letter."""
-
-
-@dataclass
-class CycleStats:
-    """What one poll cycle did: the content of the per-cycle log line."""
-
-    posts_seen: int = 0
-    new_posts: int = 0
-    candidates: int = 0
-    downloaded: int = 0
-    accepted: int = 0
-    delivered: int = 0
-    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
-    failed: collections.Counter[str] = field(default_factory=collections.Counter)
-    ratelimit: str = "unknown"
-    outbox: int = 0
-    seconds: float = 0.0
-    listings_failed: int = 0
-    listing_error: str = ""
-
-    def line(self) -> str:
-        def fmt(c: collections.Counter[str]) -> str:
-            return ",".join(f"{k}:{v}" for k, v in sorted(c.items())) or "-"
-
-        return (
-            f"cycle: posts_seen={self.posts_seen} new_posts={self.new_posts} candidates={self.candidates} "
-            f"downloaded={self.downloaded} accepted={self.accepted} delivered={self.delivered} "
-            f"rejected={sum(self.rejected.values())}[{fmt(self.rejected)}] failed={sum(self.failed.values())}[{fmt(self.failed)}] "
-            f"outbox={self.outbox} ratelimit=({self.ratelimit}) took={self.seconds:.1f}s"
-        )
-
-    def fields(self) -> dict[str, Any]:
-        """The same numbers as structured fields for ``--log-format json``."""
-        return {
-            "posts_seen": self.posts_seen, "new_posts": self.new_posts, "candidates": self.candidates,
-            "downloaded": self.downloaded, "accepted": self.accepted, "delivered": self.delivered,
-            "rejected": dict(self.rejected), "failed": dict(self.failed), "outbox": self.outbox,
-            "ratelimit": self.ratelimit, "seconds": round(self.seconds, 3),
-        }
-
-
-class Metrics:
-    """Prometheus counters (process-wide: prometheus_client registers each name once)."""
-
-    _made: dict[str, Any] | None = None
-
-    def __init__(self) -> None:
-        if Metrics._made is None:
-            from prometheus_client import Counter
-
-            Metrics._made = {
-                "posts": Counter("nomad_posts", "Posts seen in listings, by outcome", ["outcome"]),
-                "images": Counter("nomad_images", "Image keys decided, by outcome and reason", ["outcome", "reason"]),
-                "waits": Counter("nomad_ratelimit_waits", "Waits forced by rate limits", ["source"]),
-                "errors": Counter("nomad_errors", "Errors by kind", ["kind"]),
-            }
-        self.m = Metrics._made
-
-    def post(self, outcome: str) -> None:
-        self.m["posts"].labels(outcome).inc()
-
-    def image(self, outcome: str, reason: str = "") -> None:
-        self.m["images"].labels(outcome, reason).inc()
-
-    def wait(self, source: str) -> None:
-        self.m["waits"].labels(source).inc()
-
-    def error(self, kind: str) -> None:
-        self.m["errors"].labels(kind).inc()
+    """Failed deliveries of one image before it becomes a dead letter (``--max-delivery-attempts``)."""
 
 
 class Crawler:
@@ -161,6 +88,7 @@ class Crawler:
         self.rules = rules
         self.http = http
         self.sources = list(sources)
+        self._media_headers = media_headers(self.sources)  # per image host, e.g. Wikimedia's contact UA
         self.expanders = expanders
         self._rules_by_source = {
             name: replace(rules, min_long=long_side, min_short=short_side)
@@ -312,7 +240,7 @@ class Crawler:
         """Download and decode one image: ('ok', '', item) | ('rejected'|'failed', reason, None)."""
         check = reject_removed_placeholder if ref.site == "imgur" else None
         try:
-            dl = self.http.download_image(ref.url, redirect_check=check)
+            dl = self.http.download_image(ref.url, headers=headers_for(ref.url, self._media_headers), redirect_check=check)
             if check is not None:
                 check(dl.url)
             dec = images.decode(dl.data, max_pixels=self.cfg.max_pixels)

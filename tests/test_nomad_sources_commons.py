@@ -428,7 +428,10 @@ def test_nomad_once_source_commons_keeps_the_right_images_and_fetches_nothing_tw
         finally:
             anti.stop()
         expected = emu.scenario.commons.expected
-        later = emu.records()[after_first:]
+        first_run, later = emu.records()[:after_first], emu.records()[after_first:]
+    # Wikimedia's User-Agent rule holds for its file servers too: the downloads carry the contact.
+    downloads = [r for r in first_run if r.host == "upload.wikimedia.org"]
+    assert downloads and all(r.headers.get("User-Agent") == user_agent(CONTACT) for r in downloads)
     with Store(tmp_path / "state") as store:
         got = {pid: stored_outcome(store, pid) for pid in expected}
     assert got == expected
@@ -453,3 +456,13 @@ def test_nomad_once_source_commons_without_contact_says_so(tmp_path: Path) -> No
     assert out.returncode == 2
     assert "NOMAD_CONTACT" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_commons_declares_its_contact_user_agent_for_its_file_host() -> None:
+    from nomad.sources.base import headers_for, media_headers
+
+    src = CommonsSource(SiteApi(HttpClient(), "commons", headers={"User-Agent": user_agent(CONTACT)}))
+    table = media_headers([src])
+    assert headers_for("https://upload.wikimedia.org/wikipedia/commons/a/ab/X.jpg", table) == {"User-Agent": user_agent(CONTACT)}
+    assert headers_for("https://upload.wikimedia.org:8443/x.jpg", table) == {"User-Agent": user_agent(CONTACT)}
+    assert headers_for("https://i.redd.it/x.jpg", table) is None and headers_for("https://evil-upload.wikimedia.org.example/x", table) is None

@@ -55,6 +55,8 @@ def test_gmm_bootstrapped_from_commons_featured_pictures_without_accounts(
     assert taste == ["commons_M90000001_0.jpeg", "commons_M90000002_0.jpeg", "commons_M90000006_0.png"]
     downloads = sorted(r.path.rsplit("/", 1)[-1] for r in records if r.host == "upload.wikimedia.org")
     assert downloads == ["1280px-Old_town_portrait.jpg", "1920px-Alpine_lake_at_dawn.jpg", "Harbour_at_night.png"]
+    # The image downloads carry the contact too (Wikimedia's rule covers upload.wikimedia.org).
+    assert all(f"({CONTACT})" in r.headers["User-Agent"] for r in records if r.host == "upload.wikimedia.org")
     assert verify(models) == []
     assert str(tmp_path / "state" / "taste") in gmm_source(models)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Protocol
 from urllib.parse import urlsplit
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
@@ -158,6 +158,35 @@ class ListingSource:
     def ratelimit(self) -> str:
         """What the site's rate limits last said, for the per-cycle log line ('' when nothing is known)."""
         return ""
+
+    def media_headers(self) -> Mapping[str, Mapping[str, str]]:
+        """Headers for downloading this source's images, by media host (subdomains included).
+
+        Wikimedia wants its User-Agent rule (a contact) on upload.wikimedia.org
+        too, not only on the API; the crawler sends these on every image
+        download from that host instead of the global ``--user-agent``.
+        """
+        return {}
+
+
+def media_headers(sources: Iterable[ListingSource]) -> dict[str, dict[str, str]]:
+    """Every source's :meth:`ListingSource.media_headers`, by lower-case host (first source wins)."""
+    table: dict[str, dict[str, str]] = {}
+    for source in sources:
+        for host, headers in source.media_headers().items():
+            table.setdefault(host.lower().strip("."), dict(headers))
+    return table
+
+
+def headers_for(url: str, table: Mapping[str, Mapping[str, str]]) -> dict[str, str] | None:
+    """The download headers ``table`` names for ``url``'s host or a parent domain (None: the defaults)."""
+    host = host_of(url)
+    if not host or not table:
+        return None
+    for domain, headers in table.items():
+        if host_matches(host, domain):
+            return dict(headers)
+    return None
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 NAME = "commons"
 DEFAULT_API = "https://commons.wikimedia.org/w/api.php"
 CONTACT_ENV = "NOMAD_CONTACT"
+MEDIA_HOST = "upload.wikimedia.org"
+"""Where Commons keeps its files and thumbnails."""
 
 THUMB_STEPS = (20, 40, 60, 120, 250, 330, 500, 960, 1280, 1920, 3840)
 """The thumbnail widths Commons serves (``$wgThumbnailSteps``); other widths round up."""
@@ -216,6 +218,11 @@ class CommonsSource(ListingSource):
 
     def describe(self) -> str:
         return f"commons: {', '.join(self.listings)} from {self.api_url} (contact in the User-Agent, key-less)"
+
+    def media_headers(self) -> dict[str, dict[str, str]]:
+        """Wikimedia's User-Agent rule holds for its file servers too: the image downloads carry the contact."""
+        ua = self.api.headers.get("User-Agent")
+        return {MEDIA_HOST: {"User-Agent": ua}} if ua else {}
 
     # --- API calls --------------------------------------------------------------------------------
     def query(self, params: Mapping[str, Any]) -> dict[str, Any]:
