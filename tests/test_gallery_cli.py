@@ -112,11 +112,12 @@ def test_import_of_a_folder_without_images_says_so_and_fails(tmp_path: Path) -> 
     (["serve"], {"GALLERY_BRIDGE_BIND": "0.0.0.0:7778"}),
 ])
 def test_endpoint_without_transport_gets_a_hint(tmp_path: Path, args: list[str], env: dict[str, str]) -> None:
+    value = next(iter(env.values())) if env else args[2]
     if args[0] == "serve":
         args = [*args, "--target", f"folder:{tmp_path / 'g'}"]
     out = _run(*args, "--timeout", "0.2", "--retries", "0", env=env) if args[0] != "serve" else _run(*args, env=env)
     assert out.returncode == 2, out.stderr
-    assert "a ZeroMQ endpoint needs a transport, e.g. tcp://127.0.0.1:7778" in out.stderr
+    assert f"a ZeroMQ endpoint needs a transport: did you mean tcp://{value}?" in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
     assert not (tmp_path / "g").exists()  # refused before anything was opened
 
@@ -166,3 +167,26 @@ def test_ping_exit_codes(tmp_path: Path) -> None:
     assert proc.returncode == 0
     first = json.loads(err.splitlines()[0])  # --log-format json: one JSON object per line
     assert first["level"] in ("info", "warning")
+
+
+def test_bad_boolean_env_fails_instead_of_meaning_off() -> None:
+    # GALLERY_BRIDGE_ALLOW_INSECURE_SCENERY=enabled must not be read as "off" (or "on"): it is refused, naming the variable.
+    out = _run("list", env={"GALLERY_BRIDGE_ALLOW_INSECURE_SCENERY": "enabled"})
+    assert out.returncode == 2 and "GALLERY_BRIDGE_ALLOW_INSECURE_SCENERY='enabled' is invalid" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert build_parser().parse_args(["list", "--allow-insecure-scenery"]).allow_insecure_scenery is True
+
+
+def test_scenery_password_from_a_secret_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gallery_bridge.wiring import _password
+
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    for var in ("GALLERY_BRIDGE_SCENERY_PASSWORD", "GALLERY_BRIDGE_SCENERY_PASSWORD_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("GALLERY_BRIDGE_SCENERY_PASSWORD_FILE", str(secret))
+    assert _password(build_parser().parse_args(["list"])) == "from-file"
+    monkeypatch.delenv("GALLERY_BRIDGE_SCENERY_PASSWORD_FILE")
+    monkeypatch.setenv("GALLERY_BRIDGE_SCENERY_PASSWORD", "from-env")
+    assert _password(build_parser().parse_args(["list"])) == "from-env"
+    assert "GALLERY_BRIDGE_SCENERY_PASSWORD_FILE" in build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]

@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from photocore.errors import UserError
+from photocore.errors import UserError, report_failure
 from photocore.settings import Parser, byte_size, endpoint_problem, finite_float, probability
 
 from .. import __version__
@@ -66,12 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ModelDirError, UserError, CurveKeyError) as exc:
         print(f"anti-sus: error: {exc}", file=sys.stderr)
         return getattr(exc, "status", 2)
-    except AntiSusUnavailable as exc:
-        print(f"anti-sus: {exc}", file=sys.stderr)
-        return 1
-    except AntiSusError as exc:
-        print(f"anti-sus: server error {exc}", file=sys.stderr)
-        return 1
+    except (AntiSusUnavailable, AntiSusError) as exc:
+        return report_failure("anti-sus", exc)
     except zmq.ZMQError as exc:
         print(f"anti-sus: error: ZeroMQ: {exc}", file=sys.stderr)
         return 1
