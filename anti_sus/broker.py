@@ -63,7 +63,7 @@ class Broker:
             s.setsockopt(zmq.SNDHWM, hwm)
             s.setsockopt(zmq.LINGER, 1000)
         if curve_secret_key is not None:
-            from .security import secure_server
+            from photocore.curve import secure_server
 
             self._auth = secure_server(self.ctx, [self.frontend], curve_secret_key, curve_allow)
         self.frontend_endpoints = [self._bind(self.frontend, ep) for ep in frontends]

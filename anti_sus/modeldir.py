@@ -32,10 +32,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from photocore.atomic import atomic_write
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -163,17 +164,6 @@ def write_manifest(directory: str | os.PathLike[str], artifacts: Mapping[str, Ma
         current = dict(read_manifest(d)["artifacts"])
     current.update({k: dict(v) for k, v in artifacts.items()})
     data = json.dumps({"format": FORMAT, "artifacts": current}, indent=2, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".manifest.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file 0600; the server may run as another user (containers).
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, d / MANIFEST)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # 0644: the server may run as another user (containers).
+    atomic_write(d / MANIFEST, data.encode("utf-8"), mode=0o644)
     return d / MANIFEST

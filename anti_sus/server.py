@@ -39,8 +39,10 @@ from .broker import BYE, READY
 from .fairqueue import FairQueue
 from .metrics import BATCH_IMAGES, ERRORS, IMAGES, QUEUE_BYTES, QUEUE_DEPTH, REQUESTS, STAGE_SECONDS
 from .pipeline import Outcome, Stages, Task, Timings, evaluate
-from .protocol import ProtocolError, error_reply, ok_reply
-from .wire import Filter, Info, Limits, Ping, parse_request, split_envelope
+from photocore.envelope import split_envelope
+from photocore.protocol import ProtocolError, error_reply, ok_reply
+
+from .wire import Filter, Info, Limits, Ping, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +126,7 @@ class FilterServer:
         sock.setsockopt(zmq.LINGER, cfg.linger_ms)
         try:
             if cfg.curve_secret_key is not None:
-                from .security import secure_server
+                from photocore.curve import secure_server
 
                 self._auth = secure_server(self.ctx, [sock], cfg.curve_secret_key, cfg.curve_allow)
             if cfg.connect:

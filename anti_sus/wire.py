@@ -1,8 +1,8 @@
 """Turning received frames into validated requests, before anything is allocated.
 
-The server calls :func:`split_envelope` then :func:`parse_request`; both raise
-:class:`~anti_sus.protocol.ProtocolError` (one of the documented codes) and never
-anything else for bad input. The payload is viewed in place (``np.frombuffer``),
+The server splits the routing envelope off (:func:`photocore.envelope.split_envelope`)
+then calls :func:`parse_request`, which raises :class:`~photocore.protocol.ProtocolError`
+(one of the documented codes) and never anything else for bad input. The payload is viewed in place (``np.frombuffer``),
 only after its declared shape passed the limits and its length matched exactly.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from .preprocess import WIRE_SIZE
-from .protocol import MAX_HEADER_BYTES, ProtocolError, option_float, parse_header, parse_shape, request_id
+from photocore.wireimage import WIRE_SIZE
+from photocore.protocol import MAX_HEADER_BYTES, ProtocolError, option_float, parse_header, parse_shape, request_id
 
 LEGACY_IMAGE_BYTES = WIRE_SIZE * WIRE_SIZE * 3
 """One upstream-format image: 512x512x3 uint8."""
@@ -58,18 +58,6 @@ class Filter:
 
 
 Request = Union[Ping, Info, Filter]
-
-
-def split_envelope(frames: Sequence[Any]) -> tuple[list[Any], list[Any]]:
-    """Split a ROUTER message into (routing envelope, body).
-
-    REQ clients (and brokers) put an empty delimiter after the routing ids; a
-    DEALER client may omit it, in which case the envelope is the peer id alone.
-    """
-    for i in range(1, len(frames)):
-        if len(frames[i]) == 0:
-            return list(frames[: i + 1]), list(frames[i + 1 :])
-    return list(frames[:1]), list(frames[1:])
 
 
 def _buffer(frame: Any) -> memoryview:

@@ -6,7 +6,7 @@ reply to an ingest is sent only after the catalogue commit. A bad request
 gets an error reply and never stops the loop.
 
 With CURVE the socket is encrypted; given an allow-list directory, only the
-clients whose public key is in it are served (``anti_sus.security``, a ZAP
+clients whose public key is in it are served (``photocore.curve``, a ZAP
 handler thread). :meth:`Server.close` stops and joins every thread the server
 started, so nothing of it outlives its owner.
 """
@@ -24,11 +24,12 @@ from typing import Any
 
 import zmq
 
-from anti_sus.protocol import MAX_HEADER_BYTES, ProtocolError, error_from, error_reply, ok_reply, parse_header, request_id
+from photocore.envelope import split_envelope
+from photocore.protocol import MAX_HEADER_BYTES, ProtocolError, error_from, error_reply, ok_reply, parse_header, request_id
+from photocore.redact import redact
 
 from . import __version__
 from .ingest import Ingester
-from .redact import redact
 from .targets import TargetError
 from .validate import Limits, check_features, check_image, check_key, check_meta
 
@@ -107,7 +108,7 @@ class Server:
 
     def _secure(self, config: ServerConfig) -> None:
         if config.curve_secret_key is not None:
-            from anti_sus.security import secure_server
+            from photocore.curve import secure_server
 
             self._auth = secure_server(self._ctx, [self.sock], config.curve_secret_key, config.curve_allow)
         elif config.curve_allow is not None:
@@ -178,7 +179,7 @@ class Server:
                 if not self.sock.poll(200, zmq.POLLIN):
                     continue
                 frames = self.sock.recv_multipart(copy=True)
-                envelope, body = _split_envelope(frames)
+                envelope, body = split_envelope(frames)
                 reply = self.handle(body)
                 self.sock.send_multipart([*envelope, reply])
         finally:
@@ -249,10 +250,3 @@ class Server:
             INGESTS.labels(outcome.status).inc()
             SECONDS.observe(time.perf_counter() - t0)
         return ok_reply(rid, **outcome.reply_fields())
-
-
-def _split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
-    """ROUTER frames -> (routing envelope, request body); REQ adds an empty delimiter, DEALER may not."""
-    if len(frames) >= 2 and frames[1] == b"":
-        return frames[:2], frames[2:]
-    return frames[:1], frames[1:]

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from anti_sus.protocol import ProtocolError
+from photocore.protocol import ProtocolError
+from photocore.sniff import pillow_format
 
 MAX_KEY = 256
 MAX_URL = 2048
@@ -131,22 +132,11 @@ def check_meta(value: Any) -> Meta:
     return meta
 
 
-def sniff_format(data: bytes) -> str | None:
-    """The Pillow format name from magic bytes, or None for anything not allowed."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "JPEG"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "PNG"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None
-
-
 def check_image(data: bytes, limits: Limits) -> CheckedImage:
     """Magic bytes, then a full Pillow decode under a pixel cap; raises ``bad_image``/``too_large``."""
     if len(data) > limits.max_image_bytes:
         raise ProtocolError("too_large", f"image is {len(data)} bytes, limit {limits.max_image_bytes}")
-    fmt = sniff_format(data)
+    fmt = pillow_format(data)
     if fmt is None:
         raise ProtocolError("bad_image", "not a JPEG, PNG or WebP file (magic bytes)")
     try:

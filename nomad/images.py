@@ -1,4 +1,4 @@
-"""Safe decoding of downloaded images into the wire format (``anti_sus.preprocess.to_wire``).
+"""Safe decoding of downloaded images into the wire format (``photocore.wireimage.to_wire``).
 
 The bytes come from strangers, so Pillow is only allowed the formats nomad
 accepts, the pixel count is checked from the header *before* any pixel is
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from anti_sus.preprocess import WIRE_SIZE, to_wire
+from photocore.wireimage import WIRE_SIZE, to_wire
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP")
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -40,7 +40,7 @@ class Decoded:
     """A decoded image: the wire array and the real size/format of the original."""
 
     wire: np.ndarray
-    """``uint8[wire_size, wire_size, 3]`` from ``anti_sus.preprocess.to_wire``."""
+    """``uint8[wire_size, wire_size, 3]`` from ``photocore.wireimage.to_wire``."""
     width: int
     """Full-resolution width after EXIF orientation (not the draft-mode size)."""
     height: int

@@ -34,6 +34,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from photocore.atomic import atomic_open
+
 from nomad.sources.base import Candidate, ImageRef
 
 SCHEMA = """
@@ -323,10 +325,8 @@ class Store:
         feat_path = None
         if features is not None:
             feat_path = self.outbox_dir / (target.stem + ".features.npy")
-            tmp = feat_path.with_suffix(".tmp")
-            with open(tmp, "wb") as fh:
+            with atomic_open(feat_path) as fh:
                 np.save(fh, np.asarray(features, dtype=np.float32), allow_pickle=False)
-            os.replace(tmp, feat_path)
         with self._tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO outbox(key, path, features, meta, attempts, created) VALUES (?, ?, ?, ?, 0, ?)",

@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--state-dir", type=Path, default=Path(_env("STACK_STATE_DIR", "state")), help="where taste images are kept [env STACK_STATE_DIR]")
     add_model_flags(p)
     args = p.parse_args(argv)
-    from anti_sus.observe import setup_logging
+    from photocore.observe import setup_logging
 
     setup_logging(_env("STACK_LOG_FORMAT", "text"))
     args.models = models_dir(args.models)  # an old models/ folder is still read, with a notice

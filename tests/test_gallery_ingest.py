@@ -264,7 +264,7 @@ def test_oversized_message_refused_by_libzmq(tmp_path: Path) -> None:
 
 def test_client_gives_up_when_nobody_answers() -> None:
     with IngestClient("tcp://127.0.0.1:9", timeout=0.2, retries=2) as client:
-        with pytest.raises(GalleryUnavailable, match="3 tries"):
+        with pytest.raises(GalleryUnavailable, match="3 attempt"):
             client.ping()
 
 

@@ -251,8 +251,8 @@ def test_redacting_filter_masks_messages_tracebacks_and_extras() -> None:
     import io
     import logging
 
-    from anti_sus.observe import JsonFormatter
-    from gallery_bridge.redact import RedactingFilter, redact, register_secret
+    from photocore.observe import JsonFormatter
+    from photocore.redact import RedactingFilter, redact, register_secret
 
     register_secret("p@ss word/9")
     assert redact("https://u:x@host/a and p%40ss%20word%2F9 and p@ss word/9") == "https://***@host/a and *** and ***"

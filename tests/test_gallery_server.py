@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 import zmq
 
-from anti_sus.security import keygen
+from photocore.curve import keygen
 from tests import gallery_helpers as T
 from gallery_bridge.catalogue import Catalogue
 from gallery_bridge.client import GalleryUnavailable, IngestClient, IngestError

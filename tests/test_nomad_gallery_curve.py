@@ -12,7 +12,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from anti_sus.security import CurveKeyError, keygen
+from photocore.curve import CurveKeyError, keygen
 from tests import gallery_helpers as T
 from gallery_bridge.catalogue import Catalogue
 from gallery_bridge.ingest import Ingester

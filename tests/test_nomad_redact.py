@@ -1,4 +1,4 @@
-"""Credentials never reach nomad's logs, error messages or stderr (nomad.net.redact)."""
+"""Credentials never reach nomad's logs, error messages or stderr (photocore.redact)."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nomad.http import FetchError, HttpClient, HttpConfig
-from nomad.net.redact import RedactingFilter, redact, register_secret
+from photocore.redact import RedactingFilter, redact, register_secret
 from stack.procs import free_port, python_module
 from stack.emulator import Emulator
 
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(240)
 ])
 def test_redact_masks_credentials_in_urls(text: str, secret: str) -> None:
     out = redact(text)
-    assert secret not in out and "REDACTED" in out
+    assert secret not in out and "***" in out
 
 
 def test_redact_leaves_other_text_alone() -> None:
@@ -51,7 +51,7 @@ def test_fetch_error_of_an_unreachable_host_has_no_key() -> None:
             c.get(f"http://127.0.0.1:{port}/services/rest", params={"method": "m", "api_key": "FLICKRSECRET99"})
     assert ei.value.reason == "connection"
     assert "FLICKRSECRET99" not in str(ei.value) and "FLICKRSECRET99" not in (ei.value.url or "")
-    assert "api_key=REDACTED" in str(ei.value)
+    assert "api_key=***" in str(ei.value)
 
 
 def test_filter_masks_urllib3_debug_lines_and_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
@@ -65,7 +65,7 @@ def test_filter_masks_urllib3_debug_lines_and_tracebacks(caplog: pytest.LogCaptu
         except FetchError:
             logging.getLogger("nomad.test").exception("failed %s", f"http://127.0.0.1:{port}/x?client_id={secret}")
     text = "\n".join(r.getMessage() for r in caplog.records) + caplog.text
-    assert secret not in text and "client_id=REDACTED" in text and "Traceback" in text
+    assert secret not in text and "client_id=***" in text and "Traceback" in text
 
 
 @pytest.mark.parametrize("flickr_reachable", [True, False])
@@ -94,7 +94,7 @@ def test_crawl_at_debug_logs_no_secret(tmp_path: Path, flickr_reachable: bool) -
     out = proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     if flickr_reachable:
-        assert flickr_calls > 0 and "api_key=REDACTED" in out  # the key was used, and its log lines masked
+        assert flickr_calls > 0 and "api_key=***" in out  # the key was used, and its log lines masked
     else:
         assert "api.flickr.com" in out and "connection" in out  # the failure is still reported
     for s in secrets:

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from .. import page
 from ..catalogue import Catalogue
-from ..fsutil import atomic_write, fsync_dir, publish, write_temp
+from photocore.atomic import atomic_write, fsync_dir, publish, write_temp
 from ..thumbnails import make_thumbnail
 from ..validate import CheckedImage, Meta
 from . import Stored

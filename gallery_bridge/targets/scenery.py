@@ -34,7 +34,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import requests
 
 from ..catalogue import Catalogue
-from ..redact import redact, register_secret, safe_url, userinfo_secrets
+from photocore.redact import redact, register_secret, safe_url, userinfo_secrets
 from ..validate import CheckedImage, Meta
 from . import Stored, TargetError
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from .redact import redact, redact_url
+from photocore.redact import redact, redact_url
 
 
 class FetchError(Exception):

@@ -1,8 +1,14 @@
-"""Magic-byte sniffing: trust the bytes, never the Content-Type or the file extension."""
+"""Magic-byte sniffing: trust the bytes, never the Content-Type or the file extension.
+
+nomad checks each download with it, gallery_bridge each image it is sent.
+"""
 from __future__ import annotations
 
 IMAGE_FORMATS = ("jpeg", "png", "webp")
-"""Formats nomad accepts from the network."""
+"""The photo formats the services accept."""
+
+PILLOW_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+"""Sniffed name -> Pillow's format name (for ``Image.open(..., formats=[...])``)."""
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -20,6 +26,12 @@ def sniff_format(data: bytes) -> str | None:
     if data[:6] in (b"GIF87a", b"GIF89a"):
         return "gif"
     return None
+
+
+def pillow_format(data: bytes) -> str | None:
+    """The Pillow format name of an accepted photo format (``"JPEG"``, ``"PNG"``, ``"WEBP"``), else None."""
+    fmt = sniff_format(data)
+    return PILLOW_FORMATS.get(fmt) if fmt is not None else None
 
 
 def looks_like_html(data: bytes) -> bool:

@@ -1,7 +1,9 @@
-"""Logging and metrics setup shared by the three services.
+"""Logging and metrics setup of every service (nomad, anti_sus, gallery_bridge, stack, models).
 
 One log line per event, as text or JSON (``--log-format json``) for log shippers;
-Prometheus metrics on ``--metrics-port`` through prometheus_client.
+Prometheus metrics on ``--metrics-port`` through prometheus_client. Credentials
+are masked by adding :class:`photocore.redact.RedactingFilter` to the handlers
+(``photocore.redact.install()``) after :func:`setup_logging`.
 """
 from __future__ import annotations
 

@@ -1,24 +1,28 @@
-"""Credentials never reach a log line or an error message.
+"""Credentials never reach a log line, an error message or an ``info`` reply.
 
-nomad puts API keys in query strings (flickr's ``api_key``), sends Client-IDs
-and tokens in headers, and urllib3 logs every request line (path and query) at
-DEBUG. One helper, :func:`redact`, cleans any text: URL query parameters with a
-credential-like name and ``user:password@`` in URLs are replaced by
-``REDACTED``, and so is every secret value registered with
-:func:`register_secret` (the credentials nomad read from its environment, in
-case a server echoes one in an error body). :class:`RedactingFilter` applies it
-to every log record a handler emits, whichever library logged it.
+One filter for every service. What counts as a credential:
+
+* anything in a URL's userinfo (``https://user:pass@host``);
+* the value of a query/form parameter with a credential-like name
+  (``api_key=…``, ``client_id=…``, ``token=…``; flickr puts its key in the query
+  string and urllib3 logs every request line at DEBUG);
+* every value registered with :func:`register_secret` (a password read from a
+  secret file, the credentials of the environment via
+  :func:`register_env_secrets`), also URL-encoded, in case a server echoes one.
+
+:func:`redact` masks them in a text with ``***``; :class:`RedactingFilter` does it
+for every record a log handler emits, at any level and from any library,
+tracebacks and ``extra=`` fields included.
 """
 from __future__ import annotations
 
 import logging
 import re
 import threading
-import traceback
 from typing import Mapping
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, unquote, urlsplit, urlunsplit
 
-MASK = "REDACTED"
+MASK = "***"
 
 SENSITIVE_PARAMS = (
     "api_key", "apikey", "api-key", "key", "client_id", "client_secret", "token", "access_token",
@@ -36,18 +40,22 @@ _PARAM = re.compile(
 # scheme://userinfo@ : everything between the scheme and an '@' before the host's end.
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/\s@?#\"'<>]+)@")
 
+_RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
-MIN_SECRET = 6
-"""Shorter values are not registered: masking every "abc" in every log line would hide more than it protects."""
+
+MIN_ENV_SECRET = 6
+"""Environment values shorter than this are not registered by :func:`register_env_secrets`:
+masking every "abc" in every log line would hide more than it protects."""
 
 
 def register_secret(*values: str | None) -> None:
-    """Mask these values (and their URL-encoded forms) wherever :func:`redact` sees them."""
+    """Mask these values (and their URL-encoded and -decoded spellings) from now on; empty ones are ignored."""
     with _secrets_lock:
         for v in values:
-            if v and len(v) >= MIN_SECRET:
-                _secrets.update({v, quote(v, safe=""), quote_plus(v)})
+            if v:
+                _secrets.update({v, quote(v, safe=""), quote_plus(v), unquote(v)} - {""})
 
 
 def redact(text: object) -> str:
@@ -56,7 +64,7 @@ def redact(text: object) -> str:
     s = _USERINFO.sub(lambda m: f"{m.group(1)}{MASK}@", s)
     s = _PARAM.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", s)
     with _secrets_lock:
-        secrets = sorted(_secrets, key=len, reverse=True)
+        secrets = sorted(_secrets, key=len, reverse=True)  # longest first: a secret may contain another
     for value in secrets:
         if value in s:
             s = s.replace(value, MASK)
@@ -68,13 +76,31 @@ def redact_url(url: str | None) -> str | None:
     return None if url is None else redact(url)
 
 
+def userinfo_secrets(url: str) -> list[str]:
+    """The password in a URL's userinfo (to register it).
+
+    The user name is not registered on its own (a name like "bot" would mask
+    words all over the log); inside a URL the whole userinfo is masked anyway.
+    """
+    password = urlsplit(url).password
+    return [unquote(password)] if password else []
+
+
+def safe_url(url: str) -> str:
+    """``url`` without its userinfo: what may be shown in ``info`` and logs."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, parts.fragment))
+
+
 class RedactingFilter(logging.Filter):
-    """A handler filter that masks credentials in the final message and in any traceback.
+    """A handler filter that rewrites each record with :func:`redact` applied.
 
     It works on the formatted message, so it catches what ``%s`` arguments bring
     in (exceptions, URLs, urllib3's request lines). A traceback is formatted and
-    masked here too, and carried in the message, because formatters would
-    otherwise render ``exc_info`` afterwards, unmasked.
+    masked here, because formatters would otherwise render ``exc_info``
+    afterwards, unmasked; string ``extra=`` fields are masked too.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -82,15 +108,21 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a broken format string: keep what logging would show, masked
             message = f"{record.msg} {record.args}"
+        record.msg, record.args = redact(message), None
         if record.exc_info:
-            message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            text = logging.Formatter().formatException(record.exc_info)
+            # The text formatter prints exc_text; the JSON one emits extra
+            # attributes, so the masked traceback travels as ``exc`` too.
             record.exc_info = None
-            record.exc_text = None
+            record.exc_text = redact(text)
+            record.exc = record.exc_text  # type: ignore[attr-defined]
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
         if record.stack_info:
-            message += "\n" + record.stack_info
-            record.stack_info = None
-        record.msg = redact(message)
-        record.args = None
+            record.stack_info = redact(record.stack_info)
+        for key, value in list(vars(record).items()):
+            if key not in _RESERVED and isinstance(value, str):
+                setattr(record, key, redact(value))
         return True
 
 
@@ -107,12 +139,14 @@ _CREDENTIAL_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|API_KEY|APIKEY|CLI
 def register_env_secrets(environ: Mapping[str, str]) -> None:
     """Register the credentials of an environment: ``*_SECRET``, ``*_TOKEN``, ``*_API_KEY``,
     ``*_CLIENT_ID``, ``*_PASSWORD`` values, and the contents of their ``*_FILE`` variants."""
+    values: list[str] = []
     for name, value in environ.items():
         if name.endswith("_FILE") and _CREDENTIAL_NAME.search(name[: -len("_FILE")]):
             try:
                 with open(value, encoding="utf-8") as fh:
-                    register_secret(fh.read(4096).strip())
+                    values.append(fh.read(4096).strip())
             except (OSError, UnicodeDecodeError):  # the reader of the secret reports this, not us
                 pass
         elif _CREDENTIAL_NAME.search(name):
-            register_secret(value.strip())
+            values.append(value.strip())
+    register_secret(*(v for v in values if len(v) >= MIN_ENV_SECRET))

@@ -1,4 +1,4 @@
-"""Wire protocol v1 framing shared by anti_sus and gallery_bridge (DESIGN §3).
+"""Wire protocol v1: framing and error codes of every request/reply between the services (DESIGN §3).
 
 A request is a JSON header frame followed by binary frames; a reply is a JSON
 frame (plus, for some ops, binary frames). Everything here is pure: it parses
@@ -24,7 +24,7 @@ ERROR_CODES = (
     # the server holds as much queued work as --max-queue / --max-queued-bytes allow: retry later.
     "busy",
     "internal",
-    # gallery_bridge's ingest adds these two.
+    # gallery_bridge's ingest uses these two.
     "bad_image",
     "bad_meta",
 )
