@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from nomad.store import Store
 
-OTHER_SOURCES = ("flickr_",)
-"""Label prefixes that are post ids of sources other than reddit."""
+OTHER_SOURCES = ("flickr_", "at://")
+"""Label prefixes that are post ids of sources other than reddit (commons' ``M<pageid>`` is matched apart)."""
 
 POST_LABELS = {
     "nsfw": "skip_nsfw", "spoiler": "skip_spoiler", "video": "skip_video", "removed": "skip_removed",
@@ -18,9 +18,11 @@ IMAGE_LABELS = {
 
 def outcome(store: Store, label_key: str) -> str:
     """The label for ``post_id`` or ``post_id/n`` as the emulator's scenario spells it."""
-    pid, _, n = label_key.partition("/")
+    # An at:// post id holds slashes itself; its label never has an image index.
+    pid, _, n = (label_key, "", "") if label_key.startswith("at://") else label_key.partition("/")
     # reddit labels are bare ids (aa0001 -> t3_aa0001); other sources' labels are their post ids (flickr_<id>).
-    post_id = pid if pid.startswith(OTHER_SOURCES) else f"t3_{pid}"
+    other = pid.startswith(OTHER_SOURCES) or (pid[:1] == "M" and pid[1:].isdigit())
+    post_id = pid if other else f"t3_{pid}"
     state = store.post_state(post_id)
     if state is None:
         return "unseen"
@@ -67,4 +69,17 @@ def keyless_expected(scenario: object) -> dict[str, str]:
     }
     expected.update(KEYLESS_REDDIT)
     expected.update(scenario.flickr_feed_expected)  # type: ignore[attr-defined]
+    return expected
+
+
+BLUESKY_SEEN = ("accept_candidate", "skip_small")
+"""Bluesky labels of posts the source hands on; the others (adult labels, opt-outs, text) it drops unseen."""
+
+
+def all_keyless_expected(scenario: object) -> dict[str, str]:
+    """Labels for ``nomad once`` with every key-less source (reddit, commons, flickr, bluesky) and no credentials."""
+    expected = keyless_expected(scenario)
+    expected.update(scenario.commons.expected)  # type: ignore[attr-defined]
+    expected.update({pid: (label if label in BLUESKY_SEEN else "unseen")
+                     for pid, label in scenario.jetstream.expected.items()})  # type: ignore[attr-defined]
     return expected

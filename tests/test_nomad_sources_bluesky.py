@@ -481,11 +481,8 @@ def test_nomad_once_source_bluesky_keeps_the_right_images_then_fetches_nothing(e
 
     def once() -> Any:
         args = build_parser({}).parse_args([
-            "once", *emu.nomad_args(), "--source", "bluesky",
-            "--bluesky-jetstream-url", f"wss://{JETSTREAM_HOST}:{emu.port}/subscribe",
-            "--bluesky-cdn-url", f"https://{CDN_HOST}:{emu.port}",
-            "--bluesky-appview-url", f"https://{APPVIEW_HOST}:{emu.port}",
-            "--bluesky-idle-seconds", "0.5", "--state-dir", str(tmp_path / "state"), "--save-dir", str(tmp_path / "out"),
+            "once", *emu.nomad_args(), "--source", "bluesky",  # nomad_args() points Bluesky at the emulator
+            "--state-dir", str(tmp_path / "state"), "--save-dir", str(tmp_path / "out"),
             "--deadline", "5", "--http-retries", "0", "--backoff-max", "0.2"])
         crawler = build_crawler(args, threading.Event(), environ={})  # no credentials of any site
         crawler.filter_stage.client = FakeFilter()

@@ -2,6 +2,7 @@
 and one clear line with exit 2 for every way it can fail."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -61,9 +62,27 @@ def test_gmm_bootstrapped_from_commons_featured_pictures_without_accounts(
     assert str(tmp_path / "state" / "taste") in gmm_source(models)
 
 
-def run_ensure(tmp_path: Path, models: Path, *extra: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_ensure(tmp_path: Path, models: Path, *extra: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run(python_module("stack.ensure_models", *ensure_args(tmp_path, models, "--min-good-images", "5", *extra)),
-                          capture_output=True, text=True, timeout=240, env=env)
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_python_m_stack_ensure_models_random_clip_then_gmm_from_commons(tmp_path: Path, emu: Emulator) -> None:
+    """From an empty model directory, no accounts: CLIP with random weights, then the GMM on Featured pictures."""
+    models = tmp_path / "models"
+    out = run_ensure(tmp_path, models, *taste_flags(emu), env=clean_env(NOMAD_CONTACT=CONTACT), timeout=800)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "Traceback" not in out.stderr and "NO WATERMARK MODEL" in out.stderr
+    assert verify(models) == []
+    arts = json.loads((models / "manifest.json").read_text())["artifacts"]
+    assert arts["clip"]["provenance"]["pretrained"] == "none"  # the random encoder, built here
+    taste = sorted(p.name for p in ensure_models.find_images(tmp_path / "state" / "taste"))
+    assert taste == ["commons_M90000001_0.jpeg", "commons_M90000002_0.jpeg", "commons_M90000006_0.png"]
+    assert str(tmp_path / "state" / "taste") in gmm_source(models)
+    listing = [r for r in emu.records() if r.query.get("cmtitle") == [FEATURED]]
+    assert listing and not [r for r in emu.records() if "reddit" in r.host]
 
 
 def assert_one_clear_line(out: subprocess.CompletedProcess[str], *needles: str) -> None:

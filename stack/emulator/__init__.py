@@ -22,6 +22,7 @@ import time
 from typing import Callable
 
 from .cert import EmulatorTLS, make_tls
+from .jetstream import APPVIEW_HOST, CDN_HOST, JETSTREAM_HOST
 from .scenario import (
     HOSTS,
     WILDCARDS,
@@ -39,6 +40,9 @@ __all__ = [
     "default_scenario", "base58", "HOSTS",
 ]
 
+
+CONTACT = "nomad-emulator@example.org"
+"""The ``NOMAD_CONTACT`` of emulated runs (Commons' User-Agent must name one)."""
 
 KEYED_SITES = ("REDDIT", "IMGUR", "FLICKR")
 """Prefixes of the credential variables ``nomad_env(keyless=True)`` leaves out."""
@@ -130,6 +134,11 @@ class Emulator:
             "--flickr-feed-url", f"https://api.flickr.com:{self.port}",
             "--reddit-feed-interval", "0", "--flickr-feed-interval", "0",
             "--commons-api-url", f"https://commons.wikimedia.org:{self.port}/w/api.php", "--commons-interval", "0",
+            # Bluesky: the emulated Jetstream, AppView and CDN; a short idle end, as its live tail never ends.
+            "--bluesky-jetstream-url", f"wss://{JETSTREAM_HOST}:{self.port}/subscribe",
+            "--bluesky-cdn-url", f"https://{CDN_HOST}:{self.port}",
+            "--bluesky-appview-url", f"https://{APPVIEW_HOST}:{self.port}",
+            "--bluesky-idle-seconds", "0.5",
         ]
 
     def nomad_env(self, *, keyless: bool = False) -> dict[str, str]:
@@ -137,6 +146,8 @@ class Emulator:
 
         ``keyless``: without the reddit, imgur and flickr credentials (a new user's
         setup: reddit through its Atom feeds, flickr through its public feed).
+        ``NOMAD_CONTACT`` (Wikimedia's User-Agent contact, no credential) is always
+        set, so default-source runs read Commons too.
         """
         if keyless:
             return {k: v for k, v in self.nomad_env().items() if k.split("_", 1)[0] not in KEYED_SITES}
@@ -147,6 +158,7 @@ class Emulator:
             "REDDIT_CLIENT_SECRET": secret,
             "IMGUR_CLIENT_ID": next(iter(scn.imgur_client_ids)),
             "FLICKR_API_KEY": next(iter(scn.flickr_api_keys)),
+            "NOMAD_CONTACT": CONTACT,
         }
 
     # -- observation -----------------------------------------------------------------------
