@@ -15,10 +15,9 @@ from typing import Any, Sequence
 
 from anti_sus.modeldir import ARTIFACTS, artifact_entry, write_manifest
 from anti_sus.preprocess import CLIP_SPEC, PreprocessSpec
-from photocore.paths import DEFAULT_MODELS_DIR, models_dir
 
-from ._cli import EnvParser, UserError, run_main, setup
-from .onnx_export import MAX_ABS, MIN_COSINE, OPSET, ParityError, compare, example_input, export_onnx, run_onnx, utc_now, versions
+from ._cli import EnvParser, UserError, run_main
+from .onnx_export import MAX_ABS, MIN_COSINE, OPSET, compare, example_input, export_onnx, run_onnx, utc_now, versions
 
 log = logging.getLogger(__name__)
 
@@ -136,29 +135,20 @@ def export_clip(out: Path, *, arch: str = DEFAULT_ARCH, pretrained: str | None =
 
 def parser() -> EnvParser:
     p = EnvParser("export_clip", description=__doc__.split("\n\n")[0])
-    p.add_env("--out", type=Path, default=Path(DEFAULT_MODELS_DIR), help="model directory to write into")
     p.add_env("--arch", default=DEFAULT_ARCH, help="open_clip architecture name")
     p.add_env("--pretrained", default="none",
               help="open_clip pretrained tag (e.g. openai, laion2b_s34b_b88k; downloads) or 'none' for random weights")
     p.add_env("--seed", type=int, default=0, help="seed for random weights (--pretrained none)")
     p.add_env("--int8", action="store_true", help="also write a quantize_dynamic int8 variant and report its cosine")
-    p.add_parity_gate()
-    p.add_common()
+    p.add_export()
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    setup(args)
-    # Merged into an existing manifest: an old models/ folder that is still in use gets the new artifact too.
-    args.out = models_dir(args.out)
+    args = parser().parse_export(argv)
     pretrained = None if args.pretrained.lower() in ("", "none", "random") else args.pretrained
-    try:
-        entries = export_clip(args.out, arch=args.arch, pretrained=pretrained, int8=args.int8, opset=args.opset,
-                              min_cosine=args.min_cosine, max_abs=args.max_abs, threads=args.threads, seed=args.seed)
-    except ParityError as exc:
-        print(f"error: {exc}", flush=True)
-        return 1
+    entries = export_clip(args.out, arch=args.arch, pretrained=pretrained, int8=args.int8, opset=args.opset,
+                          min_cosine=args.min_cosine, max_abs=args.max_abs, threads=args.threads, seed=args.seed)
     p = entries["clip"]["provenance"]["parity"]
     print(f"wrote {args.out / CLIP_FILE}: dim {entries['clip']['output']['dim']}, parity cosine {p['cosine']}, max-abs {p['max_abs']}")
     return 0

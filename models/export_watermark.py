@@ -14,10 +14,9 @@ from typing import Any, Sequence
 
 from anti_sus.modeldir import ARTIFACTS, artifact_entry, write_manifest
 from anti_sus.preprocess import WATERMARK_SPEC, PreprocessSpec
-from photocore.paths import DEFAULT_MODELS_DIR, models_dir
 
-from ._cli import EnvParser, UserError, run_main, setup
-from .onnx_export import MAX_ABS, MIN_COSINE, OPSET, ParityError, export_onnx, utc_now, versions
+from ._cli import EnvParser, UserError, run_main
+from .onnx_export import MAX_ABS, MIN_COSINE, OPSET, export_onnx, utc_now, versions
 
 log = logging.getLogger(__name__)
 
@@ -55,30 +54,21 @@ def export_watermark(model: Any, out: Path, *, arch: str, spec: PreprocessSpec =
 def parser() -> EnvParser:
     p = EnvParser("export_watermark", description=__doc__.split("\n\n")[0])
     p.add_env("--weights", type=Path, required=True, help="safetensors file written by models.train_watermark")
-    p.add_env("--out", type=Path, default=Path(DEFAULT_MODELS_DIR), help="model directory to write into")
-    p.add_parity_gate()
-    p.add_common()
+    p.add_export()
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .watermark_net import load_weights
 
-    args = parser().parse_args(argv)
-    setup(args)
-    # Merged into an existing manifest: an old models/ folder that is still in use gets the new artifact too.
-    args.out = models_dir(args.out)
+    args = parser().parse_export(argv)
     model, meta = load_weights(args.weights)
     size = int(meta.get("size", WATERMARK_SPEC.size))
     spec = PreprocessSpec("watermark", size, WATERMARK_SPEC.mean, WATERMARK_SPEC.std)
     prov = {k: v for k, v in meta.items() if k not in ("arch", "size")}
     prov["weights_file"] = args.weights.name
-    try:
-        entry = export_watermark(model, args.out, arch=meta["arch"], spec=spec, opset=args.opset, min_cosine=args.min_cosine,
-                                 max_abs=args.max_abs, threads=args.threads, provenance=prov)
-    except ParityError as exc:
-        print(f"error: {exc}", flush=True)
-        return 1
+    entry = export_watermark(model, args.out, arch=meta["arch"], spec=spec, opset=args.opset, min_cosine=args.min_cosine,
+                             max_abs=args.max_abs, threads=args.threads, provenance=prov)
     p = entry["provenance"]["parity"]
     print(f"wrote {args.out / WATERMARK_FILE}: {meta['arch']} at {size}px, parity cosine {p['cosine']}, max-abs {p['max_abs']}")
     return 0

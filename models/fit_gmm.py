@@ -23,6 +23,7 @@ from anti_sus.modeldir import ARTIFACTS, MANIFEST, ModelDirError, artifact_entry
 from anti_sus.preprocess import PreprocessSpec, clip_input, load_image, to_wire
 from anti_sus.stages.gmm import COVARIANCE_TYPES, GmmScorer
 from photocore.paths import DEFAULT_MODELS_DIR, models_dir
+from photocore.settings import Settings
 
 from ._cli import EnvParser, UserError, int_list, run_main, setup
 from .onnx_export import ort_session, utc_now
@@ -243,9 +244,9 @@ def load_features(path: Path, dim: int) -> np.ndarray:
 def parser() -> EnvParser:
     p = EnvParser("fit_gmm", description=__doc__.split("\n\n")[0])
     p.add_env("--models", type=Path, default=Path(DEFAULT_MODELS_DIR), help="model directory (has the clip encoder; gets gmm.npz/gmm.json)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--images", type=Path, help="folder of good images (recursive: jpg, jpeg, png, webp) [env: ANTI_SUS_FIT_GMM_IMAGES]")
-    src.add_argument("--features", type=Path, help="saved features .npy [N, D] instead of images [env: ANTI_SUS_FIT_GMM_FEATURES]")
+    src = Settings(p.add_mutually_exclusive_group(), p.env_prefix)
+    src.add("--images", type=Path, help="folder of good images (recursive: jpg, jpeg, png, webp)")
+    src.add("--features", type=Path, help="saved features .npy [N, D] instead of images")
     p.add_env("--components", type=int_list, default=[16], help="mixture size, or a comma list to sweep with --select")
     p.add_env("--select", choices=["bic", "aic"], default=None, help="pick the component count with the lowest BIC/AIC")
     p.add_env("--covariance-type", choices=list(COVARIANCE_TYPES), default="full", help="GaussianMixture covariance type")
@@ -261,18 +262,12 @@ def parser() -> EnvParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import os
-
     p = parser()
     args = p.parse_args(argv)
-    # The two source flags are mutually exclusive, so their env defaults are read by hand.
-    if args.images is None and args.features is None:
-        if os.environ.get("ANTI_SUS_FIT_GMM_IMAGES"):
-            args.images = Path(os.environ["ANTI_SUS_FIT_GMM_IMAGES"])
-        elif os.environ.get("ANTI_SUS_FIT_GMM_FEATURES"):
-            args.features = Path(os.environ["ANTI_SUS_FIT_GMM_FEATURES"])
-        else:
-            p.error("one of --images or --features is required")
+    # argparse checks only the command line; a variable can still have set the other source.
+    if (args.images is None) == (args.features is None):
+        p.error("give one of --images or --features (flag or ANTI_SUS_FIT_GMM_IMAGES/ANTI_SUS_FIT_GMM_FEATURES), not "
+                + ("neither" if args.images is None else "both"))
     setup(args, torch_threads=False)
     if not 0 <= args.threshold_percentile <= 100:
         raise UserError(f"--threshold-percentile must be within 0..100, got {args.threshold_percentile}")
