@@ -1,11 +1,12 @@
 """The offline demo (``make demo``): the whole system on loopback in about a minute.
 
 Builds tiny random-weight models, starts the emulated internet (reddit, imgur,
-flickr and image hosts over HTTPS on 127.0.0.1, with hostile cases), starts
-anti_sus and gallery_bridge, runs ``nomad once`` against the emulator with the
-SSRF guard on and no credentials at all (the key-less sources a new user gets:
-reddit's Atom feeds, flickr's public feed, and the others that need no key),
-then prints what happened and where the gallery page is.
+flickr, Wikimedia Commons, Bluesky's Jetstream and image hosts over HTTPS on
+127.0.0.1, with hostile cases), starts anti_sus and gallery_bridge, runs
+``nomad once`` against the emulator with the SSRF guard on and no credentials
+at all (every key-less source a new user gets: reddit's Atom feeds, flickr's
+public feed, Commons and Bluesky), then prints what happened and where the
+gallery page is.
 
 Nothing leaves the machine. The tiny models have random weights, so which
 photos count as "good" is arbitrary; the point is to see every stage work.
@@ -57,6 +58,21 @@ def nomad_stats(state: Path) -> dict[str, Any]:
 KEYED = ("REDDIT_", "IMGUR_", "FLICKR_")
 """Credential variables the demo leaves out: it runs the key-less sources only."""
 
+KEYLESS_SOURCES = ("reddit", "commons", "flickr", "bluesky")
+"""Every source that works without an account; named explicitly, so a NOMAD_SOURCE in the shell cannot narrow the demo."""
+
+
+def nomad_command(emu: Any, anti_sus: str, gallery: str, state: Path) -> list[str]:
+    """``nomad once`` over the emulator with every key-less source."""
+    sources = [a for name in KEYLESS_SOURCES for a in ("--source", name)]
+    return python_module("nomad", "once", "--anti-sus", anti_sus, "--gallery", gallery, "--state-dir", str(state),
+                         "--deadline", "8", "--batch-timeout", "2", *sources, *emu.nomad_args())
+
+
+def nomad_environment(emu: Any) -> dict[str, str]:
+    """This shell's environment without any site credential (a fresh machine), plus the emulator's NOMAD_CONTACT."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(KEYED)} | emu.nomad_env(keyless=True)
+
 
 def sources_report(state: Path, env: dict[str, str]) -> str:
     """``nomad sources`` after the run: which key-less sources ran and what they last did."""
@@ -105,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     say("1/4 models")
     build_models(models, args.keep_models)
-    say("2/4 emulated internet (reddit, imgur, flickr, image hosts) on 127.0.0.1")
+    say("2/4 emulated internet (reddit, flickr, Wikimedia Commons, Bluesky, imgur, image hosts) on 127.0.0.1")
     svcs: list[Service] = []
     with Emulator() as emu:
         say(f"  https on 127.0.0.1:{emu.port}, {len(emu.scenario.posts)} posts, hostile cases included")
@@ -124,10 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     say(f"error: {svc.name} did not start:\n{svc.tail()}")
                     return 1
             say("4/4 nomad once (one poll cycle, everything decided and delivered)")
-            cmd = python_module("nomad", "once", "--anti-sus", a, "--gallery", g, "--state-dir", str(state),
-                                "--deadline", "8", "--batch-timeout", "2", *emu.nomad_args())
+            cmd = nomad_command(emu, a, g, state)
             # No accounts: whatever credentials this shell holds stay out, as on a fresh machine.
-            env = {k: v for k, v in os.environ.items() if not k.startswith(KEYED)} | emu.nomad_env(keyless=True)
+            env = nomad_environment(emu)
             t = time.monotonic()
             with open(logs / "nomad.log", "wb") as nlog:
                 proc = subprocess.run(cmd, env=env, stdout=nlog, stderr=subprocess.STDOUT, timeout=args.timeout)

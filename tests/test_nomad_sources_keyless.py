@@ -83,3 +83,19 @@ def keys_delivered(tmp: Path) -> list[str]:
     import json
 
     return [json.loads(p.read_text())["key"] for p in (tmp / "out").glob("*.json")]
+
+
+def test_the_demo_runs_nomad_with_every_keyless_source_and_no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from nomad.sources import registry
+    from stack import demo
+
+    monkeypatch.setenv("REDDIT_CLIENT_ID", "from-the-shell")
+    monkeypatch.setenv("NOMAD_SOURCE", "reddit")  # a shell setting must not narrow the demo
+    with Emulator() as emu:
+        cmd = demo.nomad_command(emu, "tcp://127.0.0.1:1", "tcp://127.0.0.1:2", tmp_path / "state")
+        env = demo.nomad_environment(emu)
+    argv = cmd[cmd.index("once"):]
+    args = build_parser(env).parse_args(argv)
+    assert registry.selected(args, env) == ["reddit", "commons", "flickr", "bluesky"]
+    assert "REDDIT_CLIENT_ID" not in env and env["NOMAD_CONTACT"] == CONTACT
+    assert args.bluesky_jetstream_url.endswith(f":{emu.port}/subscribe")

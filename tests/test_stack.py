@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -123,5 +124,7 @@ def test_offline_demo(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=540)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "summary" in out.stdout and "accepted by anti_sus" in out.stdout and "rejected" in out.stdout
+    for name in ("reddit", "commons", "flickr", "bluesky"):  # every key-less source ran, without credentials
+        assert re.search(rf"^  {name} +on .*last: ok at ", out.stdout, re.M), out.stdout[-3000:]
     index = tmp_path / "demo" / "gallery" / "index.html"
     assert index.as_uri() in out.stdout and index.is_file()
