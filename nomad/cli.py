@@ -17,6 +17,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 from nomad import config as cfg
+from photocore.settings import Parser, UserError, non_negative_float, positive_float
 
 log = logging.getLogger("nomad")
 
@@ -26,8 +27,12 @@ EXIT_NO_LISTING = 4
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The ``nomad`` parser; defaults come from ``environ`` (``os.environ`` when None).
+
+    A bad ``NOMAD_…`` value raises :class:`photocore.settings.UserError` naming the variable.
+    """
     env = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="nomad",
         description="Crawl listing sources (reddit, commons, flickr, bluesky; see `nomad sources`) for good photos, "
         "expanding imgur and flickr links; filter them with anti_sus; deliver them to gallery_bridge or a folder. "
@@ -39,13 +44,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     sub.required = True
 
     run = sub.add_parser("run", help="poll forever (every --interval seconds); SIGTERM stops after flushing")
-    cfg._Flags(run, env).add("--interval", type=cfg.positive(float), default=60.0, help="seconds between poll cycles")
+    cfg.Flags(run, env).add("--interval", type=positive_float, default=60.0, help="seconds between poll cycles")
     cfg.add_crawl_flags(run, env)
     cfg.add_common_flags(run, env)
 
     once = sub.add_parser("once", help="one poll cycle; exits when every image is decided and delivered")
-    cfg._Flags(once, env).add(
-        "--wait-limit", type=float, default=0.0,
+    cfg.Flags(once, env).add(
+        "--wait-limit", type=non_negative_float, default=0.0,
         help="give up waiting for anti_sus/gallery after this many seconds and exit 3 (0: wait until SIGTERM)",
     )
     cfg.add_crawl_flags(once, env)
@@ -61,40 +66,23 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     cfg.add_common_flags(stats, env)
 
     retry = sub.add_parser("retry-dead", help="put dead letters (images delivery gave up on) back into the outbox")
-    cfg._Flags(retry, env).add("--key", many=True, default=[], help="only this image key, repeatable (default: every dead letter)")
+    cfg.Flags(retry, env).add("--key", many=True, default=[], help="only this image key, repeatable (default: every dead letter)")
     cfg.add_common_flags(retry, env)
     return parser
 
 
-def _http_config(args: argparse.Namespace) -> Any:
-    from nomad.http import HttpConfig
-
-    return HttpConfig(
-        user_agent=args.user_agent,
-        connect_timeout=args.connect_timeout,
-        read_timeout=args.read_timeout,
-        deadline=args.deadline,
-        max_bytes=args.max_bytes,
-        allow_private=args.allow_private_addresses,
-        resolve=cfg.many(args, "resolve"),
-        ca_bundle=args.ca_bundle,
-        per_host=args.per_host,
-        retries=max(0, args.http_retries),
-    )
-
-
 def build_crawler(args: argparse.Namespace, stop: threading.Event, environ: Mapping[str, str] | None = None) -> Any:
-    """Wire the crawler from parsed flags and the environment (secrets)."""
+    """Wire the crawler from parsed flags (mapped by the tables in :mod:`nomad.config`) and the environment (secrets)."""
     from anti_sus.client import FilterClient
     from nomad.crawler import Crawler, CrawlerConfig, Metrics
-    from nomad.delivery import FilterStage, GalleryDeliverer, SaveDirDeliverer
-    from nomad.http import HttpClient
+    from nomad.delivery import FilterStage, GalleryDeliverer, SaveDirDeliverer, curve_keys
+    from nomad.http import HttpClient, HttpConfig
     from nomad.rules import Rules
     from nomad.sources import registry
     from nomad.store import Store
 
     env = os.environ if environ is None else environ
-    http = HttpClient(_http_config(args))
+    http = HttpClient(HttpConfig(**cfg.pick(args, cfg.HTTP)))
     metrics = Metrics()
     store = Store(args.state_dir)
     ctx = registry.CrawlContext(
@@ -107,58 +95,30 @@ def build_crawler(args: argparse.Namespace, stop: threading.Event, environ: Mapp
     )
     try:
         sources = registry.build_sources(args, ctx)
-    except ValueError:
+        # Checked now, not at the first request: a wrong key file is a start-up error (exit 2).
+        anti_curve = curve_keys(args.anti_sus_server_key, args.anti_sus_client_key, service="anti-sus")
+        gallery_curve = None if args.save_dir else curve_keys(args.gallery_server_key, args.gallery_client_key, service="gallery")
+    except (ValueError, OSError, UserError):
         store.close()
         http.close()
         raise
     for source in sources:
         log.info("source %s", source.describe())
-    rules = Rules(
-        min_long=args.min_long_side,
-        min_short=args.min_short_side,
-        max_wide=args.max_wide,
-        max_tall=args.max_tall,
-        skip_nsfw=args.skip_nsfw,
-        skip_spoilers=args.skip_spoilers,
-        allow_domains=cfg.many(args, "allow_domain"),
-        deny_domains=cfg.many(args, "deny_domain"),
-        deny_subreddits=cfg.many(args, "deny_subreddit"),
-    )
-    from nomad.delivery import curve_keys
-
-    # Checked now, not at the first request: a wrong key file is a start-up error (exit 2).
-    anti_curve = curve_keys(args.anti_sus_server_key, args.anti_sus_client_key, service="anti-sus")
     filter_client = FilterClient(
         args.anti_sus, timeout=args.anti_sus_timeout, retries=1,
         curve_server_key=anti_curve[0] if anti_curve else None,
         curve_client_keys=(anti_curve[1], anti_curve[2]) if anti_curve else None,
     )
-    filter_stage = FilterStage(
-        filter_client,
-        gmm_threshold=args.gmm_threshold,
-        watermark_threshold=args.watermark_threshold,
-        backoff_max=args.backoff_max,
-        on_unavailable=lambda: metrics.error("anti_sus_unavailable"),
-    )
+    filter_stage = FilterStage(filter_client, **cfg.pick(args, cfg.FILTER),
+                               on_unavailable=lambda: metrics.error("anti_sus_unavailable"))
     if args.save_dir:
-        deliverer = SaveDirDeliverer(args.save_dir)
+        deliverer: Any = SaveDirDeliverer(args.save_dir)
     else:
-        from nomad.delivery import curve_keys
-
-        curve = curve_keys(args.gallery_server_key, args.gallery_client_key, service="gallery")
-        deliverer = GalleryDeliverer(args.gallery, timeout=args.gallery_timeout, curve=curve)
+        deliverer = GalleryDeliverer(args.gallery, timeout=args.gallery_timeout, curve=gallery_curve)
     return Crawler(
-        CrawlerConfig(
-            workers=args.workers,
-            batch_size=args.batch_size,
-            batch_timeout=args.batch_timeout,
-            max_retries=args.max_retries,
-            max_pixels=args.max_pixels,
-            backoff_max=args.backoff_max,
-            max_delivery_attempts=args.max_delivery_attempts,
-        ),
+        CrawlerConfig(**cfg.pick(args, cfg.CRAWLER)),
         store=store,
-        rules=rules,
+        rules=Rules(**cfg.pick(args, cfg.RULES)),
         http=http,
         sources=sources,
         expanders=registry.build_expanders(http, args, env),
@@ -204,7 +164,7 @@ def _retry_dead(args: argparse.Namespace) -> int:
     if not os.path.isfile(os.path.join(args.state_dir, "nomad.sqlite3")):
         print(f"nomad: error: no state DB in {args.state_dir}", file=sys.stderr)
         return EXIT_USAGE
-    keys = cfg.many(args, "key")
+    keys = list(args.key)
     with Store(args.state_dir) as store:
         moved = store.retry_dead(keys or None)
     missing = [k for k in keys if k not in moved]
@@ -255,15 +215,26 @@ def _install_signals(stop: threading.Event) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``nomad``: a user's mistake (bad variable, unreadable secret file, …) is one line and exit 2."""
+    from photocore import redact
+
+    try:
+        return _main(argv)
+    except UserError as exc:
+        print(f"nomad: error: {redact.redact(exc)}", file=sys.stderr)
+        return exc.status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from anti_sus.observe import setup_logging, start_metrics
+    from photocore.observe import setup_logging, start_metrics
 
     try:
         setup_logging(args.log_format, args.log_level)
     except ValueError as exc:
         parser.error(f"--log-level: {exc}")
-    from nomad.net import redact
+    from photocore import redact
 
     # Every log line (urllib3's request lines at DEBUG included) is masked, with the credentials
     # of the environment registered so an error body echoing one is masked too.

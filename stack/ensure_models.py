@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from anti_sus.modeldir import ModelDirError, read_manifest, verify
 from nomad.net.errors import FetchError
+from photocore.errors import UserError
 from photocore.paths import DEFAULT_MODELS_DIR, models_dir
 
 if TYPE_CHECKING:
@@ -146,9 +147,11 @@ def _taste_crawler(args: argparse.Namespace, source: str) -> Any:
         ns = build_parser().parse_args(argv)
     except SystemExit:  # argparse has printed its one line already
         raise EnsureError(f"a --taste-nomad-arg is not a nomad flag: {' '.join(args.taste_nomad_arg)}") from None
+    except UserError as exc:  # a bad NOMAD_… variable
+        raise EnsureError(f"cannot download taste images ({source}): {exc}") from None
     try:
         return build_crawler(ns, threading.Event())
-    except (ValueError, OSError) as exc:  # SourceConfigError (e.g. no NOMAD_CONTACT), bad CA bundle, state dir
+    except (ValueError, OSError, UserError) as exc:  # SourceConfigError (e.g. no NOMAD_CONTACT), bad CA bundle, state dir, secret file
         raise EnsureError(f"cannot download taste images ({source}): {exc}") from exc
 
 
@@ -285,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.models = models_dir(args.models)  # an old models/ folder is still read, with a notice
     try:
         ensure(args)
-    except EnsureError as exc:
+    except (EnsureError, UserError) as exc:  # UserError: e.g. an unreadable REDDIT_CLIENT_ID_FILE
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

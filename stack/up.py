@@ -11,39 +11,42 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import secrets
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from photocore.observe import setup_logging
 from photocore.paths import DEFAULT_MODELS_DIR, models_dir
+from photocore.settings import Parser, Settings, UserError, port
 from stack import ensure_models
 from stack.procs import Service, python_module, stop_all
 
 log = logging.getLogger("stack.up")
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name) or default
+PREFIX = "STACK_"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """``python -m stack.up``'s flags, each also a ``STACK_…`` variable (:mod:`photocore.settings`)."""
+    p = Parser(
         prog="python -m stack.up",
         description=__doc__.split("\n\n")[0],
         epilog="Arguments after `--` go to `nomad run` unchanged (e.g. -- --listing r/EarthPorn/new).",
     )
-    p.add_argument("--models", type=Path, default=Path(_env("STACK_MODELS", DEFAULT_MODELS_DIR)), help=f"model directory (default: {DEFAULT_MODELS_DIR}) [env STACK_MODELS]")
-    p.add_argument("--gallery", type=Path, default=Path(_env("STACK_GALLERY", "gallery")), help="gallery folder [env STACK_GALLERY]")
-    p.add_argument("--state-dir", type=Path, default=Path(_env("STACK_STATE_DIR", "state")), help="nomad state and launcher logs [env STACK_STATE_DIR]")
-    p.add_argument("--anti-sus-port", type=int, default=int(_env("STACK_ANTI_SUS_PORT", "7777")), help="loopback port of anti_sus [env STACK_ANTI_SUS_PORT]")
-    p.add_argument("--gallery-port", type=int, default=int(_env("STACK_GALLERY_PORT", "7778")), help="loopback port of gallery_bridge [env STACK_GALLERY_PORT]")
-    p.add_argument("--skip-models", action="store_true", help="do not build missing models (anti_sus then refuses to start if any is missing)")
-    p.add_argument("--log-format", choices=["text", "json"], default=_env("STACK_LOG_FORMAT", "text"), help="log format of every service [env STACK_LOG_FORMAT]")
+    s = Settings(p, PREFIX, environ)
+    s.add("--models", type=Path, default=Path(DEFAULT_MODELS_DIR),
+          help="model directory (an old models/ folder with a manifest is still read, with a notice)")
+    s.add("--gallery", type=Path, default=Path("gallery"), help="gallery folder")
+    s.add("--state-dir", type=Path, default=Path("state"), help="nomad state and launcher logs")
+    s.add("--anti-sus-port", type=port, default=7777, help="loopback port of anti_sus")
+    s.add("--gallery-port", type=port, default=7778, help="loopback port of gallery_bridge")
+    s.switch("--skip-models", default=False, negatable=False,
+             help="do not build missing models (anti_sus then refuses to start if any is missing)")
+    s.add("--log-format", choices=["text", "json"], default="text", help="log format of every service")
     ensure_models.add_model_flags(p)
     return p
 
@@ -201,7 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, nomad_extra = argv[:i], argv[i + 1:]
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except UserError as exc:  # a bad STACK_… variable
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.status
     setup_logging(args.log_format)
     # Built models live in var/models; an old models/ folder is still read, with a notice to move it.
     args.models = models_dir(args.models)

@@ -31,7 +31,7 @@ def test_every_flag_names_its_env_var() -> None:
             if act.option_strings and act.dest not in ("help", "json"):
                 assert "[env NOMAD_" in (act.help or ""), (sub, act.option_strings)
     help_text = subprocess.run([sys.executable, "-m", "nomad", "once", "--help"], capture_output=True, text=True).stdout
-    assert "NOMAD_BATCH_SIZE" in help_text and "NOMAD_REDDIT_URL" in help_text and "(default: 64)" in help_text
+    assert "NOMAD_BATCH_SIZE" in help_text and "NOMAD_REDDIT_URL" in help_text and "default: 64]" in " ".join(help_text.split())
     for name in ("NOMAD_MAX_DELIVERY_ATTEMPTS", "NOMAD_GALLERY_SERVER_KEY", "NOMAD_GALLERY_CLIENT_KEY"):
         assert name in help_text
 
@@ -57,7 +57,7 @@ def run_cli(*argv: str, env: dict[str, str] | None = None, timeout: float = 60) 
 @pytest.mark.parametrize(
     "argv,env,message",
     [
-        (["once", "--batch-size", "0"], {}, "must be > 0"),
+        (["once", "--batch-size", "0"], {}, "must be >= 1"),
         (["once"], {"NOMAD_BATCH_SIZE": "lots"}, "NOMAD_BATCH_SIZE"),
         (["once", "--ca-bundle", "/nonexistent/ca.pem"], {}, "ca-bundle"),
         (["once", "--resolve", "nonsense"], {}, "--resolve"),
@@ -70,6 +70,13 @@ def run_cli(*argv: str, env: dict[str, str] | None = None, timeout: float = 60) 
         (["once", "--gmm-threshold", "inf"], {}, "must be a finite number"),
         (["once"], {"NOMAD_WATERMARK_THRESHOLD": "2"}, "NOMAD_WATERMARK_THRESHOLD"),
         (["once"], {"NOMAD_GMM_THRESHOLD": "nan"}, "NOMAD_GMM_THRESHOLD"),
+        # The shared settings layer: strict booleans, endpoints with a hint, secret files.
+        (["once"], {"NOMAD_SKIP_NSFW": "maybe"}, "NOMAD_SKIP_NSFW"),
+        (["stats"], {"NOMAD_METRICS_PORT": "70000"}, "NOMAD_METRICS_PORT"),
+        (["once", "--anti-sus", "127.0.0.1:7777"], {}, "did you mean tcp://127.0.0.1:7777?"),
+        (["once"], {"NOMAD_GALLERY": "localhost:7778"}, "did you mean tcp://localhost:7778?"),
+        (["once", "--http-retries", "-1"], {}, "must be >= 0"),
+        (["once"], {"REDDIT_CLIENT_ID_FILE": "/nonexistent/id", "REDDIT_CLIENT_SECRET": "s"}, "REDDIT_CLIENT_ID_FILE"),
     ],
 )
 def test_user_errors_are_one_clear_line_not_a_traceback(argv: list[str], env: dict[str, str], message: str, tmp_path: Path) -> None:
@@ -186,7 +193,7 @@ def test_once_exit_codes_0_2_3_with_the_emulator(tiny_models: Path, tmp_path: Pa
         assert cut.returncode == 3, cut.stderr[-3000:]
         assert "gave up after --wait-limit 4s" in cut.stderr and "Traceback" not in cut.stderr
     bad = run_cli("once", "--max-delivery-attempts", "0", "--state-dir", str(tmp_path / "s2"))
-    assert bad.returncode == 2 and "must be > 0" in bad.stderr
+    assert bad.returncode == 2 and "must be >= 1" in bad.stderr
 
 
 def _readme_rows() -> list[str]:
@@ -222,3 +229,55 @@ def test_readme_commands_table_matches_help() -> None:
     for flag in ("--max-queued-bytes", "--curve-allow", "--allow-insecure-scenery", "--gallery-server-key",
                  "--gallery-client-key", "--source", "--commons-listing", "--bluesky-max-posts", "--reddit-feed-interval"):
         assert flag in named, flag
+
+
+def test_flags_reach_the_crawler_parts_through_one_table_each(tmp_path: Path) -> None:
+    """Non-default flags arrive in HttpConfig, Rules, CrawlerConfig and FilterStage, and no crawl flag is left unused."""
+    from nomad import config as cfg
+    from nomad.crawler import CrawlerConfig
+    from nomad.http import HttpConfig
+    from nomad.rules import Rules
+
+    env = {"NOMAD_DENY_DOMAIN": "a.example,b.example", "NOMAD_ALLOW_PRIVATE_ADDRESSES": "yes"}
+    args = build_parser(env).parse_args([
+        "once", "--user-agent", "ua/1", "--connect-timeout", "1.5", "--http-retries", "0", "--resolve", "h:443:127.0.0.1",
+        "--min-long-side", "10", "--min-short-side", "5", "--no-skip-nsfw", "--deny-subreddit", "r/x",
+        "--workers", "7", "--batch-size", "9", "--max-delivery-attempts", "2", "--backoff-max", "4",
+        "--gmm-threshold=-5", "--state-dir", str(tmp_path)])
+    http = HttpConfig(**cfg.pick(args, cfg.HTTP))
+    assert (http.user_agent, http.connect_timeout, http.retries, http.allow_private, http.resolve) == \
+        ("ua/1", 1.5, 0, True, ["h:443:127.0.0.1"])
+    assert http.backoff_max == HttpConfig().backoff_max, "--backoff-max is delivery's, not the HTTP client's"
+    rules = Rules(**cfg.pick(args, cfg.RULES))
+    assert (rules.min_long, rules.min_short, rules.skip_nsfw, rules.skip_spoilers) == (10, 5, False, True)
+    assert rules.deny_domains == ["a.example", "b.example"] and rules.deny_subreddits == ["r/x"]
+    crawl = CrawlerConfig(**cfg.pick(args, cfg.CRAWLER))
+    assert (crawl.workers, crawl.batch_size, crawl.max_delivery_attempts, crawl.backoff_max) == (7, 9, 2, 4.0)
+    assert cfg.pick(args, cfg.FILTER) == {"gmm_threshold": -5.0, "watermark_threshold": None, "backoff_max": 4.0}
+    # A list handed to a part is its own copy: changing it does not change the parsed flags.
+    rules.deny_domains.append("c.example")
+    assert args.deny_domain == ["a.example", "b.example"]
+
+    # Every crawl flag is used: by a table, by the command line module itself, or by the source registry.
+    from nomad.sources import registry
+
+    tables = {d for t in (cfg.HTTP, cfg.RULES, cfg.CRAWLER, cfg.FILTER) for d in t.values()}
+    cli_own = {"command", "help", "wait_limit", "anti_sus", "anti_sus_timeout", "anti_sus_server_key", "anti_sus_client_key",
+               "gallery", "gallery_timeout", "gallery_server_key", "gallery_client_key", "save_dir", "state_dir",
+               "log_format", "log_level", "metrics_port", "user_agent"}
+    registry_own = {"source", "listing", "backfill", "reddit_url", "reddit_oauth_url", "imgur_api_url", "flickr_api_url",
+                    "reddit_retries", "ratelimit_reserve"}
+    sources = tuple(f"{name}_" for name in registry.LISTING_MODULES)
+    action = next(a for a in build_parser({})._subparsers._group_actions if a.choices)  # type: ignore[union-attr]
+    unused = [a.dest for a in action.choices["once"]._actions
+              if a.dest not in tables | cli_own | registry_own and not a.dest.startswith(sources)]
+    assert unused == []
+
+
+def test_secret_from_a_file(tmp_path: Path) -> None:
+    from nomad.config import secret
+
+    (tmp_path / "id").write_text("abc\n")
+    assert secret("REDDIT_CLIENT_ID", {"REDDIT_CLIENT_ID_FILE": str(tmp_path / "id")}) == "abc"
+    assert secret("REDDIT_CLIENT_ID", {"REDDIT_CLIENT_ID": "env", "REDDIT_CLIENT_ID_FILE": str(tmp_path / "id")}) == "env"
+    assert secret("REDDIT_CLIENT_ID", {}) is None
