@@ -281,3 +281,19 @@ def test_secret_from_a_file(tmp_path: Path) -> None:
     assert secret("REDDIT_CLIENT_ID", {"REDDIT_CLIENT_ID_FILE": str(tmp_path / "id")}) == "abc"
     assert secret("REDDIT_CLIENT_ID", {"REDDIT_CLIENT_ID": "env", "REDDIT_CLIENT_ID_FILE": str(tmp_path / "id")}) == "env"
     assert secret("REDDIT_CLIENT_ID", {}) is None
+
+
+def test_one_user_agent_default() -> None:
+    """The flag and every client class default to the same User-Agent, defined once."""
+    import inspect
+
+    from nomad import DEFAULT_USER_AGENT
+    from nomad.http import HttpConfig
+    from nomad.sources import bluesky
+    from nomad.sources.reddit import RedditConfig
+
+    assert build_parser({}).parse_args(["once"]).user_agent == DEFAULT_USER_AGENT
+    assert HttpConfig().user_agent == RedditConfig().user_agent == DEFAULT_USER_AGENT
+    source_classes = [c for _, c in inspect.getmembers(bluesky, inspect.isclass) if c.__module__ == bluesky.__name__]
+    defaults = [p.default for c in source_classes for n, p in inspect.signature(c.__init__).parameters.items() if n == "user_agent"]
+    assert defaults and set(defaults) == {DEFAULT_USER_AGENT}
