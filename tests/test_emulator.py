@@ -385,6 +385,25 @@ def test_resource_delay(emu: Emulator, http: HttpClient) -> None:
     assert time.monotonic() - t0 >= 0.3
 
 
+def test_wait_idle_waits_for_open_connections() -> None:
+    """wait_idle() returns False while a client holds a connection (even mid slow body) and True once it closes."""
+    import socket
+    import ssl
+
+    with Emulator() as e:
+        ctx = ssl.create_default_context(cafile=e.ca_bundle)
+        with socket.create_connection(("127.0.0.1", e.port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="hostile.example") as tls:
+                assert e.wait_idle(0.3) is False  # handshaken, nothing sent yet: not idle
+                tls.sendall(f"GET /slow.jpg HTTP/1.1\r\nHost: hostile.example:{e.port}\r\n\r\n".encode())
+                assert tls.recv(64).startswith(b"HTTP/1.")
+                assert e.wait_idle(0.3) is False  # the endless body is still being written
+        t0 = time.monotonic()
+        assert e.wait_idle(5) is True
+        assert time.monotonic() - t0 < 5
+        assert e.count(host="hostile.example", path="/slow.jpg") == 1
+
+
 def test_unknown_path_404(emu: Emulator, http: HttpClient) -> None:
     with pytest.raises(FetchError) as ei:
         http.get(emu.url("i.redd.it", "does-not-exist.jpg"))

@@ -74,6 +74,8 @@ class Emulator:
         self.ca_bundle: str = self.tls.ca_bundle
         self.requests: list[RequestRecord] = []
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when the last open connection closes
+        self._open_connections = 0
         self._stopping = threading.Event()
         self._tokens: dict[str, tuple[str, float]] = {}
         self._buckets: dict[str, RateBucket] = {}
@@ -180,11 +182,29 @@ class Emulator:
             return True
         return sum(1 for r in self.records() if match(r))
 
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until no client connection is open (at most ``timeout`` s); True when idle.
+
+        Requests are recorded before their answer goes out, but a request a client gave up on
+        (a timeout, the slow body) is recorded by a handler thread that may still be running
+        when the client has moved on. Once every connection is closed, ``records()`` is complete.
+        A client that keeps an idle keep-alive connection open keeps this waiting (up to the
+        10 s socket timeout), so call it after the client has closed its session.
+        """
+        with self._idle:
+            return self._idle.wait_for(lambda: self._open_connections == 0, timeout)
+
     def reset_rate_limits(self) -> None:
         with self._lock:
             self._buckets.clear()
 
     # -- used by the handler ---------------------------------------------------------------
+
+    def _connection(self, delta: int) -> None:
+        with self._idle:
+            self._open_connections += delta
+            if self._open_connections == 0:
+                self._idle.notify_all()
 
     def _record(self, rec: RequestRecord) -> None:
         with self._lock:

@@ -98,19 +98,25 @@ class EmulatorHTTPServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), Handler)
 
     def finish_request(self, request: Any, client_address: Any) -> None:  # type: ignore[override]
+        # Counted from accept to close, so Emulator.wait_idle() knows when every request a
+        # client sent (even one it gave up on) has been recorded.
+        self.emulator._connection(+1)
         try:
-            request.settimeout(10)
-            tls = self.emulator.tls.context.wrap_socket(request, server_side=True)
-        except (OSError, ValueError):
-            request.close()
-            return
-        try:
-            Handler(tls, client_address, self)
-        finally:
             try:
-                tls.close()
-            except OSError:
-                pass
+                request.settimeout(10)
+                tls = self.emulator.tls.context.wrap_socket(request, server_side=True)
+            except (OSError, ValueError):
+                request.close()
+                return
+            try:
+                Handler(tls, client_address, self)
+            finally:
+                try:
+                    tls.close()
+                except OSError:
+                    pass
+        finally:
+            self.emulator._connection(-1)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients hanging up mid-body (nomad's byte cap, deadline) are expected here.
