@@ -13,10 +13,11 @@ import zmq
 
 from anti_sus.broker import READY, Broker
 from anti_sus.client import AntiSusUnavailable, FilterClient
-from anti_sus.security import keygen
+from photocore.curve import keygen
 from anti_sus.server import FilterServer, ServerConfig
 from anti_sus.wire import Limits
 
+from .concurrency import background
 from .test_anti_sus_support import LOOPBACK, FakeStages, fake_server, image, running
 
 pytestmark = pytest.mark.timeout(120)
@@ -25,14 +26,8 @@ pytestmark = pytest.mark.timeout(120)
 @contextlib.contextmanager
 def broker_running(backend: str = LOOPBACK, **kw) -> Iterator[Broker]:
     b = Broker([LOOPBACK], [backend], **kw)
-    t = threading.Thread(target=b.serve_forever, daemon=True)
-    t.start()
-    try:
+    with background(b.serve_forever, b.stop):
         yield b
-    finally:
-        b.stop()
-        t.join(timeout=10)
-        assert not t.is_alive()
 
 
 @contextlib.contextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from anti_sus.client import AntiSusBusy, AntiSusUnavailable, FilterClient
 from anti_sus.preprocess import to_rgb, to_wire
 from anti_sus.wire import Limits
 
+from .concurrency import at_once
 from .test_anti_sus_support import FakeStages, fake_server, raw_socket, recv_within, running
 
 pytestmark = pytest.mark.timeout(180)
@@ -143,21 +143,11 @@ def test_client_waits_out_busy_then_gives_up_with_antisusbusy():
     try:
         with running(server) as ep:
             # three clients at once against room for one: the client retries busy until served
-            results: list = []
-            errors: list = []
+            def one() -> list[int]:
+                with FilterClient(ep, timeout=10, busy_wait=20) as c:
+                    return c.filter(REQ).good
 
-            def one() -> None:
-                try:
-                    with FilterClient(ep, timeout=10, busy_wait=20) as c:
-                        results.append(c.filter(REQ).good)
-                except Exception as exc:  # collected for the assertion below
-                    errors.append(exc)
-
-            threads = [threading.Thread(target=one) for _ in range(3)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(30)
+            results, errors = at_once(one, 3, join_timeout=30)
             assert not errors and results == [[0, 1, 2, 3]] * 3
             # with no patience, a busy server is an AntiSusBusy (an AntiSusUnavailable, so callers retry later)
             hog = raw_socket(ctx, ep, zmq.DEALER)

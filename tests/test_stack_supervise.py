@@ -18,10 +18,11 @@ import pytest
 import zmq
 
 from anti_sus.client import FilterClient
-from anti_sus.protocol import ok_reply, parse_header, request_id
+from photocore.protocol import ok_reply, parse_header, request_id
 from stack import up
 from stack.procs import Service, free_port, python_module, stop_all, wait_until
 from stack.emulator import Emulator
+from tests.concurrency import background
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -222,13 +223,10 @@ def fake_gallery_bridge() -> Iterator[int]:
                 rid = None
             sock.send_multipart([*frames[:-1], ok_reply(rid, pong=True, version="0", instance="not-yours", pid=4242)])
 
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
     try:
-        yield port
+        with background(serve, done.set, join_timeout=5):
+            yield port
     finally:
-        done.set()
-        t.join(timeout=5)
         sock.close(0)
         ctx.term()
 
