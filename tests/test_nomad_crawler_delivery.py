@@ -11,8 +11,6 @@ import pytest
 from anti_sus.client import AntiSusError, AntiSusUnavailable, FilterResult, ImageResult
 from nomad.delivery import (
     Batcher,
-    DeliveryRefused,
-    DeliveryUnavailable,
     Downloaded,
     FilterStage,
     SaveDirDeliverer,
@@ -21,7 +19,8 @@ from nomad.delivery import (
     ingest_meta,
 )
 from nomad.sources.base import ImageRef
-from nomad.store import OutboxItem, Store
+from nomad.store import Store
+from tests.nomad_deliverers import ScriptedDeliverer
 
 
 def item(i: int) -> Downloaded:
@@ -108,28 +107,9 @@ def outbox_with(tmp_path: Path, n: int) -> Store:
     return s
 
 
-class Flaky:
-    def __init__(self, unavailable: int = 0, refuse: set[str] | None = None) -> None:
-        self.unavailable = unavailable
-        self.refuse = refuse or set()
-        self.got: list[str] = []
-
-    def deliver(self, it: OutboxItem) -> tuple[str, Any]:
-        if self.unavailable:
-            self.unavailable -= 1
-            raise DeliveryUnavailable("down")
-        if it.key in self.refuse:
-            raise DeliveryRefused("ingest_bad_meta")
-        self.got.append(it.key)
-        return "added", len(self.got)
-
-    def close(self) -> None:
-        pass
-
-
 def test_drain_waits_for_the_gallery_when_asked(tmp_path: Path) -> None:
     with outbox_with(tmp_path, 3) as s:
-        d = Flaky(unavailable=2)
+        d = ScriptedDeliverer(unavailable=2)
         sleeps: list[float] = []
         assert drain_outbox(s, d, sleep=lambda x: bool(sleeps.append(x)), wait=True) == (3, 0)
         assert len(sleeps) == 2 and sorted(d.got) == ["reddit:t3_0:0", "reddit:t3_1:0", "reddit:t3_2:0"]
@@ -137,13 +117,13 @@ def test_drain_waits_for_the_gallery_when_asked(tmp_path: Path) -> None:
 
 def test_drain_without_wait_leaves_the_outbox_for_later(tmp_path: Path) -> None:
     with outbox_with(tmp_path, 2) as s:
-        assert drain_outbox(s, Flaky(unavailable=1), sleep=lambda x: False, wait=False) == (0, 2)
-        assert drain_outbox(s, Flaky(), sleep=lambda x: False, wait=False) == (2, 0)
+        assert drain_outbox(s, ScriptedDeliverer(unavailable=1), sleep=lambda x: False, wait=False) == (0, 2)
+        assert drain_outbox(s, ScriptedDeliverer(), sleep=lambda x: False, wait=False) == (2, 0)
 
 
 def test_refused_items_become_dead_letters_and_do_not_block_others(tmp_path: Path) -> None:
     with outbox_with(tmp_path, 3) as s:
-        d = Flaky(refuse={"reddit:t3_1:0"})
+        d = ScriptedDeliverer(refuse={"reddit:t3_1:0"})
         delivered, left = drain_outbox(s, d, sleep=lambda x: False, wait=True)
         assert (delivered, left) == (2, 0)
         (dead,) = s.dead_letters()

@@ -5,17 +5,18 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import pytest
 import zmq
 
-from anti_sus.protocol import error_reply, ok_reply, parse_header
+from photocore.protocol import error_reply, ok_reply, parse_header
 from nomad.cli import main
-from nomad.delivery import DeliveryUnavailable, GalleryDeliverer, drain_outbox, ingest_meta
+from nomad.delivery import GalleryDeliverer, drain_outbox, ingest_meta
 from nomad.sources.base import ImageRef
-from nomad.store import OutboxItem, Store
+from nomad.store import Store
+from tests.nomad_deliverers import ScriptedDeliverer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -149,31 +150,11 @@ def test_retry_dead_without_key_requeues_all(tmp_path: Path, capsys: pytest.Capt
         assert s.outbox_size() == 3 and s.dead_letters() == []
 
 
-class Deferring:
-    """A deliverer that answers a retryable refusal for one key, or is down entirely."""
-
-    def __init__(self, refuse: set[str], down: bool = False) -> None:
-        self.refuse, self.down, self.got = refuse, down, []  # type: ignore[var-annotated]
-
-    def deliver(self, it: OutboxItem) -> tuple[str, Any]:
-        from nomad.delivery import DeliveryDeferred
-
-        if self.down:
-            raise DeliveryUnavailable("no reply")
-        if it.key in self.refuse:
-            raise DeliveryDeferred("ingest_internal: busy")
-        self.got.append(it.key)
-        return "added", len(self.got)
-
-    def close(self) -> None:
-        pass
-
-
 def test_refused_item_waits_for_its_own_backoff(tmp_path: Path) -> None:
     now = [1000.0]
     with Store(tmp_path) as s:
         fill(s, 2)
-        d = Deferring({"reddit:t3_0:0"})
+        d = ScriptedDeliverer(defer={"reddit:t3_0:0"})
         assert drain_outbox(s, d, sleep=lambda x: False, wait=False, clock=lambda: now[0], backoff_max=60) == (1, 1)
         (item,) = s.outbox()
         assert item.attempts == 1 and 1000.0 < item.next_attempt_at <= 1001.0
@@ -193,7 +174,7 @@ def test_refused_item_waits_for_its_own_backoff(tmp_path: Path) -> None:
 def test_destination_down_counts_no_attempts(tmp_path: Path) -> None:
     with Store(tmp_path) as s:
         fill(s, 2)
-        down = Deferring(set(), down=True)
+        down = ScriptedDeliverer(down=True)
         for _ in range(20):
             assert drain_outbox(s, down, sleep=lambda x: False, wait=False, max_attempts=2) == (0, 2)
         assert [i.attempts for i in s.outbox()] == [0, 0] and s.dead_letters() == []
