@@ -120,7 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         d.mkdir(parents=True, exist_ok=True)
 
     say("1/4 models")
-    build_models(models, args.keep_models)
+    try:
+        build_models(models, args.keep_models)
+    except ModuleNotFoundError as exc:
+        # `pip install .` has no torch: the tiny models are built by the models extra.
+        print(f"error: building the demo's tiny models needs the model-building extra ({exc.name} is not installed): "
+              "pip install '.[models]', or put built models in WORKDIR/models and pass --keep-models", file=sys.stderr)
+        return 2
     say("2/4 emulated internet (reddit, flickr, Wikimedia Commons, Bluesky, imgur, image hosts) on 127.0.0.1")
     svcs: list[Service] = []
     with Emulator() as emu:
