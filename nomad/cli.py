@@ -1,4 +1,4 @@
-"""``nomad run | once | stats``: the crawler's command line.
+"""``nomad run | once | sources | stats | retry-dead``: the crawler's command line.
 
 Every user-caused failure (bad flag, unreadable CA bundle, state dir not
 writable, anti_sus/gallery unreachable in ``once`` with a wait limit) ends

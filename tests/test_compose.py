@@ -102,6 +102,13 @@ def test_documented_switches_are_in_compose(compose: dict) -> None:
         assert name in readme, name
 
 
+def test_docker_context_leaves_out_data_and_built_models() -> None:
+    """var/models (and artifacts still in the old models/ folder) never end up inside an image."""
+    ignored = (REPO / ".dockerignore").read_text().split()
+    for pattern in ("var", ".venv", "state", "gallery", "models/**/*.onnx", "models/*.json"):
+        assert pattern in ignored, pattern
+
+
 def test_dockerfile_stages() -> None:
     text = (REPO / "Dockerfile").read_text()
     assert re.search(r"^FROM .* AS runtime$", text, re.M) and re.search(r"^FROM .* AS models$", text, re.M)
