@@ -9,10 +9,13 @@ owns its host (imgur albums, flickr pages through their APIs).
 """
 from __future__ import annotations
 
+import logging
 import posixpath
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Protocol
 from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
 """Extensions of direct links worth downloading (the formats nomad decodes)."""
@@ -50,8 +53,26 @@ class Link:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def known_fields(cls: Any, d: Mapping[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The items of ``d`` that are fields of the dataclass ``cls`` (a newer or older record's extras are ignored)."""
+    return {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k not in skip}
+
+
+class Record:
+    """A dataclass kept as JSON in the state DB (so a failed download or expansion is retried after a restart)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Any:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
+        return cls(**known_fields(cls, d))
+
+
 @dataclass
-class ImageRef:
+class ImageRef(Record):
     """One downloadable image, with its stable key and what is known before download."""
 
     key: str  # e.g. reddit:t3_abc123:0 (source, post fullname, index within the post)
@@ -63,19 +84,9 @@ class ImageRef:
     site: str = "direct"  # reddit | imgur | flickr | direct: whose rules apply to the download
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (stored so a failed download can be retried after a restart)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ImageRef":
-        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
-        names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
 
 @dataclass
-class Candidate:
+class Candidate(Record):
     """One post from a listing, normalised across sites."""
 
     source: str  # reddit
@@ -97,17 +108,11 @@ class Candidate:
     extra: dict[str, Any] = field(default_factory=dict)
     """Source-specific metadata carried to the gallery (licence, artist, description URL, …)."""
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (kept in the state DB so a failed expansion can be retried)."""
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Candidate":
-        """Inverse of :meth:`to_dict`."""
-        names = {f for f in cls.__dataclass_fields__}
-        kw = {k: v for k, v in d.items() if k in names and k != "links"}
-        links = [Link(**{k: v for k, v in ln.items() if k in Link.__dataclass_fields__}) for ln in d.get("links", [])]
-        return cls(**kw, links=links)
+        """Inverse of :meth:`to_dict`, links included."""
+        links = [Link(**known_fields(Link, ln)) for ln in d.get("links", [])]
+        return cls(**known_fields(cls, d, skip=("links",)), links=links)
 
     def meta(self) -> dict[str, Any]:
         """Source metadata that travels with every image of this post to the gallery."""
@@ -131,6 +136,33 @@ class Cursors(Protocol):
     def get(self, name: str) -> str | None: ...
 
     def set(self, name: str, value: str) -> None: ...
+
+
+def each_listing(
+    source: str,
+    listings: Iterable[str],
+    read: Callable[[str], Iterator[Candidate]],
+    *,
+    fail_when_all: bool = False,
+) -> Iterator[Candidate]:
+    """The posts of every listing in turn: one that fails is logged and the others still get their turn.
+
+    Afterwards the last failure is raised, so the crawler counts the source as
+    failed: when any listing failed, or with ``fail_when_all`` only when every
+    one did. A stop request ends it at once.
+    """
+    names = list(listings)
+    failures: list[SourceError] = []
+    for listing in names:
+        try:
+            yield from read(listing)
+        except SourceError as exc:
+            if exc.reason == "stopped":
+                raise
+            log.warning("%s %s: %s", source, listing, exc)
+            failures.append(exc)
+    if failures and (not fail_when_all or len(failures) == len(names)):
+        raise failures[-1]
 
 
 class ListingSource:

@@ -51,7 +51,7 @@ from nomad.http import parse_retry_after
 from nomad.net.errors import FetchError
 
 from .api import SiteApi, SourceContext
-from .base import Candidate, Cursors, Link, ListingSource, SourceConfigError, SourceError
+from .base import Candidate, Cursors, Link, ListingSource, SourceConfigError, SourceError, each_listing
 
 log = logging.getLogger(__name__)
 
@@ -405,17 +405,7 @@ class CommonsSource(ListingSource):
     # --- polling ---------------------------------------------------------------------------------------
     def poll(self, cursors: Cursors, is_seen: Callable[[str], bool]) -> Iterator[Candidate]:
         """New files of every listing, at most ``limit`` per listing; cursors advance after each page's posts."""
-        failed: SourceError | None = None
-        for listing in self.listings:
-            try:
-                yield from self._poll_listing(listing, cursors, is_seen)
-            except SourceError as exc:
-                if exc.reason == "stopped":
-                    raise
-                log.warning("commons %s: %s", listing, exc)
-                failed = exc  # the other listings still get their turn
-        if failed is not None:
-            raise failed
+        yield from each_listing(NAME, self.listings, lambda listing: self._poll_listing(listing, cursors, is_seen))
 
     def _poll_listing(self, listing: str, cursors: Cursors, is_seen: Callable[[str], bool]) -> Iterator[Candidate]:
         k_start, k_cont, k_newest = f"{listing}:start", f"{listing}:continue", f"{listing}:newest"

@@ -34,6 +34,7 @@ from .base import (
     ListingSource,
     SourceConfigError,
     SourceError,
+    each_listing,
     extension_of,
     host_matches,
     host_of,
@@ -422,17 +423,8 @@ class RedditSource(ListingSource):
     # --- polling -------------------------------------------------------------------------
     def poll(self, cursors: Cursors, is_seen: Callable[[str], bool]) -> Iterator[Candidate]:
         """Every listing in turn; one failing listing is logged and the others still read."""
-        failures: list[SourceError] = []
-        for path in self.listings:
-            try:
-                yield from self._poll_listing(path, cursors, is_seen)
-            except SourceError as exc:
-                if exc.reason == "stopped":
-                    raise
-                failures.append(exc)
-                log.warning("reddit %s: %s", path, exc)
-        if failures and len(failures) == len(self.listings):
-            raise failures[-1]
+        yield from each_listing(NAME, self.listings, lambda path: self._poll_listing(path, cursors, is_seen),
+                                fail_when_all=True)
 
     def _json_allowed(self, cursors: Cursors) -> bool:
         if self._json_blocked:

@@ -314,28 +314,26 @@ def add_commons(s: Scenario, now: float | None = None) -> CommonsSite:
     s.commons = site  # type: ignore[attr-defined]
     old = now - 40 * 86400  # featured files were uploaded long before they were promoted
     F, Q = FEATURED, QUALITY
-    site.add(CommonsFile(90000001, "Alpine_lake_at_dawn.jpg", 4000, 3000, uploaded=old,
-                         categories={F: now - 5000, Q: now - 4200}, expected="accept_candidate"))
-    site.add(CommonsFile(90000002, "Old_town_portrait.jpg", 3000, 4500, uploaded=old + 60,
-                         categories={F: now - 4800}, expected="accept_candidate", license="CC BY 4.0",
-                         license_url="https://creativecommons.org/licenses/by/4.0"))
-    site.add(CommonsFile(90000003, "Coat_of_arms.svg", 512, 512, "image/svg+xml", uploaded=old + 120,
-                         categories={F: now - 4600}, expected="skip_not_image"))
-    site.add(CommonsFile(90000004, "Small_flower.jpg", 1000, 750, uploaded=old + 180,
-                         categories={F: now - 4400}, expected="skip_small"))
-    site.add(CommonsFile(90000005, "Spinning_globe.gif", 1600, 1200, "image/gif", uploaded=old + 240,
-                         categories={F: now - 4000}, expected="skip_animated"))
-    site.add(CommonsFile(90000006, "Harbour_at_night.png", 1600, 1200, "image/png", uploaded=old + 300,
-                         categories={F: now - 3800}, expected="accept_candidate"))
-    site.add(CommonsFile(90000012, "Deleted_view.jpg", 4000, 3000, uploaded=old + 360, deleted=True,
-                         categories={F: now - 3600}, expected="skip_removed"))
+    # Files promoted into Featured (F) or Quality (Q) images: page id, name, size, MIME type,
+    # {category: seconds before now it was added}, expected outcome, anything else that differs.
+    promoted: list[tuple[int, str, int, int, str, dict[str, float], str, dict[str, Any]]] = [
+        (90000001, "Alpine_lake_at_dawn.jpg", 4000, 3000, "image/jpeg", {F: 5000, Q: 4200}, "accept_candidate", {}),
+        (90000002, "Old_town_portrait.jpg", 3000, 4500, "image/jpeg", {F: 4800}, "accept_candidate",
+         {"license": "CC BY 4.0", "license_url": "https://creativecommons.org/licenses/by/4.0"}),
+        (90000003, "Coat_of_arms.svg", 512, 512, "image/svg+xml", {F: 4600}, "skip_not_image", {}),
+        (90000004, "Small_flower.jpg", 1000, 750, "image/jpeg", {F: 4400}, "skip_small", {}),
+        (90000005, "Spinning_globe.gif", 1600, 1200, "image/gif", {F: 4000}, "skip_animated", {}),
+        (90000006, "Harbour_at_night.png", 1600, 1200, "image/png", {F: 3800}, "accept_candidate", {}),
+        (90000012, "Deleted_view.jpg", 4000, 3000, "image/jpeg", {F: 3600}, "skip_removed", {"deleted": True}),
+        (90000007, "Wide_panorama.jpg", 9000, 2000, "image/jpeg", {Q: 3400}, "skip_aspect", {}),
+        (90000008, "Forest_stream.webp", 2400, 1600, "image/webp", {Q: 3200}, "accept_candidate", {}),
+        (90000009, "Scanned_map.tif", 5000, 4000, "image/tiff", {Q: 3000}, "skip_not_image", {}),
+    ]
+    for n, (pageid, name, width, height, mime, added, expected, more) in enumerate(promoted):
+        site.add(CommonsFile(pageid, name, width, height, mime, uploaded=old + 60 * n,
+                             categories={cat: now - ago for cat, ago in added.items()}, expected=expected, **more))
     site.subcategories[F] = [(90000100, "Category:Featured pictures of landscapes", now - 3500)]
-    site.add(CommonsFile(90000007, "Wide_panorama.jpg", 9000, 2000, uploaded=old + 420,
-                         categories={Q: now - 3400}, expected="skip_aspect"))
-    site.add(CommonsFile(90000008, "Forest_stream.webp", 2400, 1600, "image/webp", uploaded=old + 480,
-                         categories={Q: now - 3200}, expected="accept_candidate"))
-    site.add(CommonsFile(90000009, "Scanned_map.tif", 5000, 4000, "image/tiff", uploaded=old + 540,
-                         categories={Q: now - 3000}, expected="skip_not_image"))
+    # New uploads, in no category yet.
     site.add(CommonsFile(90000010, "Beach_sunset.jpg", 3200, 2400, uploaded=now - 2000, expected="accept_candidate"))
     site.add(CommonsFile(90000011, "Timelapse_clouds.webm", 1920, 1080, "video/webm", uploaded=now - 1800,
                          expected="skip_video"))
