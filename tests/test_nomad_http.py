@@ -5,6 +5,7 @@ Everything runs on loopback: the emulator (real host names over HTTPS, reached v
 """
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -27,6 +28,7 @@ from nomad.http import (
     sniff_format,
 )
 from stack.emulator import Emulator, Resource
+from tests.concurrency import at_once
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -526,12 +528,25 @@ def test_429_honours_retry_after_capped(emu: Emulator) -> None:
 
 
 def test_backoff_grows_with_jitter() -> None:
-    c = HttpClient(HttpConfig(backoff=1.0, backoff_max=60.0))
-    delays = [[c._backoff(a, None) for _ in range(50)] for a in range(5)]
-    for a, ds in enumerate(delays):
-        assert all(0.5 * 2**a <= d <= 2**a for d in ds)
-        assert len(set(ds)) > 1, "jitter spreads the retries"
-    assert c._backoff(20, None) <= 60.0
+    """The retry waits are photocore's schedule: the n-th wait lies in [0, base * 2**n], capped at backoff_max."""
+    policy = HttpClient(HttpConfig(backoff=1.0, backoff_max=60.0)).retry
+    busy = FetchError("http_5xx")
+    waits = [[policy.delay(s, busy) for s in [policy.schedule()] for _ in range(7)] for _ in range(200)]
+    for n in range(7):
+        nth = [w[n] for w in waits]
+        assert all(0.0 <= d <= min(60.0, 2.0**n) for d in nth)
+        assert len(set(nth)) > 1, "jitter spreads the retries"
+    assert max(w[6] for w in waits) > 32.0, "the limit doubles each time up to the cap"
+    late = policy.schedule()
+    late.attempt = 20
+    assert policy.delay(late, busy) <= 60.0
+
+
+def test_retry_after_lengthens_a_wait_up_to_the_cap() -> None:
+    policy = HttpClient(HttpConfig(backoff=0.01, backoff_max=5.0), rng=random.Random(1)).retry
+    assert policy.delay(policy.schedule(), HttpStatusError(429, {}, url="https://x/", retry_after=3.0)) == 3.0
+    assert policy.delay(policy.schedule(), HttpStatusError(503, {}, url="https://x/", retry_after=99.0)) == 5.0
+    assert not policy.retryable(FetchError("timeout", retryable=False)) and not policy.retryable(FetchError("http_404"))
 
 
 def test_retry_after_parsing() -> None:
@@ -574,20 +589,7 @@ def test_per_host_limit_and_thread_safety() -> None:
     srv, port = plain_server(slow_ok)
     try:
         c = HttpClient(HttpConfig(resolve=[f"one.example:{port}:127.0.0.1"], per_host=2, retries=0))
-        results: list[str] = []
-        errors: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                results.append(c.download_image(f"http://one.example:{port}/a.png").format)
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=work) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(20)
+        results, errors = at_once(lambda: c.download_image(f"http://one.example:{port}/a.png").format, 8, join_timeout=20)
         assert not errors and results == ["png"] * 8
         assert state["max"] == 2, f"at most 2 in flight per host, saw {state['max']}"
         assert c.limiter.in_flight() == 0 and not c.limiter._busy, "idle hosts are forgotten"
@@ -678,3 +680,20 @@ def test_origin_is_scheme_host_and_port() -> None:
     assert _origin("https://Example.com/a") == _origin("https://example.com:443/b")
     assert _origin("http://example.com/") != _origin("https://example.com/")
     assert _origin("https://example.com/") != _origin("https://example.com:8443/")
+
+
+def test_redirect_policy_next_hop() -> None:
+    """nomad.net.redirects on its own: 303 turns a POST into a bodiless GET; leaving the origin drops credentials."""
+    from nomad.net.redirects import origin, next_hop
+    from nomad.net.request import encode_request
+
+    req = encode_request("post", "https://api.example/a", user_agent="t", json={"q": 1}, headers=CREDS)
+    assert req.method == "POST" and req.headers["Content-Type"] == "application/json"
+    start = origin(req.url)
+    same = next_hop(req, 307, "/b", start)
+    assert (same.method, same.url, same.body) == ("POST", "https://api.example/b", req.body)
+    assert same.headers["Authorization"] == CREDS["Authorization"]
+    other = next_hop(req, 303, "https://api.example:8443/c", start)
+    assert (other.method, other.body) == ("GET", None)
+    assert not {"authorization", "cookie", "proxy-authorization", "content-type"} & {k.lower() for k in other.headers}
+    assert next_hop(other, 302, "https://api.example/d", start).headers.get("Cookie") is None, "dropped for good"
