@@ -8,6 +8,12 @@
 
 Every image key ends in the store with an outcome and a reason; the store is
 consulted before anything is fetched, so a restart never downloads twice.
+:meth:`Crawler._decide` is the one place an outcome is written: store row,
+cycle stats and metrics together. What is counted lives in :mod:`nomad.outcomes`.
+
+Over 400 lines on purpose: one class whose three stages share the store, the
+batcher and ``_decide``; splitting the stages apart would pass all of that
+between modules without making any of them simpler.
 """
 from __future__ import annotations
 
@@ -66,6 +72,12 @@ class Crawler:
     ``size_rules`` maps a listing source's name to its own (min long side, min
     short side), e.g. flickr's key-less feed whose files are 1024 px; the other
     rules are shared.
+
+    Time and chance are collaborators given at construction, so tests inject
+    them instead of patching modules: ``clock`` (monotonic seconds: batch
+    timeouts, cycle lengths, the shutdown's patience), ``sleep`` (a plain
+    blocking sleep, used only by the shutdown's bounded patience after the stop
+    flag is set) and ``rng`` (the jitter of delivery retries).
     """
 
     def __init__(
@@ -82,6 +94,9 @@ class Crawler:
         deliverer: Deliverer,
         stop: threading.Event | None = None,
         metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
     ) -> None:
         self.cfg = config
         self.store = store
@@ -98,7 +113,10 @@ class Crawler:
         self.deliverer = deliverer
         self.stop = stop or threading.Event()
         self.metrics = metrics or Metrics()
-        self.batcher = Batcher(size=config.batch_size, timeout=config.batch_timeout)
+        self.clock = clock
+        self._blocking_sleep = sleep
+        self.rng = rng or random.Random()
+        self.batcher = Batcher(size=config.batch_size, timeout=config.batch_timeout, clock=clock)
         self._pool = ThreadPoolExecutor(max_workers=max(1, config.workers), thread_name_prefix="nomad-dl")
         self._stats = CycleStats()
         filter_stage.sleep = self.sleep
@@ -130,6 +148,65 @@ class Crawler:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.http.close()
 
+    # --- every outcome: store, stats and metrics together ----------------------------
+    def _decide(
+        self,
+        stats: CycleStats,
+        outcome: str,
+        reason: str = "",
+        *,
+        post: Candidate | None = None,
+        key: str | None = None,
+        ref: ImageRef | None = None,
+        post_id: str = "",
+        error: str | None = None,
+        scores: dict[str, Any] | None = None,
+        accepted: tuple[Path, dict[str, Any], np.ndarray | None] | None = None,
+    ) -> bool:
+        """Record one outcome in the store, this cycle's stats and the metrics; the only place that does.
+
+        ``outcome``: "rejected" or "failed" (``reason`` is the counted code,
+        ``error`` the detail the store keeps, default the reason), "pending" (a
+        new image key to download), "expanded" (a post), "accepted" (with
+        ``accepted=(spool, meta, features)``) or "delivered" (``reason`` is the
+        gallery's status; the outbox already wrote its row, it runs without a
+        crawler too, so no ``key`` is needed). The subject is a ``post``, a new
+        ``ref`` of ``post_id``, an image ``key``, or nothing (a listing that
+        failed has no row).
+        Returns False when a new ``ref`` was already known: nothing is counted.
+        """
+        failed = outcome == "failed"
+        detail = (error or reason) if failed else None
+        if ref is not None:
+            state = "rejected" if outcome == "rejected" else "pending"
+            if not self.store.add_image(ref, post_id, state=state, reason=reason or None):
+                return False
+            stats.candidates += 1
+            key = ref.key
+        elif post is not None:
+            self.store.record_post(post, outcome, reason=reason if outcome == "rejected" else None, error=detail)
+        elif key is not None and accepted is not None:
+            spool, meta, features = accepted
+            self.store.accept(key, spool, meta, features, scores or {})
+        elif key is not None and outcome in ("rejected", "failed"):
+            self.store.set_image(key, outcome, reason=reason, error=error, scores=scores)
+
+        if outcome == "rejected":
+            stats.rejected[reason] += 1
+        elif failed:
+            stats.failed[reason] += 1
+            self.metrics.error(reason)
+        elif outcome == "accepted":
+            stats.accepted += 1
+        elif outcome == "delivered":
+            stats.delivered += 1
+
+        if post is not None:
+            self.metrics.post(outcome)
+        elif outcome != "pending" and (key is not None or outcome == "delivered"):
+            self.metrics.image(outcome, reason)
+        return True
+
     # --- stage 1: listings and posts -------------------------------------------------
     def expand(self, post: Candidate) -> list[ImageRef]:
         """Image refs of a post, keyed ``<source>:<post id>:<index>``; raises SourceError."""
@@ -155,43 +232,26 @@ class Crawler:
         """Post rules, expansion, image rules on reported sizes; everything recorded."""
         reason = self.rules.check_post(post)
         if reason:
-            self.store.record_post(post, "rejected", reason=reason)
-            stats.rejected[reason] += 1
-            self.metrics.post("rejected")
+            self._decide(stats, "rejected", reason, post=post)
             return
         try:
             refs = self.expand(post)
         except SourceError as exc:
             if exc.reason == "stopped":
                 raise Stopped() from exc
-            if exc.transient:
-                self.store.record_post(post, "failed", error=exc.reason)
-                stats.failed[exc.reason] += 1
-                self.metrics.post("failed")
-                self.metrics.error(exc.reason)
-            else:
-                self.store.record_post(post, "rejected", reason=exc.reason)
-                stats.rejected[exc.reason] += 1
-                self.metrics.post("rejected")
+            self._decide(stats, "failed" if exc.transient else "rejected", exc.reason, post=post)
             log.info("post %s: %s (%s)", post.post_id, exc.reason, exc)
             return
         except Exception as exc:  # noqa: BLE001 - an API answer of an unexpected shape must not stop the crawl
             log.exception("post %s: expanding its links crashed", post.post_id)
-            self.store.record_post(post, "failed", error=f"expand_crash_{type(exc).__name__}")
-            stats.failed["expand_crash"] += 1
-            self.metrics.error("expand_crash")
+            self._decide(stats, "failed", "expand_crash", post=post, error=f"expand_crash_{type(exc).__name__}")
             return
         for ref in refs:
             reason = self.rules_for(ref.key).check_ref(ref)
             if not reason and self.store.url_taken(ref.url, ref.key):
                 reason = "duplicate_url"  # crossposts and reposts of the same file
-            if self.store.add_image(ref, post.post_id, state="rejected" if reason else "pending", reason=reason):
-                stats.candidates += 1
-                if reason:
-                    stats.rejected[reason] += 1
-                    self.metrics.image("rejected", reason)
-        self.store.record_post(post, "expanded")
-        self.metrics.post("expanded")
+            self._decide(stats, "rejected" if reason else "pending", reason or "", ref=ref, post_id=post.post_id)
+        self._decide(stats, "expanded", post=post)
 
     def read_listings(self, stats: CycleStats) -> None:
         """Poll every enabled listing source in turn, each with its own cursors; one line per source."""
@@ -215,18 +275,12 @@ class Crawler:
                 if exc.reason == "stopped":
                     return
                 error = f"{exc.reason}: {exc}"
-                stats.listings_failed += 1
-                stats.listing_error = f"{source.name}: {exc}"
-                stats.failed["listing_" + exc.reason] += 1
-                self.metrics.error("listing_" + exc.reason)
+                self._listing_failed(stats, source.name, "listing_" + exc.reason, str(exc))
                 log.warning("source %s: %s", source.name, exc)
             except Exception as exc:  # noqa: BLE001 - a source bug must not stop the other sources
                 log.exception("source %s crashed while polling", source.name)
                 error = f"crash: {type(exc).__name__}"
-                stats.listings_failed += 1
-                stats.listing_error = f"{source.name}: {error}"
-                stats.failed["listing_crash"] += 1
-                self.metrics.error("listing_crash")
+                self._listing_failed(stats, source.name, "listing_crash", error)
             log.info("source %s: %d posts read, %d new%s", source.name, seen, new, f", failed ({error})" if error else "",
                      extra={"source": source.name, "posts_seen": seen, "new_posts": new, "error": error})
         for post in self.store.retry_posts(self.cfg.max_retries):
@@ -234,6 +288,11 @@ class Crawler:
                 return
             if post.post_id not in handled:  # one try per cycle
                 self.handle_post(post, stats)
+
+    def _listing_failed(self, stats: CycleStats, source: str, reason: str, message: str) -> None:
+        stats.listings_failed += 1
+        stats.listing_error = f"{source}: {message}"
+        self._decide(stats, "failed", reason)
 
     # --- stage 2: download and decode (worker threads) ---------------------------------
     def fetch(self, ref: ImageRef) -> tuple[str, str, Downloaded | None]:
@@ -266,11 +325,7 @@ class Crawler:
             stats.downloaded += 1
             self.batcher.add(item)
             return
-        self.store.set_image(ref.key, outcome, reason=reason)
-        (stats.rejected if outcome == "rejected" else stats.failed)[reason] += 1
-        self.metrics.image(outcome, reason)
-        if outcome == "failed":
-            self.metrics.error(reason)
+        self._decide(stats, outcome, reason, key=ref.key)
 
     def download(self, stats: CycleStats) -> None:
         """Download every pending image; batches go to anti_sus as they fill or time out.
@@ -312,10 +367,8 @@ class Crawler:
                 return
             except AntiSusError as exc:
                 for it in items:
-                    self.store.set_image(it.ref.key, "failed", reason=f"anti_sus_{exc.code}", error=str(exc))
+                    self._decide(stats, "failed", f"anti_sus_{exc.code}", key=it.ref.key, error=str(exc))
                     it.spool.unlink(missing_ok=True)
-                    stats.failed[f"anti_sus_{exc.code}"] += 1
-                self.metrics.error(f"anti_sus_{exc.code}")
                 log.error("anti_sus refused a batch of %d: %s", len(items), exc)
                 continue
             self._record_verdicts(items, result, stats)
@@ -334,34 +387,28 @@ class Crawler:
                 if result.features is not None and r.index in rows:
                     features = result.features[rows[r.index]]
                 meta = ingest_meta(it.ref, it.width, it.height, it.format, scores)
-                self.store.accept(it.ref.key, it.spool, meta, features, scores)
-                stats.accepted += 1
-                self.metrics.image("accepted")
+                self._decide(stats, "accepted", key=it.ref.key, scores=scores, accepted=(it.spool, meta, features))
             else:
-                self.store.set_image(it.ref.key, "rejected", reason=r.verdict, scores={**scores, "verdict": r.verdict})
+                self._decide(stats, "rejected", r.verdict, key=it.ref.key, scores={**scores, "verdict": r.verdict})
                 it.spool.unlink(missing_ok=True)
-                stats.rejected[r.verdict] += 1
-                self.metrics.image("rejected", r.verdict)
         for i, it in enumerate(items):
             if i not in answered:
-                self.store.set_image(it.ref.key, "failed", reason="anti_sus_no_result")
+                self._decide(stats, "failed", "anti_sus_no_result", key=it.ref.key)
                 it.spool.unlink(missing_ok=True)
-                stats.failed["anti_sus_no_result"] += 1
 
     def deliver(self, stats: CycleStats, *, wait: bool) -> None:
         def counted(status: str) -> None:
-            stats.delivered += 1
-            self.metrics.image("delivered", status)
+            self._decide(stats, "delivered", status)
 
         _, stats.outbox = drain_outbox(
             self.store, self.deliverer, sleep=self.sleep, wait=wait, backoff_max=self.cfg.backoff_max, on_delivered=counted,
-            max_attempts=self.cfg.max_delivery_attempts,
+            max_attempts=self.cfg.max_delivery_attempts, rng=self.rng,
         )
 
     # --- cycles --------------------------------------------------------------------------
     def cycle(self, *, final: bool = False) -> CycleStats:
         """One poll cycle. ``final``: flush every batch and wait until the outbox is delivered."""
-        t0 = time.monotonic()
+        t0 = self.clock()
         stats = self._stats = CycleStats()
         try:
             self.deliver(stats, wait=False)  # redeliver what a previous run left
@@ -373,21 +420,21 @@ class Crawler:
             pass
         stats.ratelimit = "; ".join(f"{s.name}: {s.ratelimit()}" for s in self.sources if s.ratelimit()) or "unknown"
         stats.outbox = self.store.outbox_size()
-        stats.seconds = time.monotonic() - t0
+        stats.seconds = self.clock() - t0
         log.info(stats.line(), extra={"cycle": stats.fields()})
         return stats
 
     def run(self, interval: float) -> None:
         """Poll every ``interval`` seconds until stopped; partial batches go out on their timeout."""
         while not self.stop.is_set():
-            started = time.monotonic()
+            started = self.clock()
             try:
                 self.cycle()
             except Exception:  # noqa: BLE001 - months unattended: log, count, try again next interval
                 log.exception("cycle failed; trying again in %.0fs", interval)
                 self.metrics.error("cycle_crash")
             while not self.stop.is_set():
-                left = started + interval - time.monotonic()
+                left = started + interval - self.clock()
                 if left <= 0:
                     break
                 due = self.batcher.due_in()
@@ -403,16 +450,17 @@ class Crawler:
     def shutdown(self) -> None:
         """Graceful stop: flush what was downloaded (if anti_sus answers soon), deliver once, close.
 
-        The stop flag is already set, so the flush gets its own bounded patience;
-        if anti_sus stays down the keys simply stay pending for the next run.
+        The stop flag is already set, so the flush gets its own bounded patience
+        (``backoff_max`` on the injected clock); if anti_sus stays down the keys
+        simply stay pending for the next run.
         """
         stats = self._stats
-        deadline = time.monotonic() + self.cfg.backoff_max
+        deadline = self.clock() + self.cfg.backoff_max
 
         def patient(seconds: float) -> bool:
-            if time.monotonic() + seconds > deadline:
+            if self.clock() + seconds > deadline:
                 return True
-            time.sleep(seconds)
+            self._blocking_sleep(seconds)
             return False
 
         if self.batcher.items:
@@ -422,7 +470,8 @@ class Crawler:
             finally:
                 self.filter_stage.sleep = self.sleep
         try:
-            _, stats.outbox = drain_outbox(self.store, self.deliverer, sleep=patient, wait=False, max_attempts=self.cfg.max_delivery_attempts)
+            _, stats.outbox = drain_outbox(self.store, self.deliverer, sleep=patient, wait=False,
+                                           max_attempts=self.cfg.max_delivery_attempts, rng=self.rng)
         except Stopped:
             pass
         self.close()

@@ -1,0 +1,159 @@
+"""Crawler._decide and injected collaborators: every outcome reaches store, stats and metrics together,
+and time is the crawler's own clock and sleep (no monkeypatching, no real waiting)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from anti_sus.client import AntiSusError, AntiSusUnavailable, FilterResult, ImageResult
+from nomad.crawler import Crawler, CrawlerConfig, CycleStats
+from nomad.delivery import Downloaded, FilterStage, SaveDirDeliverer
+from nomad.http import HttpClient
+from nomad.rules import Rules
+from nomad.sources.base import ImageRef
+from nomad.sources.registry import ExpanderRegistry
+from nomad.store import Store
+
+
+class FakeClock:
+    """Monotonic time that moves only when slept on."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.slept: list[float] = []
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.t += seconds
+
+
+class Answers:
+    """anti_sus stand-in: scripted exceptions first, then verdicts for all but ``skip`` indexes."""
+
+    def __init__(self, *script: Exception, verdicts: list[str] | None = None, skip: tuple[int, ...] = ()) -> None:
+        self.script = list(script)
+        self.verdicts = verdicts or []
+        self.skip = skip
+
+    def filter(self, images: np.ndarray, **_: Any) -> FilterResult:
+        if self.script:
+            raise self.script.pop(0)
+        n = len(images)
+        results = [ImageResult(i, -1.0, 0.1, self.verdicts[i] if i < len(self.verdicts) else "good")
+                   for i in range(n) if i not in self.skip]
+        good = [r.index for r in results if r.verdict == "good"]
+        return FilterResult(good, results, np.ones((len(good), 4), np.float32), 1.0)
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store(tmp_path / "state") as s:
+        yield s
+
+
+def crawler_with(store: Store, tmp_path: Path, client: Answers, clock: FakeClock | None = None, **cfg: Any) -> Crawler:
+    kw: dict[str, Any] = {"clock": clock.now, "sleep": clock.sleep} if clock else {}
+    return Crawler(CrawlerConfig(**cfg), store=store, rules=Rules(), http=HttpClient(), sources=[],
+                   expanders=ExpanderRegistry([]), filter_stage=FilterStage(client),  # type: ignore[arg-type]
+                   deliverer=SaveDirDeliverer(tmp_path / "out"), **kw)
+
+
+def batch_of(crawler: Crawler, n: int) -> list[Downloaded]:
+    items = []
+    for i in range(n):
+        ref = ImageRef(f"reddit:t3_d{i}:0", f"https://i.redd.it/d{i}.jpg")
+        crawler.store.add_image(ref, f"t3_d{i}")
+        spool = crawler.store.spool_path(ref.key, ".jpg")
+        spool.write_bytes(b"\xff\xd8\xff" + bytes(100))
+        items.append(Downloaded(ref, np.zeros((512, 512, 3), np.uint8), spool, 2000, 1500, "jpeg"))
+    return items
+
+
+def image_metric(outcome: str, reason: str = "") -> float:
+    return REGISTRY.get_sample_value("nomad_images_total", {"outcome": outcome, "reason": reason}) or 0.0
+
+
+def error_metric(kind: str) -> float:
+    return REGISTRY.get_sample_value("nomad_errors_total", {"kind": kind}) or 0.0
+
+
+def test_every_verdict_is_in_store_stats_and_metrics(store: Store, tmp_path: Path) -> None:
+    crawler = crawler_with(store, tmp_path, Answers(verdicts=["good", "outlier", "good"], skip=(3,)), batch_size=4)
+    before = {"accepted": image_metric("accepted"), "outlier": image_metric("rejected", "outlier"),
+              "no_result": image_metric("failed", "anti_sus_no_result"), "error": error_metric("anti_sus_no_result")}
+    stats = CycleStats()
+    try:
+        for it in batch_of(crawler, 4):
+            crawler.batcher.add(it)
+        crawler.flush(stats, force=True)
+    finally:
+        crawler.close()
+    assert [store.image_state(f"reddit:t3_d{i}:0")[:2] for i in range(4)] == [
+        ("accepted", None), ("rejected", "outlier"), ("accepted", None), ("failed", "anti_sus_no_result")]
+    assert stats.accepted == 2 and dict(stats.rejected) == {"outlier": 1} and dict(stats.failed) == {"anti_sus_no_result": 1}
+    assert image_metric("accepted") - before["accepted"] == 2
+    assert image_metric("rejected", "outlier") - before["outlier"] == 1
+    # An image anti_sus did not answer for is a failure like any other: counted, not only stored.
+    assert image_metric("failed", "anti_sus_no_result") - before["no_result"] == 1
+    assert error_metric("anti_sus_no_result") - before["error"] == 1
+
+
+def test_a_refused_batch_fails_each_image_everywhere(store: Store, tmp_path: Path) -> None:
+    crawler = crawler_with(store, tmp_path, Answers(AntiSusError("bad_shape", "no")), batch_size=2)
+    before = image_metric("failed", "anti_sus_bad_shape"), error_metric("anti_sus_bad_shape")
+    stats = CycleStats()
+    try:
+        for it in batch_of(crawler, 2):
+            crawler.batcher.add(it)
+        crawler.flush(stats, force=True)
+    finally:
+        crawler.close()
+    assert {store.image_state(f"reddit:t3_d{i}:0")[:2] for i in range(2)} == {("failed", "anti_sus_bad_shape")}
+    assert dict(stats.failed) == {"anti_sus_bad_shape": 2}
+    assert image_metric("failed", "anti_sus_bad_shape") - before[0] == 2
+    assert error_metric("anti_sus_bad_shape") - before[1] == 2
+
+
+def test_shutdown_patience_runs_on_the_injected_clock(store: Store, tmp_path: Path) -> None:
+    clock = FakeClock()
+    crawler = crawler_with(store, tmp_path, Answers(*[AntiSusUnavailable("down")] * 1000), clock, backoff_max=5.0)
+    for it in batch_of(crawler, 2):
+        crawler.batcher.add(it)
+    crawler.stop.set()
+    t0 = time.monotonic()
+    crawler.shutdown()
+    # anti_sus stayed down: the patience (backoff_max on the crawler's clock) ran out without any real wait.
+    assert time.monotonic() - t0 < 2.0
+    assert clock.slept and sum(clock.slept) <= 5.0 and clock.t <= 1005.0
+    assert {store.image_state(f"reddit:t3_d{i}:0")[0] for i in range(2)} == {"pending"}
+
+
+def test_cycle_length_is_measured_on_the_injected_clock(store: Store, tmp_path: Path) -> None:
+    clock = FakeClock()
+    crawler = crawler_with(store, tmp_path, Answers(), clock)
+
+    class Ticking:
+        """A listing source whose poll takes 7 s of the crawler's clock."""
+
+        name = "ticking"
+
+        def poll(self, cursors: Any, seen: Any) -> Iterator[Any]:
+            clock.t += 7.0
+            return iter(())
+
+        def ratelimit(self) -> str:
+            return ""
+
+    crawler.sources = [Ticking()]  # type: ignore[list-item]
+    try:
+        assert crawler.cycle().seconds == 7.0
+    finally:
+        crawler.close()
