@@ -446,7 +446,7 @@ def test_nomad_once_source_commons_keeps_the_right_images_and_fetches_nothing_tw
         assert meta["source"] == "commons" and meta["licence"].startswith("CC BY") and meta["license_url"].startswith("https://creativecommons.org/")
         assert meta["artist"] == meta["author"] == "Emu & Photographer" and meta["credit"] == "Own work"
         assert meta["source_url"] == meta["description_url"] and meta["source_url"].startswith("https://commons.wikimedia.org/wiki/File:")
-        assert meta["image_url"].startswith(f"https://upload.wikimedia.org:")
+        assert meta["image_url"].startswith("https://upload.wikimedia.org:")
 
 
 def test_nomad_once_source_commons_without_contact_says_so(tmp_path: Path) -> None:

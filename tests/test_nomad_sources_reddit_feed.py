@@ -1,8 +1,6 @@
 """reddit without an account: the Atom feed parser (fixture + hostile XML) and the JSON -> feed fallback."""
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from nomad.sources.api import SiteApi, SourceStatus
