@@ -18,7 +18,6 @@ Safe to share between threads. The names other modules import (``HttpClient``,
 """
 from __future__ import annotations
 
-import json as _json
 import random
 import threading
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from .net.limits import HostLimiter
 from .net.redirects import follow, reject_removed_placeholder
 from .net.redirects import origin as _origin  # noqa: F401 - kept importable for callers of the old private name
 from .net.request import Request, encode_request
+from .net.response import Download, HttpResponse
 from .net.transport import Deadline, FirstBytesCheck, Transport, split_url
 
 __all__ = [
@@ -75,35 +75,6 @@ class HttpConfig:
     retries: int = 3
     backoff: float = 1.0
     backoff_max: float = 60.0
-
-
-@dataclass
-class HttpResponse:
-    """A complete response: status, case-insensitive headers, body, final URL and redirect history."""
-
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
-    url: str
-    history: list[str] = field(default_factory=list)
-
-    def json(self) -> Any:
-        """The body parsed as JSON; FetchError("bad_json") if it is not."""
-        try:
-            return _json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise FetchError("bad_json", f"{self.url}: {exc}", url=self.url) from exc
-
-
-@dataclass
-class Download:
-    """An image download whose first bytes were checked: format is "jpeg", "png" or "webp"."""
-
-    data: bytes
-    url: str
-    format: str
-    history: list[str] = field(default_factory=list)
-    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -293,9 +264,9 @@ class HttpClient:
                 return self.transport.exchange(hop, deadline=deadline, cap=cap, first_bytes_check=first_bytes_check,
                                                skip_redirect_body=allow_redirects)
 
-        answer = follow(req, send, max_redirects=self.config.max_redirects, allow_redirects=allow_redirects,
-                        redirect_check=redirect_check)
-        if answer.status >= 400:
-            raise HttpStatusError(answer.status, answer.headers, url=answer.url,
-                                  retry_after=parse_retry_after(answer.headers.get("retry-after")), body=answer.body)
-        return HttpResponse(answer.status, answer.headers, answer.body, answer.url, answer.history)
+        resp = follow(req, send, max_redirects=self.config.max_redirects, allow_redirects=allow_redirects,
+                      redirect_check=redirect_check)
+        if resp.status >= 400:
+            raise HttpStatusError(resp.status, resp.headers, url=resp.url,
+                                  retry_after=parse_retry_after(resp.headers.get("retry-after")), body=resp.body)
+        return resp

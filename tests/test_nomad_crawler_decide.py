@@ -18,21 +18,7 @@ from nomad.rules import Rules
 from nomad.sources.base import ImageRef
 from nomad.sources.registry import ExpanderRegistry
 from nomad.store import Store
-
-
-class FakeClock:
-    """Monotonic time that moves only when slept on."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-        self.slept: list[float] = []
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.t += seconds
+from tests.nomad_fakes import Clock
 
 
 class Answers:
@@ -59,7 +45,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
         yield s
 
 
-def crawler_with(store: Store, tmp_path: Path, client: Answers, clock: FakeClock | None = None, **cfg: Any) -> Crawler:
+def crawler_with(store: Store, tmp_path: Path, client: Answers, clock: Clock | None = None, **cfg: Any) -> Crawler:
     kw: dict[str, Any] = {"clock": clock.now, "sleep": clock.sleep} if clock else {}
     return Crawler(CrawlerConfig(**cfg), store=store, rules=Rules(), http=HttpClient(), sources=[],
                    expanders=ExpanderRegistry([]), filter_stage=FilterStage(client),  # type: ignore[arg-type]
@@ -85,17 +71,23 @@ def error_metric(kind: str) -> float:
     return REGISTRY.get_sample_value("nomad_errors_total", {"kind": kind}) or 0.0
 
 
-def test_every_verdict_is_in_store_stats_and_metrics(store: Store, tmp_path: Path) -> None:
-    crawler = crawler_with(store, tmp_path, Answers(verdicts=["good", "outlier", "good"], skip=(3,)), batch_size=4)
-    before = {"accepted": image_metric("accepted"), "outlier": image_metric("rejected", "outlier"),
-              "no_result": image_metric("failed", "anti_sus_no_result"), "error": error_metric("anti_sus_no_result")}
+def flushed(crawler: Crawler, n: int) -> CycleStats:
+    """One forced flush of a batch of ``n`` fresh images; the crawler is closed after it."""
     stats = CycleStats()
     try:
-        for it in batch_of(crawler, 4):
+        for it in batch_of(crawler, n):
             crawler.batcher.add(it)
         crawler.flush(stats, force=True)
     finally:
         crawler.close()
+    return stats
+
+
+def test_every_verdict_is_in_store_stats_and_metrics(store: Store, tmp_path: Path) -> None:
+    crawler = crawler_with(store, tmp_path, Answers(verdicts=["good", "outlier", "good"], skip=(3,)), batch_size=4)
+    before = {"accepted": image_metric("accepted"), "outlier": image_metric("rejected", "outlier"),
+              "no_result": image_metric("failed", "anti_sus_no_result"), "error": error_metric("anti_sus_no_result")}
+    stats = flushed(crawler, 4)
     assert [store.image_state(f"reddit:t3_d{i}:0")[:2] for i in range(4)] == [
         ("accepted", None), ("rejected", "outlier"), ("accepted", None), ("failed", "anti_sus_no_result")]
     assert stats.accepted == 2 and dict(stats.rejected) == {"outlier": 1} and dict(stats.failed) == {"anti_sus_no_result": 1}
@@ -109,13 +101,7 @@ def test_every_verdict_is_in_store_stats_and_metrics(store: Store, tmp_path: Pat
 def test_a_refused_batch_fails_each_image_everywhere(store: Store, tmp_path: Path) -> None:
     crawler = crawler_with(store, tmp_path, Answers(AntiSusError("bad_shape", "no")), batch_size=2)
     before = image_metric("failed", "anti_sus_bad_shape"), error_metric("anti_sus_bad_shape")
-    stats = CycleStats()
-    try:
-        for it in batch_of(crawler, 2):
-            crawler.batcher.add(it)
-        crawler.flush(stats, force=True)
-    finally:
-        crawler.close()
+    stats = flushed(crawler, 2)
     assert {store.image_state(f"reddit:t3_d{i}:0")[:2] for i in range(2)} == {("failed", "anti_sus_bad_shape")}
     assert dict(stats.failed) == {"anti_sus_bad_shape": 2}
     assert image_metric("failed", "anti_sus_bad_shape") - before[0] == 2
@@ -123,7 +109,7 @@ def test_a_refused_batch_fails_each_image_everywhere(store: Store, tmp_path: Pat
 
 
 def test_shutdown_patience_runs_on_the_injected_clock(store: Store, tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = Clock()
     crawler = crawler_with(store, tmp_path, Answers(*[AntiSusUnavailable("down")] * 1000), clock, backoff_max=5.0)
     for it in batch_of(crawler, 2):
         crawler.batcher.add(it)
@@ -137,7 +123,7 @@ def test_shutdown_patience_runs_on_the_injected_clock(store: Store, tmp_path: Pa
 
 
 def test_cycle_length_is_measured_on_the_injected_clock(store: Store, tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = Clock()
     crawler = crawler_with(store, tmp_path, Answers(), clock)
 
     class Ticking:

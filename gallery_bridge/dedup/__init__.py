@@ -12,17 +12,8 @@ DedupConfig, fingerprint``).
 from __future__ import annotations
 
 from .crop import coarse_correlation, crop_correlation
-from .fingerprint import (
-    COARSE_SIZE,
-    PHASH_SIZE,
-    PHASH_WORDS,
-    SIG_SIDE,
-    Fingerprint,
-    fingerprint,
-    grey_signature,
-    pack_bits_hex,
-    words_from_hex,
-)
+from .fingerprint import COARSE_SIZE, PHASH_SIZE, PHASH_WORDS, SIG_SIDE, Fingerprint, fingerprint, grey_signature
+from .fingerprint import pack_bits_hex, words_from_hex
 from .index import FeatureIndex, HashIndex, normalise
 from .policy import DedupConfig, Deduplicator, Match
 

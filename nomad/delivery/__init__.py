@@ -21,15 +21,8 @@ from __future__ import annotations
 from .batch import Batcher, Downloaded
 from .destinations import CurveKeys, GalleryDeliverer, SaveDirDeliverer, curve_keys, ingest_meta
 from .filter import FilterStage, merge_results
-from .outbox import (
-    DEFAULT_MAX_DELIVERY_ATTEMPTS,
-    Deliverer,
-    DeliveryDeferred,
-    DeliveryRefused,
-    DeliveryUnavailable,
-    drain_outbox,
-    retry_delay,
-)
+from .outbox import DEFAULT_MAX_DELIVERY_ATTEMPTS, Deliverer, DeliveryDeferred, DeliveryRefused, DeliveryUnavailable
+from .outbox import drain_outbox, retry_delay
 from .patience import Patience, Stopped
 
 __all__ = [

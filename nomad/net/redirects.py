@@ -10,12 +10,13 @@ can be another service, or plain text.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Callable, Mapping
 from urllib.parse import urljoin, urlsplit
 
 from .errors import FetchError
 from .request import Request
+from .response import HttpResponse
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
@@ -68,17 +69,6 @@ def reject_removed_placeholder(url: str) -> None:
         raise FetchError("removed", f"redirected to imgur's removed placeholder {url}", url=url)
 
 
-@dataclass
-class Answer:
-    """The last hop's answer: status, headers, (capped) body, its URL and the URLs redirected from."""
-
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
-    url: str
-    history: list[str] = field(default_factory=list)
-
-
 Send = Callable[[Request], "tuple[int, Mapping[str, str], bytes]"]
 """One checked exchange: ``send(request) -> (status, headers, body)``."""
 
@@ -90,14 +80,14 @@ def follow(
     max_redirects: int,
     allow_redirects: bool = True,
     redirect_check: Callable[[str], None] | None = None,
-) -> Answer:
+) -> HttpResponse:
     """Send ``req`` and follow its redirects (at most ``max_redirects``); the last answer, any status."""
     history: list[str] = []
     first_origin = origin(req.url)
     while True:
         status, headers, body = send(req)
         if not (allow_redirects and is_redirect(status, headers)):
-            return Answer(status, headers, body, req.url, history)
+            return HttpResponse(status, headers, body, req.url, history)
         if len(history) >= max_redirects:
             raise FetchError("too_many_redirects", f"more than {max_redirects} from {history[0] if history else req.url}",
                              url=req.url)
