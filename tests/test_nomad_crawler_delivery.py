@@ -154,3 +154,18 @@ def test_ingest_meta_has_the_gallery_fields() -> None:
     assert m["source_url"] == "https://www.flickr.com/photos/u/2/" and m["image_url"] == ref.url
     assert m["scores"] == {"gmm": -1.0, "watermark": 0.2, "reddit_score": 12}
     assert all(isinstance(v, (int, float)) for v in m["scores"].values())
+
+
+def test_filter_waits_follow_the_injected_rng_and_the_shared_schedule() -> None:
+    """The waits are photocore's full-jitter schedule (0.5 s doubling, capped), drawn from the injected rng."""
+    import random
+
+    runs: list[list[float]] = []
+    for _ in range(2):
+        sleeps: list[float] = []
+        stage = FilterStage(Scripted([AntiSusUnavailable("down")] * 6), sleep=lambda s: bool(sleeps.append(s)),  # type: ignore[arg-type]
+                            backoff_max=4.0, rng=random.Random(7))
+        stage.filter(np.zeros((1, 8, 8, 3), np.uint8))
+        runs.append(sleeps)
+    assert runs[0] == runs[1] and len(runs[0]) == 6
+    assert all(0.0 <= s <= min(4.0, 0.5 * 2**n) for n, s in enumerate(runs[0]))
