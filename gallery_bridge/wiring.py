@@ -104,7 +104,7 @@ def curve_settings(secret_file: str | None, allow: str | None) -> dict[str, Any]
     writes NAME.key_secret) or, as before, a bare Z85 secret key. ``allow`` is
     a directory of clients' public ``.key`` files.
     """
-    from photocore.curve import CurveKeyError, check_allow_dir, is_z85_key, load_keypair
+    from photocore.curve import CurveKeyError, check_allow_dir, read_key_file
 
     if allow and not secret_file:
         raise UserError("--curve-allow needs --curve-secret-file (the server's .key_secret file)")
@@ -115,18 +115,15 @@ def curve_settings(secret_file: str | None, allow: str | None) -> dict[str, Any]
     if not path.is_file():
         raise UserError(f"--curve-secret-file {path}: no such file ({hint})")
     try:
-        _public, secret = load_keypair(path)
-    except CurveKeyError:
-        try:
-            raw = path.read_bytes().strip()
-        except OSError as exc:
-            raise UserError(f"cannot read --curve-secret-file: {exc}") from None
-        if not is_z85_key(raw):
-            raise UserError(f"--curve-secret-file {path} is neither a ZeroMQ certificate nor a Z85 secret key ({hint})")
+        key = read_key_file(path, "--curve-secret-file", "secret")
+    except CurveKeyError as exc:
+        raise UserError(str(exc)) from None
+    if key.bare is not None:
         if allow:
             raise UserError("--curve-allow needs the server key as a certificate file (the .key_secret of `anti-sus keygen`), "
                             "not a bare Z85 key")
-        return {"curve_secret": raw}
+        return {"curve_secret": key.bare}
+    secret = key.secret
     if secret is None:
         raise UserError(f"--curve-secret-file {path} holds only a public key: pass the server's .key_secret file "
                         "(the public .key file is for the clients, e.g. nomad --gallery-server-key)")

@@ -10,6 +10,7 @@ stays with its owner.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,41 @@ def public_key(value: bytes | str | Path) -> bytes:
     return load_keypair(value)[0]
 
 
+@dataclass(frozen=True)
+class KeyFile:
+    """What a key file holds: a certificate's public (and maybe secret) key, or one bare Z85 key.
+
+    A bare key file does not say whether it is public or secret; the flag it
+    was given to does.
+    """
+
+    public: bytes | None = None
+    secret: bytes | None = None
+    bare: bytes | None = None
+
+
+def read_key_file(path: str | Path, flag: str, kind: str = "public") -> KeyFile:
+    """Read a ZeroMQ certificate (``anti-sus keygen``) or a file holding a bare 40-character Z85 key.
+
+    ``kind`` ("public" or "secret") only words the error of a file that is neither.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CurveKeyError(f"{flag} {p}: not found")
+    try:
+        public, secret = load_keypair(p)
+    except CurveKeyError:
+        try:
+            raw = p.read_bytes().strip()
+        except OSError as exc:
+            raise CurveKeyError(f"{flag} {p}: {exc.strerror or exc}") from None
+        if is_z85_key(raw):
+            return KeyFile(bare=raw)
+        raise CurveKeyError(f"{flag} {p} is neither a ZeroMQ certificate nor a Z85 {kind} key "
+                            "(make a key pair with `anti-sus keygen`)") from None
+    return KeyFile(public=public, secret=secret)
+
+
 def server_public_key(path: str | Path, flag: str = "--server-key") -> bytes:
     """A server's public key for a client, from a certificate (``.key``) or a file holding a bare Z85 key.
 
@@ -78,21 +114,10 @@ def server_public_key(path: str | Path, flag: str = "--server-key") -> bytes:
                   "(the .key file, never the .key_secret: the secret stays on the server)")
     if p.name.endswith(".key_secret"):
         raise CurveKeyError(secret_msg)
-    if not p.is_file():
-        raise CurveKeyError(f"{flag} {p}: not found")
-    try:
-        public, secret = load_keypair(p)
-    except CurveKeyError:
-        try:
-            raw = p.read_bytes().strip()
-        except OSError as exc:
-            raise CurveKeyError(f"{flag} {p}: {exc.strerror or exc}") from None
-        if is_z85_key(raw):
-            return raw
-        raise CurveKeyError(f"{flag} {p}: neither a ZeroMQ certificate (`anti-sus keygen`) nor a 40-character Z85 key") from None
-    if secret is not None:
+    key = read_key_file(p, flag, "public")
+    if key.secret is not None:
         raise CurveKeyError(secret_msg)
-    return public
+    return key.bare if key.bare is not None else key.public  # type: ignore[return-value]
 
 
 def client_keys(server_key: bytes | str | Path, client_keys: tuple[bytes, bytes] | str | Path | None) -> ClientKeys:

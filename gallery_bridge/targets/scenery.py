@@ -34,6 +34,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import requests
 
 from ..catalogue import Catalogue
+from photocore.backoff import Backoff
 from photocore.redact import redact, register_secret, safe_url, userinfo_secrets
 from ..validate import CheckedImage, Meta
 from . import Stored, TargetError
@@ -48,6 +49,8 @@ _MIME = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 MAX_REDIRECTS = 3
 """Same-origin 307/308 hops followed for one upload."""
+MAX_WAIT = 30.0
+"""Longest pause between two tries of one upload (seconds)."""
 
 
 class RedirectRefused(TargetError):
@@ -133,9 +136,11 @@ class SceneryTarget:
         files = {"image": (f"image.{image.ext}", image.data, _MIME[image.ext])}
         timeouts = 0
         last = ""
+        # One uploader per gallery, so no herd to spread: the waits need no jitter.
+        waits = Backoff(self.backoff, max(MAX_WAIT, self.backoff), jitter=False)
         for attempt in range(self.retries + 1):
             if attempt:
-                self._sleep(min(30.0, self.backoff * 2 ** (attempt - 1)))
+                self._sleep(waits.next())
             try:
                 resp = self._post(data, files)
             except requests.Timeout:
