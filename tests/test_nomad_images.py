@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anti_sus.preprocess import to_wire
+from photocore.wireimage import to_wire
 from nomad.images import Decoded, ImageError, decode, probe
 from stack.emulator import images as gen
 

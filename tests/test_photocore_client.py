@@ -12,9 +12,11 @@ import zmq
 from anti_sus.client import AntiSusBusy, AntiSusError, AntiSusUnavailable, FilterClient
 from gallery_bridge.client import GalleryUnavailable, IngestClient, IngestError
 from photocore.client import Busy, ReqClient, ServerError, Unavailable
-from photocore.curve import client_keys, keygen, secure_server
+from photocore.curve import client_keys, secure_server
 from photocore.envelope import split_envelope
 from photocore.protocol import error_reply, ok_reply, parse_header, request_id
+
+from .test_photocore_curve import allow_listed_keys
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -144,12 +146,9 @@ def test_service_clients_raise_their_own_classes() -> None:
 
 def test_both_service_clients_speak_curve_to_an_allow_listed_server(tmp_path: Path) -> None:
     """The same CURVE client code for anti_sus and gallery_bridge: listed key served, unlisted key never answered."""
-    server_pub, server_sec = keygen(tmp_path / "keys", "server")
-    _, listed_sec = keygen(tmp_path / "keys", "listed")
-    _, stranger_sec = keygen(tmp_path / "keys", "stranger")
-    allow = tmp_path / "allow"
-    allow.mkdir()
-    (allow / "listed.key").write_bytes((tmp_path / "keys" / "listed.key").read_bytes())
+    k = allow_listed_keys(tmp_path)
+    server_pub, server_sec, listed_sec, stranger_sec, allow = (k["server"], k["server_secret"], k["client_secret"],
+                                                               k["stranger_secret"], k["allow"])
     with router(pong, curve=(server_sec, allow)) as (endpoint, seen):
         with IngestClient(endpoint, timeout=20, retries=0, curve=client_keys(server_pub, listed_sec)) as gallery:
             assert gallery.ping()["pong"]

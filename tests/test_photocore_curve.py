@@ -88,13 +88,20 @@ def _ask(ctx: zmq.Context, endpoint: str, keys: tuple[bytes, bytes, bytes] | Non
         sock.close(0)
 
 
-def test_secure_server_serves_listed_keys_and_refuses_an_unlisted_one(tmp_path: Path) -> None:
+def allow_listed_keys(tmp_path: Path) -> dict[str, Path]:
+    """A server key pair, a client whose public key is in the ``allow`` directory, and a stranger."""
     spub, ssec = keygen(tmp_path / "keys", "server")
     cpub, csec = keygen(tmp_path / "keys", "client")
     _, stranger = keygen(tmp_path / "keys", "stranger")
     allow = tmp_path / "allow"
     allow.mkdir()
     (allow / "client.key").write_bytes(cpub.read_bytes())
+    return {"server": spub, "server_secret": ssec, "client_secret": csec, "stranger_secret": stranger, "allow": allow}
+
+
+def test_secure_server_serves_listed_keys_and_refuses_an_unlisted_one(tmp_path: Path) -> None:
+    k = allow_listed_keys(tmp_path)
+    spub, ssec, csec, stranger, allow = k["server"], k["server_secret"], k["client_secret"], k["stranger_secret"], k["allow"]
     ctx = zmq.Context()
     rep = ctx.socket(zmq.REP)
     rep.linger = 0

@@ -14,11 +14,11 @@ from photocore.redact import (MASK, RedactingFilter, install, redact, redact_url
 
 
 @pytest.mark.parametrize("text,secret", [
-    ("https://api.flickr.com/services/rest?method=m&api_key=K1234567&format=json", "K1234567"),
-    ("GET /3/image/x?client_id=C1234567 HTTP/1.1", "C1234567"),
-    ("https://alice:P4ssw0rd@example.com/x", "P4ssw0rd"),
-    ("https://alice:P4ssw0rd@example.com/x", "alice"),
-    ("https://example.com/?token=T7654321#frag", "T7654321"),
+    ("POST /token body: grant_type=x&refresh_token=R1234567&oauth_signature=S7654321", "R1234567"),
+    ("POST /token body: grant_type=x&refresh_token=R1234567&oauth_signature=S7654321", "S7654321"),
+    ("https://s3/x?X-Amz-Credential=AKIA1234%2Fus&X-Amz-Signature=abcd1234", "AKIA1234"),
+    ("redirect to https://h/cb?api_key%3DK9999999", "K9999999"),
+    ("sftp://bot:s3cr3t!@files.example/up", "s3cr3t!"),
 ])
 def test_urls_lose_their_credentials(text: str, secret: str) -> None:
     out = redact(text)
