@@ -10,6 +10,7 @@ RUN apt-get update \
  && useradd --create-home --uid 10001 miner
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY photocore ./photocore
 COPY anti_sus ./anti_sus
 COPY nomad ./nomad
 COPY gallery_bridge ./gallery_bridge
