@@ -107,15 +107,14 @@ class Server:
             raise
 
     def _secure(self, config: ServerConfig) -> None:
-        if config.curve_secret_key is not None:
+        """CURVE through photocore.curve: a certificate (optionally with an allow-list) or a bare Z85 secret."""
+        if config.curve_allow is not None and config.curve_secret_key is None:
+            raise ValueError("curve_allow needs curve_secret_key (a certificate file), not a bare curve_secret")
+        secret = config.curve_secret_key if config.curve_secret_key is not None else config.curve_secret
+        if secret:
             from photocore.curve import secure_server
 
-            self._auth = secure_server(self._ctx, [self.sock], config.curve_secret_key, config.curve_allow)
-        elif config.curve_allow is not None:
-            raise ValueError("curve_allow needs curve_secret_key (a certificate file), not a bare curve_secret")
-        elif config.curve_secret:
-            self.sock.curve_server = True
-            self.sock.curve_secretkey = config.curve_secret
+            self._auth = secure_server(self._ctx, [self.sock], secret, config.curve_allow)
 
     @property
     def curve(self) -> dict[str, bool]:

@@ -175,17 +175,24 @@ def check_allow_dir(path: str | Path, flag: str = "--curve-allow") -> Path:
     return p
 
 
-def secure_server(ctx: zmq.Context, sockets: list[zmq.Socket], secret_key_file: str | Path,
+def secure_server(ctx: zmq.Context, sockets: list[zmq.Socket], secret_key: str | Path | bytes,
                   allow_dir: str | Path | None) -> ThreadAuthenticator:
     """Make ``sockets`` CURVE servers; only clients whose public key is in ``allow_dir`` get in.
 
-    Without ``allow_dir`` any client that knows the server key is accepted
-    (encryption without client authentication). The returned authenticator
-    runs a ZAP thread: ``stop()`` it when the sockets close.
+    ``secret_key`` is a ``.key_secret`` certificate file or a bare Z85 secret
+    (bytes). Without ``allow_dir`` any client that knows the server key is
+    accepted (encryption without client authentication). The returned
+    authenticator runs a ZAP thread: ``stop()`` it when the sockets close.
     """
-    public, secret = load_keypair(secret_key_file)
+    if isinstance(secret_key, bytes):
+        if not is_z85_key(secret_key):
+            raise CurveKeyError("a bare CURVE secret must be a 40-character Z85 key")
+        secret: bytes | None = secret_key
+        public = zmq.curve_public(secret_key)
+    else:
+        public, secret = load_keypair(secret_key)
     if secret is None:
-        raise CurveKeyError(f"{secret_key_file} holds no secret key; pass the .key_secret file")
+        raise CurveKeyError(f"{secret_key} holds no secret key; pass the .key_secret file")
     allow = check_allow_dir(allow_dir) if allow_dir is not None else None
     auth = ThreadAuthenticator(ctx)
     auth.start()

@@ -152,3 +152,30 @@ def test_secure_client_sets_the_three_keys(tmp_path: Path) -> None:
     sock = Fake()
     secure_client(sock, spub, csec)
     assert (sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey) == client_keys(spub, csec)
+
+
+def test_secure_server_with_a_bare_z85_secret_encrypts_for_any_client() -> None:
+    public, secret = zmq.curve_keypair()
+    ctx = zmq.Context()
+    rep = ctx.socket(zmq.REP)
+    rep.linger = 0
+    auth = secure_server(ctx, [rep], secret, None)
+    try:
+        endpoint = f"tcp://127.0.0.1:{rep.bind_to_random_port('tcp://127.0.0.1')}"
+
+        def serve_one() -> None:
+            if rep.poll(20000, zmq.POLLIN):
+                rep.recv()
+                rep.send(b"hi back")
+
+        t = threading.Thread(target=serve_one, daemon=True)
+        t.start()
+        assert not _ask(ctx, endpoint, None, 300)  # plain text gets nothing
+        assert _ask(ctx, endpoint, client_keys(public, None), 20000)  # a throwaway pair that knows the key
+        t.join(10)
+        with pytest.raises(CurveKeyError, match="40-character Z85"):
+            secure_server(ctx, [rep], b"short", None)
+    finally:
+        rep.close(0)
+        auth.stop()
+        ctx.term()
