@@ -1,9 +1,11 @@
 """photocore.curve: key files, the allow-list check and CURVE sockets (real ZAP on 127.0.0.1)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import zmq
@@ -99,33 +101,39 @@ def allow_listed_keys(tmp_path: Path) -> dict[str, Path]:
     return {"server": spub, "server_secret": ssec, "client_secret": csec, "stranger_secret": stranger, "allow": allow}
 
 
-def test_secure_server_serves_listed_keys_and_refuses_an_unlisted_one(tmp_path: Path) -> None:
-    k = allow_listed_keys(tmp_path)
-    spub, ssec, csec, stranger, allow = k["server"], k["server_secret"], k["client_secret"], k["stranger_secret"], k["allow"]
+@contextlib.contextmanager
+def rep_server(secret: Path | bytes, allow: Path | None) -> Iterator[tuple[zmq.Context, str, list[bytes]]]:
+    """A CURVE REP socket on 127.0.0.1 that answers one request; yields (context, endpoint, requests answered)."""
     ctx = zmq.Context()
     rep = ctx.socket(zmq.REP)
     rep.linger = 0
-    auth = secure_server(ctx, [rep], ssec, allow)
+    auth = secure_server(ctx, [rep], secret, allow)
+    answered: list[bytes] = []
+
+    def serve_one() -> None:
+        if rep.poll(20000, zmq.POLLIN):
+            answered.append(rep.recv())
+            rep.send(b"hi back")
+
+    t = threading.Thread(target=serve_one, daemon=True)
     try:
         endpoint = f"tcp://127.0.0.1:{rep.bind_to_random_port('tcp://127.0.0.1')}"
-        answered: list[bytes] = []
-
-        def serve_one() -> None:
-            if rep.poll(20000, zmq.POLLIN):
-                answered.append(rep.recv())
-                rep.send(b"hi back")
-
-        t = threading.Thread(target=serve_one, daemon=True)
         t.start()
-        assert not _ask(ctx, endpoint, client_keys(spub, stranger), 700)  # unlisted: ZAP says no
-        assert not _ask(ctx, endpoint, None, 300)  # no CURVE at all
-        assert _ask(ctx, endpoint, client_keys(spub, csec), 20000)
-        t.join(10)
-        assert answered == [b"hi"]  # only the listed client's request got through
+        yield ctx, endpoint, answered
     finally:
+        t.join(25)
         rep.close(0)
         auth.stop()
         ctx.term()
+
+
+def test_secure_server_serves_listed_keys_and_refuses_an_unlisted_one(tmp_path: Path) -> None:
+    k = allow_listed_keys(tmp_path)
+    with rep_server(k["server_secret"], k["allow"]) as (ctx, endpoint, answered):
+        assert not _ask(ctx, endpoint, client_keys(k["server"], k["stranger_secret"]), 700)  # unlisted: ZAP says no
+        assert not _ask(ctx, endpoint, None, 300)  # no CURVE at all
+        assert _ask(ctx, endpoint, client_keys(k["server"], k["client_secret"]), 20000)
+    assert answered == [b"hi"]  # only the listed client's request got through
 
 
 def test_secure_server_needs_a_secret_and_a_good_allow_dir(tmp_path: Path) -> None:
@@ -156,26 +164,9 @@ def test_secure_client_sets_the_three_keys(tmp_path: Path) -> None:
 
 def test_secure_server_with_a_bare_z85_secret_encrypts_for_any_client() -> None:
     public, secret = zmq.curve_keypair()
-    ctx = zmq.Context()
-    rep = ctx.socket(zmq.REP)
-    rep.linger = 0
-    auth = secure_server(ctx, [rep], secret, None)
-    try:
-        endpoint = f"tcp://127.0.0.1:{rep.bind_to_random_port('tcp://127.0.0.1')}"
-
-        def serve_one() -> None:
-            if rep.poll(20000, zmq.POLLIN):
-                rep.recv()
-                rep.send(b"hi back")
-
-        t = threading.Thread(target=serve_one, daemon=True)
-        t.start()
+    with rep_server(secret, None) as (ctx, endpoint, answered):
         assert not _ask(ctx, endpoint, None, 300)  # plain text gets nothing
         assert _ask(ctx, endpoint, client_keys(public, None), 20000)  # a throwaway pair that knows the key
-        t.join(10)
         with pytest.raises(CurveKeyError, match="40-character Z85"):
-            secure_server(ctx, [rep], b"short", None)
-    finally:
-        rep.close(0)
-        auth.stop()
-        ctx.term()
+            secure_server(ctx, [ctx.socket(zmq.REP)], b"short", None)
+    assert answered == [b"hi"]
