@@ -24,6 +24,7 @@ from typing import Any
 
 import zmq
 
+from photocore.closing import Closeable
 from photocore.envelope import split_envelope
 from photocore.protocol import MAX_HEADER_BYTES, ProtocolError, error_from, error_reply, ok_reply, parse_header, request_id
 from photocore.redact import redact
@@ -74,7 +75,7 @@ class ServerConfig:
             self.limits = Limits()
 
 
-class Server:
+class Server(Closeable):
     """Owns the socket; :meth:`run` loops until :meth:`stop` (or SIGTERM/SIGINT).
 
     ``start()`` runs the loop on a background thread; ``close()`` stops it,
@@ -165,11 +166,6 @@ class Server:
         if self._own_ctx:
             self._ctx.term()
 
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def run(self) -> None:
         log.info("gallery_bridge listening on %s (pid %d, instance %s)", self.endpoint, os.getpid(), self.config.instance)

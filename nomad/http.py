@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from photocore.backoff import Backoff, retry_after_seconds
+from photocore.closing import Closeable
 from photocore.sniff import IMAGE_FORMATS, looks_like_html, sniff_format
 
 from . import DEFAULT_USER_AGENT
@@ -119,7 +120,7 @@ class RetryPolicy:
         return min(delay, self.cap)
 
 
-class HttpClient:
+class HttpClient(Closeable):
     """Thread-safe HTTP client with the SSRF guard, caps, deadlines, retries and per-host limits.
 
     ``resolver``, ``sleep`` and ``rng`` are injectable (DNS rebinding tests, fast
@@ -153,11 +154,6 @@ class HttpClient:
         self._closed.set()
         self.transport.close()
 
-    def __enter__(self) -> "HttpClient":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- public API ------------------------------------------------------------------------
 

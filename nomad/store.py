@@ -40,6 +40,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from photocore.atomic import atomic_open
+from photocore.closing import Closeable
 
 from nomad.sources.base import Candidate, ImageRef
 
@@ -152,7 +153,7 @@ class SourceCursors:
         self.store.set_cursor(self.source, name, value)
 
 
-class Store:
+class Store(Closeable):
     """The state DB; safe to share between the crawler's threads (one connection, one lock)."""
 
     def __init__(self, state_dir: str | os.PathLike[str]) -> None:
@@ -175,11 +176,6 @@ class Store:
         with self._lock:
             self._db.close()
 
-    def __enter__(self) -> "Store":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

@@ -15,6 +15,7 @@ secret files) with its validators.
     redact      credential masking for messages and every log handler
     sniff       image format from magic bytes
     atomic      durable atomic writes (temp, fsync, rename, fsync dir)
+    closing     Closeable: ``with`` for owners of sockets, threads and files
     wireimage   any decoded picture -> the wire's uint8[512, 512, 3]
     settings    flags + env + secret files, validators
     paths       default data folders (model artifacts)

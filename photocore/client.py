@@ -24,6 +24,7 @@ from typing import Any, Callable, ClassVar
 import zmq
 
 from .backoff import Backoff
+from .closing import Closeable
 from .curve import ClientKeys
 from .protocol import PROTOCOL_VERSION, encode, parse_reply
 
@@ -49,7 +50,7 @@ class Busy(Unavailable):
     code = "busy"
 
 
-class ReqClient:
+class ReqClient(Closeable):
     """A Lazy Pirate connection to one server endpoint (or a broker's frontend).
 
     ``timeout`` is seconds per try; ``retries`` more tries follow a timeout.
@@ -94,11 +95,6 @@ class ReqClient:
             self._sock.close(linger=0)
             self._sock = None
 
-    def __enter__(self) -> "ReqClient":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- one request ----------------------------------------------------------------
     def call(self, header: dict[str, Any], frames: list[Any] | tuple[Any, ...] = ()) -> tuple[dict[str, Any], list[bytes]]:
