@@ -17,7 +17,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from . import __version__
-from .defaults import DEFAULT_WATERMARK_THRESHOLD
+from .defaults import DEFAULT_MEMORY_BUDGET, DEFAULT_WATERMARK_THRESHOLD
 from .modeldir import ModelDirError, build_hint, open_model_dir
 
 log = logging.getLogger(__name__)
@@ -183,8 +183,13 @@ class Pipeline:
     @classmethod
     def load(cls, models: str | Path, *, int8: bool = False, no_watermark: bool = False, threads: int = 0,
              max_batch: int = 32, gmm_threshold: float | None = None,
-             watermark_threshold: float = DEFAULT_WATERMARK_THRESHOLD) -> "Pipeline":
-        """Verify ``models`` and load every stage; raises :class:`ModelDirError` with the fix."""
+             watermark_threshold: float = DEFAULT_WATERMARK_THRESHOLD,
+             memory_budget: int | None = DEFAULT_MEMORY_BUDGET) -> "Pipeline":
+        """Verify ``models`` and load every stage; raises :class:`ModelDirError` with the fix.
+
+        ``memory_budget``: bytes of activations one model call may use; each stage runs
+        its images in sub-batches that fit it (None: ``max_batch`` at a time).
+        """
         from .stages.clip import ClipStage
         from .stages.gmm import GmmScorer
         from .stages.watermark import WatermarkStage
@@ -215,7 +220,8 @@ class Pipeline:
                 raise ModelDirError(f"{arts['gmm_meta'].path} has no suggested_threshold; pass --gmm-threshold or refit with: {build_hint('gmm', d)}")
             gmm_threshold = float(suggested)
 
-        clip = _load(clip_name, d, lambda: ClipStage.from_entry(arts[clip_name].path, arts[clip_name].entry, threads, max_batch))
+        clip = _load(clip_name, d, lambda: ClipStage.from_entry(arts[clip_name].path, arts[clip_name].entry, threads, max_batch,
+                                                                       memory_budget))
         gmm = _load("gmm", d, lambda: GmmScorer.load(arts["gmm"].path))
         if clip.dim is not None and int(gmm.dim) != clip.dim:
             raise ModelDirError(f"GMM dimension {gmm.dim} != CLIP feature dimension {clip.dim}; refit with: {build_hint('gmm', d)}")
@@ -226,15 +232,16 @@ class Pipeline:
             notes.append(f"no watermark model in {d}: the watermark stage is off; build it with: {build_hint('watermark', d)}")
         else:
             watermark = _load("watermark", d, lambda: WatermarkStage.from_entry(arts["watermark"].path, arts["watermark"].entry,
-                                                                                 threads, max_batch))
+                                                                                 threads, max_batch, memory_budget))
         details = {
             "models_dir": str(d.resolve()),
             "clip": {"artifact": clip_name, "file": arts[clip_name].path.name, "sha256": arts[clip_name].sha256,
-                     "dim": clip.dim, "input_size": clip.spec.size},
+                     "dim": clip.dim, "input_size": clip.spec.size, "memory": clip.memory_info()},
             "gmm": {"file": arts["gmm"].path.name, "sha256": arts["gmm"].sha256, "dim": int(gmm.dim),
                     "fitted_on_clip_sha256": fitted_on, "suggested_threshold": suggested},
             "watermark": None if watermark is None else {"file": arts["watermark"].path.name,
-                                                         "sha256": arts["watermark"].sha256, "input_size": watermark.spec.size},
+                                                         "sha256": arts["watermark"].sha256, "input_size": watermark.spec.size,
+                                                         "memory": watermark.memory_info()},
             "notes": notes,
         }
         for note in notes:

@@ -16,10 +16,10 @@ from typing import Any, Callable
 
 from photocore.errors import UserError
 from photocore.paths import DEFAULT_MODELS_DIR, models_dir
-from photocore.settings import (Settings, endpoint, finite_float, non_negative_int, positive_float, positive_int,
+from photocore.settings import (Settings, byte_size, endpoint, finite_float, non_negative_int, positive_float, positive_int,
                                 probability)
 
-from ..defaults import DEFAULT_WATERMARK_THRESHOLD
+from ..defaults import DEFAULT_MEMORY_BUDGET, DEFAULT_WATERMARK_THRESHOLD
 
 log = logging.getLogger("anti_sus")
 PREFIX = "ANTI_SUS_"
@@ -87,6 +87,9 @@ def add_models(p: argparse.ArgumentParser) -> None:
     s.add("--threads", default=0, type=non_negative_int, help="ONNX Runtime threads per model (0: all cores)")
     s.switch("--int8", help="use the int8-quantized CLIP if the model directory has one")
     s.switch("--no-watermark", negatable=False, help="run without the watermark stage")
+    s.add("--memory-budget", default=DEFAULT_MEMORY_BUDGET, type=byte_size, shown="192M",
+          help="bytes of activations one model call may use, e.g. 128M or 1G; each model runs its images in "
+          "sub-batches that fit (same scores, bounded memory)")
 
 
 def add_thresholds(p: argparse.ArgumentParser, server_defaults: bool) -> None:
@@ -132,7 +135,7 @@ def load_pipeline(args: argparse.Namespace, gmm_threshold: float | None = None, 
 
     # models_dir: the default var/models, or the old models/ folder with a notice to move it.
     return Pipeline.load(models_dir(args.models), int8=args.int8, no_watermark=args.no_watermark, threads=args.threads,
-                         max_batch=max_batch, gmm_threshold=gmm_threshold,
+                         max_batch=max_batch, memory_budget=args.memory_budget, gmm_threshold=gmm_threshold,
                          watermark_threshold=DEFAULT_WATERMARK_THRESHOLD if watermark_threshold is None else watermark_threshold)
 
 

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..preprocess import WATERMARK_SPEC, PreprocessSpec
-from .onnx import OnnxStage
+from .onnx import DEFAULT_MEMORY_BUDGET, OnnxStage
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -19,15 +19,19 @@ class WatermarkStage(OnnxStage):
     """Runs ``watermark.onnx`` (input ``image`` float32[N,3,512,512] -> ``logit`` [N,1])."""
 
     OUTPUT = "logit"
+    # tf_efficientnetv2_b0 at 512: a batch of 8 peaked ~29 MB of activations per image (9.5x its 3.1 MB input); with margin.
+    ACTIVATION_FACTOR = 12.0
 
-    def __init__(self, path: str | Path, spec: PreprocessSpec = WATERMARK_SPEC, threads: int = 0, max_batch: int = 32) -> None:
-        super().__init__(path, spec, threads, max_batch)
+    def __init__(self, path: str | Path, spec: PreprocessSpec = WATERMARK_SPEC, threads: int = 0, max_batch: int = 32,
+                 memory_budget: int | None = DEFAULT_MEMORY_BUDGET) -> None:
+        super().__init__(path, spec, threads, max_batch, memory_budget)
 
     @classmethod
-    def from_entry(cls, path: str | Path, entry: Mapping[str, Any], threads: int = 0, max_batch: int = 32) -> "WatermarkStage":
+    def from_entry(cls, path: str | Path, entry: Mapping[str, Any], threads: int = 0, max_batch: int = 32,
+                 memory_budget: int | None = DEFAULT_MEMORY_BUDGET) -> "WatermarkStage":
         """Build from a manifest entry (its ``preprocess`` spec)."""
         spec = PreprocessSpec.from_dict(entry["preprocess"]) if "preprocess" in entry else WATERMARK_SPEC
-        return cls(path, spec, threads, max_batch)
+        return cls(path, spec, threads, max_batch, memory_budget)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """float32[N,3,S,S] -> float64[N] probabilities."""
