@@ -2,8 +2,11 @@
 
 The project is installed (``pip install --target``) from a copy of its packages, then the
 offline demo runs from an empty folder with only that install on ``PYTHONPATH`` (third-party
-libraries come from this venv). ``tests`` must not be importable there, and every product
-package must load from the install, not from this checkout.
+libraries come from this venv). ``tests`` must not be importable there, every product
+package must load from the install, not from this checkout, and ``torch`` must not be
+importable at all (a shim package named ``torch`` that raises ImportError comes first on
+``PYTHONPATH``): the runtime install has no torch, so the demo builds its tiny models with
+``models.tiny_onnx``.
 """
 from __future__ import annotations
 
@@ -46,36 +49,47 @@ def install(tmp: Path) -> Path:
     return target
 
 
+def torch_blocker(tmp: Path) -> Path:
+    """A folder holding a ``torch`` package whose import fails, as in a venv without the models extra."""
+    shim = tmp / "no_torch"
+    (shim / "torch").mkdir(parents=True)
+    (shim / "torch" / "__init__.py").write_text('raise ImportError("No module named torch (blocked by the test)")\n')
+    return shim
+
+
 @pytest.mark.e2e  # pip install plus the whole demo: left out of `make test-fast`
-def test_demo_runs_from_the_installed_package(tiny_models: Path, tmp_path: Path) -> None:
+def test_demo_runs_from_the_installed_package(tmp_path: Path) -> None:
     target = install(tmp_path)
     assert not (target / "tests").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REDDIT_", "IMGUR_", "FLICKR_"))}
-    env["PYTHONPATH"] = str(target)  # only the install: not the checkout, not tests/
+    # Only the install (not the checkout, not tests/), behind a torch that cannot be imported.
+    env["PYTHONPATH"] = os.pathsep.join([str(torch_blocker(tmp_path)), str(target)])
 
     # Where everything loads from, in that environment: the install, and no tests package anywhere.
     probe = (
         "import importlib, importlib.util, json, sys\n"
         f"pkgs = {product_packages()!r} + ['stack.demo', 'stack.emulator', 'stack.emulator.photos']\n"
         "files = {p: importlib.import_module(p).__file__ for p in pkgs}\n"
-        "print(json.dumps({'files': files, 'tests': importlib.util.find_spec('tests') is not None}))\n"
+        "try:\n    import torch\n    torch_ok = True\nexcept ImportError:\n    torch_ok = False\n"
+        "import onnx\n"
+        "print(json.dumps({'files': files, 'tests': importlib.util.find_spec('tests') is not None, 'torch': torch_ok}))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=empty, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-4000:]
     seen = json.loads(out.stdout)
     assert seen["tests"] is False, "the tests package is importable next to the installed product"
+    assert seen["torch"] is False, "torch is importable: the demo would not prove it runs without it"
     outside = {p: f for p, f in seen["files"].items() if not Path(f).resolve().is_relative_to(target.resolve())}
     assert not outside, f"loaded from outside the install: {outside}"
 
-    # The demo itself, with the session's tiny models (building them is test_models_tiny's job).
+    # The demo itself, building its tiny models without torch.
     work = empty / "demo"
-    shutil.copytree(tiny_models, work / "models")
-    demo = subprocess.run([sys.executable, "-m", "stack.demo", "--workdir", str(work), "--keep-models", "--timeout", "180"],
+    demo = subprocess.run([sys.executable, "-m", "stack.demo", "--workdir", str(work), "--timeout", "180"],
                           cwd=empty, env=env, capture_output=True, text=True, timeout=300)
     assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
-    assert "reusing tiny models" in demo.stdout and "nomad finished" in demo.stdout
+    assert "built tiny ONNX models" in demo.stdout and "nomad finished" in demo.stdout
     assert "Traceback" not in demo.stdout + demo.stderr
     delivered = sorted((work / "gallery" / "images").iterdir())
     assert delivered, demo.stdout[-4000:]
@@ -83,13 +97,13 @@ def test_demo_runs_from_the_installed_package(tiny_models: Path, tmp_path: Path)
     assert sorted(p.name for p in empty.iterdir()) == ["demo"], "the demo wrote outside its --workdir"
 
 
-def test_demo_without_torch_says_how_to_get_it(tmp_path: Path) -> None:
-    """``pip install .`` has no torch (the models extra has): the demo says so in one line, exit 2."""
-    code = ("import sys; sys.modules['torch'] = None  # as in a venv with only the runtime dependencies\n"
+def test_demo_without_onnx_says_how_to_get_it(tmp_path: Path) -> None:
+    """An install made with ``--no-deps`` may lack onnx: the demo says what to install in one line, exit 2."""
+    code = ("import sys; sys.modules['onnx'] = None  # as in an install without the project's dependencies\n"
             "from stack.demo import main; raise SystemExit(main(sys.argv[1:]))")
     out = subprocess.run([sys.executable, "-c", code, "--workdir", str(tmp_path / "demo")], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
     assert out.stderr.strip().splitlines() == [
-        "error: building the demo's tiny models needs the model-building extra (torch is not installed): "
-        "pip install '.[models]', or put built models in WORKDIR/models and pass --keep-models"]
+        "error: building the tiny ONNX models needs the onnx package (a dependency of this project): "
+        "pip install 'onnx>=1.15'"]
