@@ -4,6 +4,14 @@ The key and metadata come from the crawler, which copies them from the open
 web: every string is length-capped, URLs must be http(s), and nothing from
 them is ever used to build a file path (files are named by catalogue id).
 The image is checked by magic bytes, then decoded by Pillow with a pixel cap.
+
+That decode is the only one an ingest makes: validation, the hashes and the
+thumbnail all use it. It is a *reduced* decode: a large JPEG is decoded with
+DCT scaling (``draft``, 1/2, 1/4 or 1/8) and other formats are box-reduced
+(``Image.reduce``) right after decoding, down to the smallest size that still
+has ``WORK_LONG_SIDE`` px on the long side and ``WORK_SHORT_SIDE`` on the short
+one. Every byte of the file is still read and entropy-decoded, so truncated and
+corrupt files fail exactly as before; the full-size dimensions are recorded.
 """
 from __future__ import annotations
 
@@ -19,6 +27,13 @@ from PIL import Image
 
 from photocore.protocol import ProtocolError
 from photocore.sniff import pillow_format
+
+WORK_LONG_SIDE = 1500
+"""Long side the reduced decode keeps at least: twice the 750 px thumbnail, the
+margin Pillow's own ``thumbnail`` (reducing_gap 2) asks of a draft decode."""
+WORK_SHORT_SIDE = 384
+"""Short side it keeps at least: four times the 96 px dedup signature, so the
+signature's LANCZOS resize still averages many source pixels per output pixel."""
 
 MAX_KEY = 256
 MAX_URL = 2048
@@ -61,7 +76,11 @@ class Meta:
 
 @dataclass
 class CheckedImage:
-    """A decoded image that passed every check."""
+    """A decoded image that passed every check.
+
+    ``image`` is the reduced decode (see the module docstring), what hashes and
+    thumbnail are made from; ``width``/``height`` are the file's full size.
+    """
 
     data: bytes
     image: Image.Image
@@ -132,8 +151,38 @@ def check_meta(value: Any) -> Meta:
     return meta
 
 
+def reduction(width: int, height: int, *, steps: tuple[int, ...] | None = None) -> int:
+    """The largest factor that keeps ``WORK_LONG_SIDE``/``WORK_SHORT_SIDE`` px.
+
+    ``steps`` limits the choice (JPEG's DCT scaling offers 1, 2, 4 and 8); any
+    integer factor otherwise. 1 means the image is used at full size.
+    """
+    long_side, short_side = max(width, height), min(width, height)
+    best = max(1, min(long_side // WORK_LONG_SIDE, short_side // WORK_SHORT_SIDE))
+    if steps is not None:
+        best = max(s for s in steps if s <= best or s == 1)
+    return best
+
+
+JPEG_SCALES = (1, 2, 4, 8)
+
+
+def reduce_decoded(image: Image.Image, factor: int) -> Image.Image:
+    """Box-reduce an already decoded image by ``factor`` (EXIF and info kept)."""
+    if factor <= 1:
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = to_8bit(image)  # Image.reduce has no 16-bit modes
+    elif image.mode not in ("L", "LA", "RGB", "RGBA", "RGBa", "La", "CMYK", "F"):
+        # Palette and 1-bit images: reduce needs real samples.
+        info = image.info
+        image = image.convert("RGBA" if "transparency" in info else "RGB")
+        image.info = dict(info)
+    return image.reduce(factor)
+
+
 def check_image(data: bytes, limits: Limits) -> CheckedImage:
-    """Magic bytes, then a full Pillow decode under a pixel cap; raises ``bad_image``/``too_large``."""
+    """Magic bytes, then one reduced Pillow decode under a pixel cap; raises ``bad_image``/``too_large``."""
     if len(data) > limits.max_image_bytes:
         raise ProtocolError("too_large", f"image is {len(data)} bytes, limit {limits.max_image_bytes}")
     fmt = pillow_format(data)
@@ -150,7 +199,16 @@ def check_image(data: bytes, limits: Limits) -> CheckedImage:
             # the first frame is the photo. Animated PNG/WebP are not photos.
             if image.format in ("PNG", "WEBP") and getattr(image, "is_animated", False):
                 raise ProtocolError("bad_image", "animated images are not photos")
-            image.load()
+            if image.format in ("JPEG", "MPO"):
+                scale = reduction(width, height, steps=JPEG_SCALES)
+                if scale > 1:
+                    # DCT scaling: libjpeg skips the high frequencies instead of
+                    # computing pixels that a resize would throw away.
+                    image.draft(None, (width // scale, height // scale))
+                image.load()
+            else:
+                image.load()
+                image = reduce_decoded(image, reduction(width, height))
     except ProtocolError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -9,6 +9,16 @@
 * ``signature``: the 96x96 grey image itself, which the crop check aligns.
 
 Hashes are kept as packed uint64 words in imagehash's bit order.
+
+At ingest the image given here is the reduced decode of
+:func:`gallery_bridge.validate.check_image` (at least 1500x384 px, not the full
+size). For a photo above that size the hashes can therefore differ from those
+of a full decode (scenery's, or what this gallery stored before the reduced
+decode) by a few bits: measured at most 2 of 576 phash bits, 0 of 64 coarse
+bits and 1 grey level per signature pixel on 3000x2000 photos, against a
+threshold of 64 bits. Old entries keep matching; ``gallery-bridge rebuild``
+recomputes them if wanted. tests/test_gallery_ingest_reduced.py holds the
+tolerance.
 """
 from __future__ import annotations
 
@@ -64,8 +74,8 @@ def words_from_hex(text: str) -> np.ndarray:
 def grey_signature(image: Image.Image) -> Image.Image:
     """The 96x96 grey image scenery's hash is computed from (EXIF orientation applied)."""
     image = to_8bit(ImageOps.exif_transpose(image))
-    # Exactly imagehash's own steps (convert, one LANCZOS resize), so the hash is
-    # bit for bit what scenery computes; no reducing_gap shortcut. 16-bit grey
+    # Exactly imagehash's own steps (convert, one LANCZOS resize), so the hash of
+    # a given image is bit for bit what scenery computes; no reducing_gap shortcut. 16-bit grey
     # is scaled first (to_8bit): convert("L") would clip it to white.
     grey = image.convert("L")
     return grey.resize((SIG_SIDE, SIG_SIDE), Image.Resampling.LANCZOS)
