@@ -24,8 +24,10 @@ EXPOSE 7777 7778
 CMD ["anti-sus", "--help"]
 
 FROM base AS models
-# CPU wheels of torch keep this image a few GB smaller than the CUDA default.
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu '.[models]' \
+# CPU wheels of torch keep this image a few GB smaller than the CUDA default (as `make setup`'s TORCH_INDEX);
+# --build-arg TORCH_INDEX= builds from PyPI alone.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} '.[models]' \
  && mkdir -p /models /gallery /state && chown miner /models /gallery /state
 USER miner
 CMD ["python", "-m", "stack.ensure_models", "--models", "/models"]

@@ -9,13 +9,17 @@ MODELS ?= var/models
 # CI pins torch to the builds on its disk (.ci/constraints.txt); users are not pinned.
 PIP_CONSTRAINT ?=
 export PIP_CONSTRAINT
+# Where `make setup` looks for torch as well as PyPI: PyTorch's CPU-only wheels (no CUDA libraries: a few GB
+# smaller). Empty = PyPI only (CI sets it empty: its machines reach PyPI, not download.pytorch.org).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX_ARGS := $(if $(strip $(TORCH_INDEX)),--extra-index-url $(TORCH_INDEX))
 
 .PHONY: setup setup-runtime test test-fast browser up demo bench clean
 
 $(VENV)/.installed-all: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[models,test]'
+	$(PY) -m pip install --quiet $(TORCH_INDEX_ARGS) -e '.[models,test]'
 	touch $@
 
 $(VENV)/.installed-runtime: pyproject.toml
@@ -24,10 +28,10 @@ $(VENV)/.installed-runtime: pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-## setup: the full environment (services, model building, tests)
+## setup: the full environment (services, model building with CPU-only torch from TORCH_INDEX, tests)
 setup: $(VENV)/.installed-all
 
-## setup-runtime: only what the three services need (no torch)
+## setup-runtime: only what the three services and the demo need (no torch; about 0.55 GB)
 setup-runtime: $(VENV)/.installed-runtime
 
 ## browser: find or install Debian's chromium for the browser tests (apt-get as root, else says how)
@@ -46,8 +50,8 @@ test-fast: setup
 up: setup
 	$(PY) -m stack.up --models $(MODELS)
 
-## demo: the whole system offline in about a minute (tiny models, emulated sites, no credentials)
-demo: setup
+## demo: the whole system offline in about a minute (tiny ONNX models, emulated sites, no credentials; no torch)
+demo: setup-runtime
 	$(PY) -m stack.demo
 
 ## bench: every benchmark; each prints side-by-side ratios from one run
