@@ -1,12 +1,14 @@
 """gallery_bridge benchmark: ingest throughput and near-duplicate lookup time.
 
-    .venv/bin/python bench/gallery.py [--images 24] [--sizes 10000,100000,1000000]
+    .venv/bin/python bench/gallery.py [--images 12] [--size 3000x2000] [--sizes 10000,100000,1000000]
 
 Prints medians measured side by side in one run:
 
 1. ingest into the folder target (decode + checks, hashes, original + thumbnail
    written with fsync, catalogue commits, index.html), in-process and through
-   the ZeroMQ service on loopback;
+   the ZeroMQ service on loopback; and per image, side by side on the same
+   files, the one reduced decode (JPEG draft) against the former full decode
+   (stages: decode, hashes, thumbnail);
 2. near-duplicate lookup among N stored hashes: the packed-uint64 popcount index
    against unpacked-bool numpy (and a Python loop over imagehash objects at
    10k), plus the whole ``Deduplicator.find`` for a new image and for a
@@ -15,6 +17,7 @@ Prints medians measured side by side in one run:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -33,6 +36,7 @@ from gallery_bridge.client import IngestClient  # noqa: E402
 from gallery_bridge.ingest import Ingester  # noqa: E402
 from gallery_bridge.server import Server, ServerConfig  # noqa: E402
 from gallery_bridge.targets.folder import FolderTarget  # noqa: E402
+from gallery_bridge.thumbnails import make_thumbnail  # noqa: E402
 from gallery_bridge.validate import Limits, Meta, check_image  # noqa: E402
 
 
@@ -45,18 +49,56 @@ def median_ms(fn, repeat: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def bench_ingest(n_images: int) -> None:
-    print(f"== ingest into the folder target: {n_images} distinct 2000x1500 JPEGs (~1 MB each)")
-    payloads = [T.encode(T.photo(1000 + i, (2000, 1500)), quality=92) for i in range(n_images)]
-    limits = Limits()
-    with tempfile.TemporaryDirectory() as tmp:
-        # Stage costs on one image, for the breakdown.
-        img = check_image(payloads[0], limits)
-        t_check = median_ms(lambda: check_image(payloads[0], limits), 5)
-        t_fp = median_ms(lambda: D.fingerprint(img.image), 5)
-        from gallery_bridge.thumbnails import make_thumbnail
-        t_thumb = median_ms(lambda: make_thumbnail(img.image), 5)
+def full_decode(data: bytes, limits: Limits):
+    """The former ingest decode: check_image with the reduction switched off (every pixel decoded)."""
+    from PIL import Image
 
+    from gallery_bridge import validate
+
+    saved = validate.reduction
+    validate.reduction = lambda w, h, steps=None: 1  # type: ignore[assignment]
+    try:
+        checked = check_image(data, limits)
+    finally:
+        validate.reduction = saved
+    assert isinstance(checked.image, Image.Image)
+    return checked
+
+
+def stage_costs(payloads: list[bytes], repeat: int) -> dict[str, float]:
+    """Median ms per stage, reduced vs full decode, interleaved on the same files."""
+    limits = Limits()
+    times: dict[str, list[float]] = {f"{p}_{s}": [] for p in ("reduced", "full") for s in ("decode", "hashes", "thumb")}
+    for decode in (check_image, full_decode):  # warm-up: first calls import scipy and fill caches
+        img = decode(payloads[0], limits)
+        D.fingerprint(img.image)
+        make_thumbnail(img.image)
+    for _ in range(repeat):
+        for data in payloads:
+            for path, decode in (("reduced", check_image), ("full", full_decode)):
+                t0 = time.perf_counter()
+                img = decode(data, limits)
+                t1 = time.perf_counter()
+                D.fingerprint(img.image)
+                t2 = time.perf_counter()
+                make_thumbnail(img.image)
+                t3 = time.perf_counter()
+                for stage, took in (("decode", t1 - t0), ("hashes", t2 - t1), ("thumb", t3 - t2)):
+                    times[f"{path}_{stage}"].append(1000 * took)
+    out = {k: statistics.median(v) for k, v in times.items()}
+    for path in ("reduced", "full"):
+        out[f"{path}_total"] = sum(out[f"{path}_{s}"] for s in ("decode", "hashes", "thumb"))
+    out["speedup"] = out["full_total"] / out["reduced_total"]
+    return out
+
+
+def bench_ingest(n_images: int, size: tuple[int, int] = (3000, 2000), repeat: int = 3) -> dict[str, float]:
+    """Print the ingest figures; return them for bench/report.py."""
+    print(f"== ingest into the folder target: {n_images} distinct {size[0]}x{size[1]} JPEGs (quality 92)")
+    payloads = [T.encode(T.photo(1000 + i, size), quality=92) for i in range(n_images)]
+    limits = Limits()
+    stages = stage_costs(payloads[: min(4, n_images)], repeat)
+    with tempfile.TemporaryDirectory() as tmp:
         target = FolderTarget(Path(tmp) / "inproc")
         ing = Ingester(Catalogue(target.catalogue_path), target)
         per = []
@@ -86,10 +128,47 @@ def bench_ingest(n_images: int) -> None:
         server.stop()
         thread.join()
         ing.close()
-    print(f"  stages (median of 5): decode+checks {t_check:.1f} ms, hashes+signature {t_fp:.1f} ms, thumbnail {t_thumb:.1f} ms")
+    print(f"  per image, median, side by side on the same files ({repeat} rounds):")
+    print(f"  {'':>20}  {'decode+checks':>13}  {'hashes':>7}  {'thumbnail':>9}  {'total':>7}")
+    for path, label in (("reduced", "one reduced decode"), ("full", "full decode (old)")):
+        print(f"  {label:>20}  {stages[path + '_decode']:10.1f} ms  {stages[path + '_hashes']:4.1f} ms"
+              f"  {stages[path + '_thumb']:6.1f} ms  {stages[path + '_total']:4.1f} ms")
+    print(f"  speed-up of decode+hashes+thumbnail: {stages['speedup']:.2f}x")
     print(f"  in-process ingest: {inproc:.2f} images/s (median {1000 * statistics.median(per):.1f} ms per image)")
     print(f"  through the ZeroMQ service: {over_zmq:.2f} images/s  (ratio to in-process {over_zmq / inproc:.2f})")
     print(f"  redelivery (duplicate by key): {redeliver:.1f} images/s  ({redeliver / over_zmq:.0f}x a new image)")
+    return {
+        "ingest_reduced_ms": round(stages["reduced_total"], 1),
+        "ingest_full_decode_ms": round(stages["full_total"], 1),
+        "ingest_decode_speedup": round(stages["speedup"], 2),
+        "thumbnail_reduced_ms": round(stages["reduced_thumb"], 1),
+        "thumbnail_full_decode_ms": round(stages["full_thumb"], 1),
+        "ingest_inproc_img_s": round(inproc, 2),
+        "ingest_zmq_img_s": round(over_zmq, 2),
+    }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (lscpu's), for the report."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def collect(quick: bool) -> dict[str, float | str]:
+    """The ingest figures for bench/report.py: quick=True runs in seconds (small images, few rounds)."""
+    if quick:
+        figures: dict[str, float | str] = dict(bench_ingest(2, (3000, 2000), repeat=1))
+    else:
+        figures = dict(bench_ingest(12, (3000, 2000), repeat=3))
+    figures["cpu"] = cpu_model()
+    return figures
 
 
 def bench_lookup(sizes: list[int]) -> None:
@@ -146,10 +225,12 @@ def bench_lookup(sizes: list[int]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=24, help="images for the ingest benchmark")
+    ap.add_argument("--images", type=int, default=12, help="images for the ingest benchmark")
+    ap.add_argument("--size", default="3000x2000", help="photo size WxH for the ingest benchmark")
     ap.add_argument("--sizes", default="10000,100000,1000000", help="index sizes for the lookup benchmark")
     args = ap.parse_args()
-    bench_ingest(args.images)
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores")
+    bench_ingest(args.images, tuple(int(x) for x in args.size.lower().split("x")))  # type: ignore[arg-type]
     bench_lookup([int(x) for x in args.sizes.split(",")])
     return 0
 
