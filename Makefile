@@ -54,9 +54,9 @@ up: setup
 demo: setup-runtime
 	$(PY) -m stack.demo
 
-## bench: every benchmark; each prints side-by-side ratios from one run
+## bench: every benchmark in one run, one markdown table with the CPU and issue 14's goals (bench/report.py)
 bench: setup
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	$(PY) bench/report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
