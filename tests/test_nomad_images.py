@@ -53,6 +53,27 @@ def test_large_jpeg_draft_mode_close_to_full_decode() -> None:
     assert diff < 2.0, f"draft decode drifted {diff:.2f} levels from the full decode"
 
 
+def test_3000x2000_jpeg_is_draft_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A common camera size (short side < 2x wire) is decoded at 1/2 scale, not at full size."""
+    from PIL import ImageFile
+
+    data = gen.picture(3000, 2000, "jpeg", 8)
+    sizes: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+
+    def load(self: ImageFile.ImageFile):  # type: ignore[no-untyped-def]
+        sizes.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    d = decode(data)
+    monkeypatch.undo()
+    assert sizes and sizes[0] == (1500, 1000)
+    assert (d.width, d.height) == (3000, 2000)
+    full = to_wire(Image.open(io.BytesIO(data)))
+    assert np.abs(d.wire.astype(int) - full.astype(int)).mean() < 1.0
+
+
 def test_pixel_bomb_rejected_before_decoding() -> None:
     bomb = gen.pixel_bomb(100_000, 100_000)
     assert len(bomb) < 10_000
