@@ -16,6 +16,12 @@ bench/anti_sus.py's code into .cache/bench-anti-sus).
 
     .venv/bin/python bench/e2e.py                  # 64 images, 3 rounds
     .venv/bin/python bench/e2e.py --images 32 --rounds 2
+    .venv/bin/python bench/e2e.py --tiny --profile /tmp/e2e-prof   # where nomad's time goes
+
+``collect(quick)`` returns the figures for bench/report.py (quick: tiny models,
+a few small photos, seconds). ``--profile DIR`` runs nomad under cProfile in the
+last round and prints its top functions by cumulative time (the gallery's own
+per-ingest time is in its log, ``gallery_bridge_ingest_seconds``).
 """
 from __future__ import annotations
 
@@ -65,66 +71,112 @@ def wire_batch(emu: Emulator, n: int) -> np.ndarray:
     return np.stack(out)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--size", default="3000x2000", help="photo size WxH")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="ONNX Runtime threads in anti_sus")
-    ap.add_argument("--models", type=Path, default=REPO / ".cache" / "bench-anti-sus")
-    args = ap.parse_args()
-    size = tuple(int(x) for x in args.size.lower().split("x"))
-    if not (args.models / "manifest.json").is_file():
-        args.models.mkdir(parents=True, exist_ok=True)
-        build_models(args.models, args.threads, 256)
+def measure(images: int, rounds: int, size: tuple[int, int], threads: int, models: Path, *,
+            tiny: bool = False, profile: Path | None = None) -> dict[str, float]:
+    """Median img/s of anti_sus alone and of the whole path, measured in interleaved rounds."""
+    if not (models / "manifest.json").is_file():
+        models.mkdir(parents=True, exist_ok=True)
+        if tiny:
+            from models import tiny as tiny_models
 
+            tiny_models.build(models, threads=threads)
+        else:
+            build_models(models, threads, 256)
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     a_ep, g_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    anti = Service("anti_sus", python_module("anti_sus", "serve", "--models", str(args.models), "--bind", a_ep,
-                                             "--threads", str(args.threads)), work / "anti_sus.log").start()
+    anti = Service("anti_sus", python_module("anti_sus", "serve", "--models", str(models), "--bind", a_ep,
+                                             "--threads", str(threads)), work / "anti_sus.log").start()
     e2e_rates: list[float] = []
     alone_rates: list[float] = []
     try:
-        with Emulator(scenario_of(args.images, size), rate_limit=10_000) as emu:
-            batch = wire_batch(emu, args.images)
+        with Emulator(scenario_of(images, size), rate_limit=10_000) as emu:
+            batch = wire_batch(emu, images)
             with FilterClient(a_ep, timeout=600, retries=0) as client:
                 wait_until(lambda: _pings(client), 120, 0.5, "anti_sus")
                 client.filter(batch[:2], **_permissive())  # warm-up: first ORT runs allocate
-                for r in range(args.rounds):
+                for r in range(rounds):
                     t = time.perf_counter()
-                    for i in range(0, args.images, 32):
+                    for i in range(0, images, 32):
                         client.filter(batch[i:i + 32], **_permissive())
-                    alone_rates.append(args.images / (time.perf_counter() - t))
+                    alone_rates.append(images / (time.perf_counter() - t))
 
                     gallery_dir, state = work / f"gallery{r}", work / f"state{r}"
                     gal = Service("gallery_bridge", python_module("gallery_bridge", "serve", "--bind", g_ep, "--target",
                                                                   f"folder:{gallery_dir}"), work / f"gallery{r}.log").start()
                     try:
-                        cmd = python_module("nomad", "once", *emu.nomad_args(), *PERMISSIVE, "--state-dir", str(state),
-                                            "--anti-sus", a_ep, "--gallery", g_ep, "--batch-size", "32",
-                                            "--workers", "4", "--log-format", "json")
+                        prof = ["-m", "cProfile", "-o", str(profile / "nomad.prof")] if profile and r == rounds - 1 else []
+                        cmd = [sys.executable, *prof, "-m", "nomad", "once", *emu.nomad_args(), *PERMISSIVE,
+                               "--state-dir", str(state), "--anti-sus", a_ep, "--gallery", g_ep, "--batch-size", "32",
+                               "--workers", "4", "--log-format", "json"]
                         t = time.perf_counter()
-                        proc = subprocess.run(cmd, env={**os.environ, **emu.nomad_env()}, capture_output=True, text=True, timeout=1800)
+                        proc = subprocess.run(cmd, env={**os.environ, **emu.nomad_env()}, capture_output=True, text=True,
+                                              timeout=1800)
                         took = time.perf_counter() - t
                     finally:
                         gal.stop()
                     if proc.returncode != 0:
-                        print(proc.stderr[-3000:])
-                        return 1
+                        raise RuntimeError(f"nomad once failed:\n{proc.stderr[-3000:]}")
                     got = _delivered(state)
-                    if got != args.images:
-                        print(f"round {r}: nomad delivered {got} of {args.images} images; see {work}")
-                        return 1
-                    e2e_rates.append(args.images / took)
-                    print(f"round {r + 1}: anti_sus alone {alone_rates[-1]:.2f} img/s, e2e {e2e_rates[-1]:.2f} img/s", flush=True)
+                    if got != images:
+                        raise RuntimeError(f"round {r}: nomad delivered {got} of {images} images; see {work}")
+                    e2e_rates.append(images / took)
+                    print(f"round {r + 1}: anti_sus alone {alone_rates[-1]:.2f} img/s, e2e {e2e_rates[-1]:.2f} img/s",
+                          flush=True)
     finally:
         anti.stop()
-    a, e = statistics.median(alone_rates), statistics.median(e2e_rates)
-    print(f"\n{args.images} photos {size[0]}x{size[1]}, {args.rounds} rounds, {os.cpu_count()} cores, medians:")
-    print(f"  anti_sus alone (client -> server, wire batches of 32): {a:7.2f} img/s")
-    print(f"  end to end (nomad once -> anti_sus -> gallery_bridge):  {e:7.2f} img/s")
-    print(f"  ratio e2e / anti_sus alone: {e / a:.2f}")
     shutil.rmtree(work, ignore_errors=True)
+    a, e = statistics.median(alone_rates), statistics.median(e2e_rates)
+    return {"anti_sus_alone_img_s": round(a, 2), "e2e_img_s": round(e, 2), "e2e_ratio": round(e / a, 3)}
+
+
+def print_profile(path: Path, top: int = 25) -> None:
+    import pstats
+
+    pstats.Stats(str(path)).sort_stats("cumulative").print_stats(top)
+
+
+def collect(quick: bool) -> dict[str, float | str]:
+    """The e2e figures for bench/report.py; quick=True: tiny models and 8 photos of 1200x800, one round."""
+    from bench.gallery import cpu_model
+
+    threads = os.cpu_count() or 2
+    if quick:
+        with tempfile.TemporaryDirectory(prefix="bench-e2e-tiny-") as models:
+            figures: dict[str, float | str] = dict(measure(8, 1, (1200, 800), threads, Path(models), tiny=True))
+    else:
+        figures = dict(measure(64, 3, (3000, 2000), threads, REPO / ".cache" / "bench-anti-sus"))
+    figures["cpu"] = cpu_model()
+    return figures
+
+
+def main() -> int:
+    from bench.gallery import cpu_model
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--size", default="3000x2000", help="photo size WxH")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="ONNX Runtime threads in anti_sus")
+    ap.add_argument("--models", type=Path, default=None,
+                    help="model directory (default .cache/bench-anti-sus, or .cache/bench-e2e-tiny with --tiny)")
+    ap.add_argument("--tiny", action="store_true", help="tiny models: shows the cost of everything but the models")
+    ap.add_argument("--profile", type=Path, default=None, help="run nomad under cProfile in the last round; DIR for the file")
+    args = ap.parse_args()
+    size = tuple(int(x) for x in args.size.lower().split("x"))
+    models = args.models or REPO / ".cache" / ("bench-e2e-tiny" if args.tiny else "bench-anti-sus")
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    try:
+        fig = measure(args.images, args.rounds, size, args.threads, models, tiny=args.tiny, profile=args.profile)
+    except RuntimeError as exc:
+        print(f"bench/e2e.py: {exc}", file=sys.stderr)
+        return 1
+    print(f"\n{args.images} photos {size[0]}x{size[1]}, {args.rounds} rounds, {cpu_model()}, {os.cpu_count()} cores, medians:")
+    print(f"  anti_sus alone (client -> server, wire batches of 32): {fig['anti_sus_alone_img_s']:7.2f} img/s")
+    print(f"  end to end (nomad once -> anti_sus -> gallery_bridge):  {fig['e2e_img_s']:7.2f} img/s")
+    print(f"  ratio e2e / anti_sus alone: {fig['e2e_ratio']:.2f}")
+    if args.profile:
+        print_profile(args.profile / "nomad.prof")
     return 0
 
 
