@@ -50,7 +50,9 @@ def fake_benchmarks(folder: Path) -> None:
     (folder / "anti_sus.py").write_text("def collect(quick):\n    print('noise on stdout')\n"
                                         "    return {'int8_vs_upstream_fp32': 1.5}\n")
     (folder / "anti_sus_memory.py").write_text(
-        "def collect(quick):\n    return {'peak_rss_mb_fp32_batch32_budget': 1200.0, 'peak_rss_mb_int8_batch32_budget': 500.0,\n"
+        "def collect(quick):\n    return {'default_batch': 32.0, 'cpu': 'X',\n"
+        "            'peak_rss_mb_fp32_batch32_budget': 1200.0, 'peak_rss_mb_int8_batch32_budget': 500.0,\n"
+        "            'peak_rss_mb_fp32_batch8_budget': 900.0, 'peak_rss_mb_fp32_batch32_old': 2000.0,\n"
         "            'peak_rss_mb_fp32_batch1_budget': 700.0, 'throughput_budgeted_vs_unbudgeted': 0.97,\n"
         "            'scores_identical': 'yes'}\n")
     (folder / "gallery.py").write_text("def collect(quick):\n    raise RuntimeError('disk full')\n")
@@ -71,6 +73,9 @@ def test_one_table_with_goals_and_skips(tmp_path: Path) -> None:
     assert "| anti_sus_memory: peak_rss_mb_fp32_batch32_budget | 1,200 | <= 1000 MB | **no** |" in lines
     assert "| anti_sus_memory: peak_rss_mb_int8_batch32_budget | 500 | <= 600 MB | yes |" in lines
     assert "| anti_sus_memory: peak_rss_mb_fp32_batch1_budget | 700 | - | - |" in lines
+    assert "| anti_sus_memory: peak_rss_mb_fp32_batch8_budget | 900 | - | - |" in lines  # not the default batch
+    assert "| anti_sus_memory: peak_rss_mb_fp32_batch32_old | 2,000 | - | - |" in lines  # the baseline: no goal
+    assert not any(line.startswith("| anti_sus_memory: cpu |") for line in lines)  # the header says it
     assert "| anti_sus_memory: throughput_budgeted_vs_unbudgeted | 0.97 | >= 0.95 (at most 5% slower) | yes |" in lines
     assert "- bench/gallery.py: collect failed (RuntimeError: disk full)" in lines
     assert "- bench/dupskip.py: has no collect(quick), skipped" in lines
