@@ -24,8 +24,10 @@ Manifest layout::
     }
 
 Artifact names the server knows (``ARTIFACTS``): ``clip``, ``clip_int8``,
-``gmm``, ``gmm_meta``, ``watermark``. ``clip``, ``gmm`` and ``gmm_meta`` are
-required; the rest are optional.
+``gmm``, ``gmm_meta``, ``watermark``, ``watermark_int8``. ``clip``, ``gmm`` and
+``gmm_meta`` are required; the rest are optional. An int8 entry carries the
+report of the int8 gate (``provenance.gate``, written by ``models.quantize``);
+:func:`int8_unusable` says whether it may be served by default.
 """
 from __future__ import annotations
 
@@ -44,10 +46,11 @@ FORMAT = 1
 # name -> (default file name, command that builds it)
 ARTIFACTS: dict[str, tuple[str, str]] = {
     "clip": ("clip_visual.onnx", "python -m models.export_clip --out DIR --pretrained openai"),
-    "clip_int8": ("clip_visual.int8.onnx", "python -m models.export_clip --out DIR --pretrained openai --int8"),
+    "clip_int8": ("clip_visual.int8.onnx", "python -m models.quantize --models DIR --images GOOD_IMAGES"),
     "gmm": ("gmm.npz", "python -m models.fit_gmm --models DIR --images GOOD_IMAGES"),
     "gmm_meta": ("gmm.json", "python -m models.fit_gmm --models DIR --images GOOD_IMAGES"),
     "watermark": ("watermark.onnx", "python -m models.export_watermark --weights WEIGHTS --out DIR"),
+    "watermark_int8": ("watermark.int8.onnx", "python -m models.quantize --models DIR --images IMAGES --target watermark"),
 }
 REQUIRED = ("clip", "gmm", "gmm_meta")
 TINY_HINT = "python -m models.tiny --out DIR  (small random models for tests and the offline demo)"
@@ -167,3 +170,36 @@ def write_manifest(directory: str | os.PathLike[str], artifacts: Mapping[str, Ma
     # 0644: the server may run as another user (containers).
     atomic_write(d / MANIFEST, data.encode("utf-8"), mode=0o644)
     return d / MANIFEST
+
+
+def int8_unusable(arts: Mapping[str, Any], name: str = "clip_int8", base: str = "clip") -> str:
+    """Why the int8 variant ``name`` must not be served by default ("" when it may).
+
+    It may when its gate passed, it was quantized from the ``base`` now in the
+    directory, and (for CLIP) the gate checked the decisions of the GMM now in
+    the directory: a refitted GMM or a re-exported CLIP makes the check stale.
+    ``arts`` maps names to manifest entries or :class:`Artifact`.
+    """
+    def entry(n: str) -> Mapping[str, Any]:
+        a = arts.get(n)
+        return a.entry if isinstance(a, Artifact) else (a or {})
+
+    e = entry(name)
+    if not e:
+        return f"no {name} artifact"
+    prov = e.get("provenance") or {}
+    gate = prov.get("gate") if isinstance(prov.get("gate"), dict) else None
+    if gate is None:
+        return f"{name} has no int8 gate report (built by an older tool)"
+    if gate.get("passed") is not True:
+        return f"{name} did not pass the int8 gate"
+    if prov.get("fp32_sha256") != entry(base).get("sha256"):
+        return f"{name} was quantized from another {base} model"
+    if base == "clip":
+        gmm_sha = entry("gmm").get("sha256")
+        checked = [d for d in gate.get("decisions") or [] if isinstance(d, dict) and d.get("name") == "gmm"]
+        if not checked:
+            return f"the int8 gate of {name} did not check GMM decisions (no GMM at export time)"
+        if checked[0].get("gmm_sha256") != gmm_sha:
+            return f"the int8 gate of {name} checked another GMM (refitted since)"
+    return ""

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import __version__
 from .defaults import DEFAULT_MEMORY_BUDGET, DEFAULT_WATERMARK_THRESHOLD
-from .modeldir import ModelDirError, build_hint, open_model_dir
+from .modeldir import Artifact, ModelDirError, build_hint, int8_unusable, open_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,37 @@ def _load(name: str, d: Path, make: Any) -> Any:
                             f"rebuild it with: {build_hint(name, d)}") from None
 
 
+def _choose_clip(d: Path, arts: dict[str, Artifact], int8: bool, fp32: bool) -> tuple[str, str]:
+    """(artifact to serve, note for the log): int8 by default when its gate allows, fp32 when asked or not allowed."""
+    if int8 and fp32:
+        raise ModelDirError("--int8 (require the int8 CLIP) and --fp32 (refuse it) contradict each other; give one")
+    if fp32:
+        return "clip", ("fp32 CLIP served (--fp32)" if "clip_int8" in arts else "")
+    why = int8_unusable(arts)
+    if not why:
+        return "clip_int8", ""
+    if not int8:
+        hint = build_hint("clip_int8", d)
+        return "clip", ("" if "clip_int8" not in arts and why.startswith("no ") else
+                        f"fp32 CLIP served: {why}; rerun the int8 gate: {hint}")
+    if "clip_int8" not in arts:
+        raise ModelDirError(f"--int8 asked for, but {d} has no clip_int8 artifact; build it with: {build_hint('clip_int8', d)}")
+    fp32_sha = (arts["clip_int8"].entry.get("provenance") or {}).get("fp32_sha256")
+    if fp32_sha is not None and fp32_sha != arts["clip"].sha256:
+        raise ModelDirError(f"--int8 asked for, but {d}'s clip_int8 was quantized from another clip model; "
+                            f"rebuild it with: {build_hint('clip_int8', d)}")
+    return "clip_int8", (f"int8 CLIP served because --int8 requires it, although {why}; the GMM was fitted on fp32 "
+                         "features: re-check the threshold with `anti-sus tune`")
+
+
+def _gate_summary(arts: dict[str, Artifact], name: str) -> dict[str, object] | None:
+    """The int8 gate's headline figures for ``info`` (None when fp32 is served)."""
+    if name != "clip_int8":
+        return None
+    gate = (arts[name].entry.get("provenance") or {}).get("gate") or {}
+    return {k: gate.get(k) for k in ("method", "speedup", "cosine_min", "agreement", "n_held_out")}
+
+
 class Pipeline:
     """The real stages, loaded from a model directory verified against its manifest."""
 
@@ -181,7 +212,7 @@ class Pipeline:
         self.details = details
 
     @classmethod
-    def load(cls, models: str | Path, *, int8: bool = False, no_watermark: bool = False, threads: int = 0,
+    def load(cls, models: str | Path, *, int8: bool = False, fp32: bool = False, no_watermark: bool = False, threads: int = 0,
              max_batch: int = 32, gmm_threshold: float | None = None,
              watermark_threshold: float = DEFAULT_WATERMARK_THRESHOLD,
              memory_budget: int | None = DEFAULT_MEMORY_BUDGET) -> "Pipeline":
@@ -197,11 +228,9 @@ class Pipeline:
         d = Path(models)
         arts = open_model_dir(d)
         notes: list[str] = []
-        clip_name = "clip"
-        if int8:
-            if "clip_int8" not in arts:
-                raise ModelDirError(f"--int8 asked for, but {d} has no clip_int8 artifact; build it with: {build_hint('clip_int8', d)}")
-            clip_name = "clip_int8"
+        clip_name, int8_note = _choose_clip(d, arts, int8, fp32)
+        if int8_note:
+            notes.append(int8_note)
         try:
             meta = json.loads(arts["gmm_meta"].path.read_text("utf-8"))
         except (OSError, ValueError) as exc:
@@ -212,8 +241,6 @@ class Pipeline:
                 f"the GMM in {d} was fitted on features of another CLIP model (sha256 {str(fitted_on)[:12]}…, "
                 f"this directory's clip is {arts['clip'].sha256[:12]}…); refit it with: {build_hint('gmm', d)}"
             )
-        if int8:
-            notes.append("int8 CLIP in use; the GMM was fitted on fp32 CLIP features, so scores shift slightly: re-check the threshold with `anti-sus tune --int8`")
         suggested = meta.get("suggested_threshold")
         if gmm_threshold is None:
             if not isinstance(suggested, (int, float)) or isinstance(suggested, bool):
@@ -235,7 +262,8 @@ class Pipeline:
                                                                                  threads, max_batch, memory_budget))
         details = {
             "models_dir": str(d.resolve()),
-            "clip": {"artifact": clip_name, "file": arts[clip_name].path.name, "sha256": arts[clip_name].sha256,
+            "clip": {"artifact": clip_name, "variant": "int8" if clip_name == "clip_int8" else "fp32",
+                     "int8_gate": _gate_summary(arts, clip_name), "file": arts[clip_name].path.name, "sha256": arts[clip_name].sha256,
                      "dim": clip.dim, "input_size": clip.spec.size, "memory": clip.memory_info()},
             "gmm": {"file": arts["gmm"].path.name, "sha256": arts["gmm"].sha256, "dim": int(gmm.dim),
                     "fitted_on_clip_sha256": fitted_on, "suggested_threshold": suggested},

@@ -1,11 +1,13 @@
 """Export an open_clip visual tower to ONNX (``clip_visual.onnx``), L2-normalised inside the graph.
 
     python -m models.export_clip --out var/models --pretrained openai          # operator, with internet
-    python -m models.export_clip --out /tmp/m --pretrained none --int8     # random weights, offline
+    python -m models.export_clip --out /tmp/m --pretrained none           # random weights, offline
+    python -m models.export_clip --out var/models --images ~/good-photos   # int8 gated on real images
 
 Artifact contract: input ``image`` float32[N,3,S,S] (S from the model, 224 for
 ViT-B-16), output ``features`` float32[N,D] with unit L2 norm. The parity gate
 compares ONNX Runtime with torch on the same tensors; failing it exits non-zero.
+By default ``clip_int8`` is built too, through the int8 gate of ``models.quantize``.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from anti_sus.modeldir import ARTIFACTS, artifact_entry, write_manifest
 from anti_sus.preprocess import CLIP_SPEC, PreprocessSpec
 
 from ._cli import EnvParser, UserError, run_main
-from .onnx_export import MAX_ABS, MIN_COSINE, OPSET, compare, example_input, export_onnx, run_onnx, utc_now, versions
+from .onnx_export import MAX_ABS, MIN_COSINE, OPSET, example_input, export_onnx, run_onnx, utc_now, versions
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +81,36 @@ def build_visual(arch: str = DEFAULT_ARCH, pretrained: str | None = None, vision
     return visual.eval(), spec
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, size: int, threads: int = 1) -> float:
-    """``quantize_dynamic`` (int8 weights) and the lowest cosine against fp32 on the same input."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def gate_int8(out: Path, spec: PreprocessSpec, images: Path | None = None, threads: int = 1,
+              write: bool = True) -> tuple[Any, dict[str, Any] | None]:
+    """Run the int8 gate (``models.quantize``) on the fresh ``clip``; returns (report, entry or None).
 
-    quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
-    x = example_input(4, size, seed=2)
-    cos, _ = compare(run_onnx(fp32_path, x, threads), run_onnx(int8_path, x, threads))
-    return cos
+    With ``images`` (real photos, e.g. the taste images) they calibrate and judge
+    the variants; without, procedural images do and the report says so. The GMM
+    decision is checked only when a GMM fitted on this very clip is in ``out``
+    (at first export there is none: ``stack.ensure_models`` and
+    ``python -m models.quantize`` rerun the gate after the fit, see docs/models.md).
+    """
+    from . import quantize, synth
+    from anti_sus.preprocess import model_input, stack_wire
+
+    decisions = [d for d in [quantize.gmm_decision(out)] if d is not None]
+    if images is not None:
+        from .fit_gmm import find_images
+
+        calib, held = quantize.split(find_images(images))
+        cx, hx = quantize.load_inputs(calib, spec), quantize.load_inputs(held, spec)
+        what = f"{len(hx)} held out / {len(cx)} calibration of the images under {images}"
+    else:
+        x = model_input(stack_wire(synth.backgrounds(48, seed=7, size=256)), spec)
+        ci, hi = quantize.split(list(range(len(x))))
+        cx, hx = x[ci], x[hi]
+        what = f"{len(hx)} held out / {len(cx)} calibration procedural images (models.synth; no real images given)"
+    return quantize.build_int8(out, "clip", cx, hx, decisions, images=what, threads=threads, write=write)
 
 
 def export_clip(out: Path, *, arch: str = DEFAULT_ARCH, pretrained: str | None = None, int8: bool = False,
+                images: Path | None = None,
                 opset: int = OPSET, min_cosine: float = MIN_COSINE, max_abs: float = MAX_ABS, threads: int = 1,
                 vision_cfg: dict[str, Any] | None = None, embed_dim: int | None = None, seed: int = 0,
                 write: bool = True) -> dict[str, dict[str, Any]]:
@@ -119,17 +140,14 @@ def export_clip(out: Path, *, arch: str = DEFAULT_ARCH, pretrained: str | None =
         "created": utc_now(),
     }
     entries = {"clip": artifact_entry(out, CLIP_FILE, kind="onnx", **io, provenance=provenance)}
-    if int8:
-        cos = quantize_int8(out / CLIP_FILE, out / CLIP_INT8_FILE, spec.size, threads)
-        log.info("int8 variant %s: cosine vs fp32 %.5f", out / CLIP_INT8_FILE, cos)
-        print(f"int8: cosine vs fp32 = {cos:.5f}")
-        entries["clip_int8"] = artifact_entry(
-            out, CLIP_INT8_FILE, kind="onnx", **io,
-            provenance={**provenance, "tool": "models.export_clip --int8 (onnxruntime quantize_dynamic, QInt8 weights)",
-                        "cosine_vs_fp32": round(cos, 6)},
-        )
     if write:
         write_manifest(out, entries)
+    if int8:
+        # The gate reads the manifest's clip entry, so it runs after the fp32 entry is written.
+        report, entry = gate_int8(out, spec, images, threads, write)
+        print(report.summary())
+        if entry is not None:
+            entries["clip_int8"] = entry
     return entries
 
 
@@ -139,7 +157,11 @@ def parser() -> EnvParser:
     p.add_env("--pretrained", default="none",
               help="open_clip pretrained tag (e.g. openai, laion2b_s34b_b88k; downloads) or 'none' for random weights")
     p.add_env("--seed", type=int, default=0, help="seed for random weights (--pretrained none)")
-    p.add_env("--int8", action="store_true", help="also write a quantize_dynamic int8 variant and report its cosine")
+    p.add_env("--int8", action="store_true", default=True,
+              help="also build clip_int8 through the int8 gate (models.quantize: dynamic and static QDQ, the fastest "
+                   "variant with parity on held-out images is kept); --no-int8 skips it")
+    p.add_env("--images", type=Path, default=None,
+              help="real images (e.g. the taste images) that calibrate and judge the int8 variants (default: procedural images)")
     p.add_export()
     return p
 
@@ -147,7 +169,7 @@ def parser() -> EnvParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_export(argv)
     pretrained = None if args.pretrained.lower() in ("", "none", "random") else args.pretrained
-    entries = export_clip(args.out, arch=args.arch, pretrained=pretrained, int8=args.int8, opset=args.opset,
+    entries = export_clip(args.out, arch=args.arch, pretrained=pretrained, int8=args.int8, images=args.images, opset=args.opset,
                           min_cosine=args.min_cosine, max_abs=args.max_abs, threads=args.threads, seed=args.seed)
     p = entries["clip"]["provenance"]["parity"]
     print(f"wrote {args.out / CLIP_FILE}: dim {entries['clip']['output']['dim']}, parity cosine {p['cosine']}, max-abs {p['max_abs']}")

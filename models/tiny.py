@@ -48,8 +48,7 @@ def build(out: Path, seed: int = 0, n_images: int = N_IMAGES, int8: bool = False
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    export_clip(out, arch=TINY_ARCH, vision_cfg=TINY_VISION_CFG, embed_dim=TINY_EMBED_DIM, seed=seed, int8=int8,
-                threads=threads)
+    export_clip(out, arch=TINY_ARCH, vision_cfg=TINY_VISION_CFG, embed_dim=TINY_EMBED_DIM, seed=seed, threads=threads)
     clip = fit_gmm.ClipModel.from_dir(out)
     # The GMM's "good images": procedural backgrounds through to_wire -> clip_input -> ONNX, as the server sees them.
     images = synth.backgrounds(n_images, seed=seed + 1, size=256)
@@ -58,6 +57,9 @@ def build(out: Path, seed: int = 0, n_images: int = N_IMAGES, int8: bool = False
     gm, _ = fit_gmm.fit(feats, [N_COMPONENTS], "full", seed=seed, reg_covar=1e-4)
     fit_gmm.save(out, gm, feats, clip, percentile=5.0, sweep=[], seed=seed,
                  source=f"models.tiny: {n_images} procedural images (seed {seed + 1})", histogram=out / fit_gmm.HIST_FILE)
+    if int8:
+        # After the fit, as stack.ensure_models does: the gate then checks the GMM's decisions too.
+        build_int8_gated(out, images, threads)
     net = build_watermark_net(TINY_WATERMARK_ARCH, seed=seed)
     export_watermark(net, out, arch=TINY_WATERMARK_ARCH, spec=WATERMARK_SPEC, threads=threads,
                      provenance={"pretrained": "none", "seed": seed, "trained": False, "built_by": "models.tiny"})
@@ -68,12 +70,27 @@ def build(out: Path, seed: int = 0, n_images: int = N_IMAGES, int8: bool = False
     return out
 
 
+def build_int8_gated(out: Path, images: list, threads: int = 1) -> None:
+    """``clip_int8`` through the int8 gate, on the GMM's own images (calibration and held-out never overlap)."""
+    from anti_sus.preprocess import PreprocessSpec, model_input
+
+    from . import quantize
+    from .fit_gmm import ClipModel
+
+    spec = ClipModel.from_dir(out).spec
+    calib, held = quantize.split(images)
+    decision = quantize.gmm_decision(out)
+    quantize.build_int8(out, "clip", model_input(stack_wire(calib), spec), model_input(stack_wire(held), spec),
+                        [decision] if decision else [], images=f"{len(held)} held out / {len(calib)} calibration "
+                        "procedural images (the GMM's own)", threads=threads)
+
+
 def parser() -> EnvParser:
     p = EnvParser("tiny", description=__doc__.split("\n\n")[0])
     p.add_env("--out", type=Path, required=True, help="model directory to create or overwrite")
     p.add_env("--seed", type=int, default=0, help="seed for weights and generated images")
     p.add_env("--images", type=int, default=N_IMAGES, help="procedural images the GMM is fitted on")
-    p.add_env("--int8", action="store_true", help="also write the int8 CLIP variant")
+    p.add_env("--int8", action="store_true", help="also write the int8 CLIP variant (through the int8 gate of models.quantize)")
     p.add_common()
     return p
 

@@ -9,6 +9,11 @@
   ``NOMAD_CONTACT`` for Wikimedia's User-Agent rule), or with
   ``--taste-source reddit`` the top images of all time of the taste subreddits
   (default r/EarthPorn; needs reddit OAuth credentials). The log says which.
+- int8 CLIP (default; ``--no-int8`` or ``STACK_INT8=0`` skips it): after the GMM
+  fit, ``models.quantize`` builds dynamic and static int8 variants, calibrated
+  on the same good images the GMM was fitted on, and keeps the fastest whose
+  cosine and GMM decisions match fp32 on held-out images; anti_sus serves it.
+  When none passes, fp32 stays and this says why.
 - Watermark: trained by the operator (``models.train_watermark``); without it
   the watermark stage is off, and this says so loudly.
 
@@ -78,6 +83,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="fit the GMM on the gallery when it holds at least this many images [env STACK_MIN_GOOD_IMAGES]")
     g.add_argument("--components", default=_env("STACK_GMM_COMPONENTS", "16"),
                    help="GMM components (a comma list sweeps by BIC) [env STACK_GMM_COMPONENTS]")
+    g.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
+                   help="build the int8 CLIP through the parity gate after the GMM fit (default on; --no-int8 skips it) [env STACK_INT8]")
     g.add_argument("--taste-nomad-arg", action="append", default=[], metavar="ARG",
                    help="extra nomad flag for the taste download (repeatable, e.g. --taste-nomad-arg=--resolve=…)")
 
@@ -257,12 +264,63 @@ def ensure_gmm(args: argparse.Namespace) -> None:
         raise EnsureError(f"fitting the GMM failed (exit {code}); see the messages above")
 
 
+def _int8_wanted(args: argparse.Namespace) -> bool:
+    if getattr(args, "int8", None) is not None:
+        return bool(args.int8)
+    from photocore.settings import parse_bool
+
+    raw = os.environ.get("STACK_INT8") or "1"
+    try:
+        return parse_bool(raw)
+    except ValueError:
+        raise EnsureError(f"STACK_INT8={raw!r} is not a boolean (use 1/0, true/false, yes/no, on/off)") from None
+
+
+def good_images_dir(args: argparse.Namespace) -> Path | None:
+    """The folder the GMM is fitted on (the gallery when it is big enough, else the taste images), if it has images."""
+    gallery = Path(args.gallery) / "images"
+    if len(find_images(gallery)) >= args.min_good_images:
+        return gallery
+    taste = Path(args.state_dir) / "taste"
+    return taste if find_images(taste) else None
+
+
+def ensure_int8(args: argparse.Namespace) -> None:
+    """Build ``clip_int8`` through the int8 gate unless its report is current; a failed gate leaves fp32 in service."""
+    from anti_sus.modeldir import int8_unusable
+
+    models: Path = args.models
+    if not _int8_wanted(args):
+        log.info("int8 CLIP not built (--no-int8 / STACK_INT8=0): anti_sus serves fp32")
+        return
+    why = int8_unusable(read_manifest(models)["artifacts"])
+    if not why:
+        log.info("int8 CLIP present; its gate passed for this CLIP and GMM")
+        return
+    folder = good_images_dir(args)
+    if folder is None:
+        log.warning("int8 CLIP not built: no good images to calibrate and check it on; anti_sus serves fp32")
+        return
+    from models import quantize
+
+    log.info("int8 CLIP: %s; running the int8 gate on the images under %s", why, folder)
+    try:
+        report, entry = quantize.run_target(models, "clip", folder, threads=min(4, os.cpu_count() or 1))
+    except Exception as exc:  # models' UserError, ORT errors: one clear line
+        raise EnsureError(f"the int8 gate on {folder} failed: {exc} (skip it with --no-int8)") from exc
+    for line in report.summary().splitlines():
+        log.info("int8 gate: %s", line)
+    if entry is None:
+        log.warning("no int8 CLIP variant kept parity with fp32 on %s: anti_sus serves fp32", folder)
+
+
 def ensure(args: argparse.Namespace) -> None:
     """Build whatever anti_sus needs and is missing; warn loudly about the optional watermark model."""
     models: Path = args.models
     models.mkdir(parents=True, exist_ok=True)
     ensure_clip(models, args.pretrained)
     ensure_gmm(args)
+    ensure_int8(args)
     if not _have(models, ["watermark"]):
         bar = "!" * 78
         log.warning("\n%s\nNO WATERMARK MODEL in %s: the watermark stage is OFF and watermarked photos will pass.\n"

@@ -42,7 +42,9 @@ def test_gate_passes_and_batch_is_dynamic(tmp_path: Path) -> None:
     entries = export_clip(tmp_path, arch="tiny", vision_cfg=SMALL_CFG, embed_dim=TINY_EMBED_DIM, int8=True)
     prov = entries["clip"]["provenance"]
     assert prov["parity"]["cosine"] >= 0.9999 and prov["parity"]["max_abs"] <= 1e-3 and prov["opset"] >= 14
-    assert entries["clip_int8"]["provenance"]["cosine_vs_fp32"] > 0.9
+    # No GMM yet at export: the int8 gate checks cosine on procedural images only, and says so.
+    gate = entries["clip_int8"]["provenance"]["gate"]
+    assert gate["passed"] and gate["cosine_min"] >= 0.995 and gate["decisions_checked"] == [] and "procedural" in gate["images"]
     for n in (1, 5):
         out = run_onnx(tmp_path / "clip_visual.onnx", np.zeros((n, 3, 224, 224), np.float32))
         assert out.shape == (n, TINY_EMBED_DIM)

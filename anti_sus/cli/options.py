@@ -85,7 +85,9 @@ def add_models(p: argparse.ArgumentParser) -> None:
     s = settings(p)
     s.add("--models", default=DEFAULT_MODELS_DIR, help="model directory (verified against its manifest.json)")
     s.add("--threads", default=0, type=non_negative_int, help="ONNX Runtime threads per model (0: all cores)")
-    s.switch("--int8", help="use the int8-quantized CLIP if the model directory has one")
+    s.switch("--int8", help="require the int8 CLIP (clip_int8): fail without one, serve it even when its gate report "
+             "is stale; without --int8/--fp32 it is served when its gate passed for this CLIP and GMM")
+    s.switch("--fp32", negatable=False, help="refuse the int8 CLIP and serve fp32")
     s.switch("--no-watermark", negatable=False, help="run without the watermark stage")
     s.add("--memory-budget", default=DEFAULT_MEMORY_BUDGET, type=byte_size, shown="192M",
           help="bytes of activations one model call may use, e.g. 128M or 1G; each model runs its images in "
@@ -134,7 +136,7 @@ def load_pipeline(args: argparse.Namespace, gmm_threshold: float | None = None, 
     from ..pipeline import Pipeline
 
     # models_dir: the default var/models, or the old models/ folder with a notice to move it.
-    return Pipeline.load(models_dir(args.models), int8=args.int8, no_watermark=args.no_watermark, threads=args.threads,
+    return Pipeline.load(models_dir(args.models), int8=args.int8, fp32=args.fp32, no_watermark=args.no_watermark, threads=args.threads,
                          max_batch=max_batch, memory_budget=args.memory_budget, gmm_threshold=gmm_threshold,
                          watermark_threshold=DEFAULT_WATERMARK_THRESHOLD if watermark_threshold is None else watermark_threshold)
 
