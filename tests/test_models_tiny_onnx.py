@@ -19,18 +19,14 @@ from anti_sus.modeldir import open_model_dir, verify
 from anti_sus.pipeline import GOOD, OUTLIER, WATERMARK, Pipeline, Task, evaluate
 from anti_sus.preprocess import CLIP_SPEC, WATERMARK_SPEC
 from tests.conftest import REPO
+from tests.test_installed_package import torch_blocker
 
 pytestmark = pytest.mark.timeout(300)
-
-BLOCKER = 'raise ImportError("torch is blocked here: the tiny ONNX models must not need it")\n'
 
 
 def no_torch_env(tmp: Path) -> dict[str, str]:
     """This environment with a ``torch`` package that refuses to import, ahead of the venv's real one."""
-    shim = tmp / "no_torch"
-    (shim / "torch").mkdir(parents=True, exist_ok=True)
-    (shim / "torch" / "__init__.py").write_text(BLOCKER)
-    return os.environ | {"PYTHONPATH": os.pathsep.join([str(shim), str(REPO)])}
+    return os.environ | {"PYTHONPATH": os.pathsep.join([str(torch_blocker(tmp)), str(REPO)])}
 
 
 @pytest.fixture(scope="module")
