@@ -100,16 +100,17 @@ class Ingester:
             self.dedup.coarse.add_many(np.array(ids), np.array(coarse, dtype=np.int64).view(np.uint64).reshape(-1, 1))
         log.info("loaded %d hashes in %.0f ms", len(ids), 1000 * (time.perf_counter() - t0))
 
-    def known(self, key: str, data: bytes) -> Outcome | None:
+    def known(self, key: str, data: bytes, sha: str | None = None) -> Outcome | None:
         """Answer for a key or exact bytes seen before, without decoding anything.
 
         Redeliveries are the common case after a sender's retry; they are
-        answered from the catalogue in well under a millisecond.
+        answered from the catalogue in well under a millisecond. ``sha``: the
+        hex sha256 of ``data`` when the caller has it already.
         """
         known = self.catalogue.by_key(key)
         if known:
             return Outcome("duplicate", known.gallery_id, "key")
-        known = self.catalogue.by_sha256(hashlib.sha256(data).hexdigest())
+        known = self.catalogue.by_sha256(sha or hashlib.sha256(data).hexdigest())
         if known:
             self.catalogue.add_alias(key, known.entry_id, "sha256")
             return Outcome("duplicate", known.gallery_id, "sha256")
@@ -117,10 +118,11 @@ class Ingester:
 
     def ingest(self, key: str, meta: Meta, image: CheckedImage, features: np.ndarray | None = None,
                *, min_side: int = 0) -> Outcome:
-        seen = self.known(key, image.data)
+        # One sha256 of the bytes (tens of MB for a large PNG) serves the check and the row.
+        sha = hashlib.sha256(image.data).hexdigest()
+        seen = self.known(key, image.data, sha)
         if seen:
             return seen
-        sha = hashlib.sha256(image.data).hexdigest()
         if min(image.width, image.height) < min_side:
             return Outcome("rejected", None, "too_small", f"{image.width}x{image.height} is below the {min_side} px minimum side")
         fp = fingerprint(image.image)
