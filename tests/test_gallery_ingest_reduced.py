@@ -179,3 +179,18 @@ def test_hostile_large_images_still_refused(big_jpegs: list[bytes]) -> None:
     with pytest.raises(ProtocolError) as err:
         check_image(data, Limits(max_pixels=BIG[0] * BIG[1] - 1))  # the cap is on the full size
     assert err.value.code == "too_large"
+
+
+def test_bench_collect_quick_reports_both_paths() -> None:
+    """bench/gallery.py's collect() (read by bench/report.py) measures both decodes side by side."""
+    import sys
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    from bench import gallery as bench_gallery
+
+    figures = bench_gallery.collect(True)
+    for key in ("ingest_reduced_ms", "ingest_full_decode_ms", "ingest_decode_speedup", "ingest_inproc_img_s"):
+        assert isinstance(figures[key], float) and figures[key] > 0, key
+    assert isinstance(figures["cpu"], str) and figures["cpu"]
