@@ -1,4 +1,4 @@
-"""Benchmark: anti_sus peak memory (RSS), for docs/anti_sus.md. Memory only, no timing claims.
+"""Benchmark: anti_sus peak memory (RSS), for docs/anti_sus.md.
 
 1. Decoding: peak RSS of ``load_image`` + ``to_wire`` on a 16-bit greyscale PNG
    (6000x6500 by default, a smooth gradient, so the file is small), each in a
@@ -11,9 +11,21 @@
    ``--max-queued-bytes`` values, with how many requests were served or answered busy.
    The peak is the bound plus what ZeroMQ holds while receiving (each incoming
    message is allocated whole, so up to one request per client sending at once).
+3. Models: the server's pipeline with real-size models (CLIP ViT-B/16 +
+   tf_efficientnetv2_b0, random weights, built once into .cache/bench-anti-sus-memory),
+   each configuration in a fresh process: peak RSS (VmHWM) and RSS after the
+   batch, at batch 1 and at the default batch (32, the watermark stage on every
+   image), fp32 and int8 CLIP, with the default ``--memory-budget``, and the old
+   way (one call per request, arena keeping its peak) for comparison; then the
+   throughput of budgeted vs unbudgeted pipelines in one process, interleaved
+   round by round (the only timing here: a ratio, which survives a shared machine).
 
-    .venv/bin/python bench/anti_sus_memory.py                  # both parts
-    .venv/bin/python bench/anti_sus_memory.py --skip-queue     # decoding only (needs ~1.5 GB free)
+    .venv/bin/python bench/anti_sus_memory.py                  # all parts
+    .venv/bin/python bench/anti_sus_memory.py --skip-queue     # decoding and models (needs ~3.5 GB free)
+    .venv/bin/python bench/anti_sus_memory.py --skip-decode --skip-queue   # models only
+
+``collect(quick)`` returns the models part's figures for bench/report.py
+(quick=True: tiny models, seconds, for a test).
 
 Part 2 holds up to ~3.5 GB in the unbounded case; run it on a machine with that much free.
 """
@@ -23,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import signal
 import subprocess
 import sys
@@ -97,6 +110,139 @@ print(server.bind()[0], flush=True)
 signal.signal(signal.SIGTERM, lambda *_: server.stop())
 server.serve_forever()
 """
+
+MODELS_CHILD = r"""
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from anti_sus.pipeline import Pipeline, Task, evaluate
+from anti_sus.stages import onnx as onnx_stage
+
+def kb(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+models, precision, batch, budget, rounds = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+if budget == "old":  # before: one model call per request and an arena that keeps its peak
+    onnx_stage.SHRINK_ARENA = None
+pipe = Pipeline.load(models, int8=precision == "int8", fp32=precision != "int8", threads=int(sys.argv[7]), max_batch=32,
+                     memory_budget=None if budget == "old" else int(budget), gmm_threshold=float("-inf"))
+images = np.random.default_rng(0).integers(0, 256, (batch, 512, 512, 3), np.uint8)
+loaded = kb("VmRSS:")
+for _ in range(rounds):
+    evaluate(pipe, [Task(images, float("-inf"), 0.5)], watermark_all=True)
+print(json.dumps({"loaded": loaded, "peak": kb("VmHWM:"), "after": kb("VmRSS:"),
+                  "sub_batch": [pipe.clip.sub_batch, pipe.watermark.sub_batch]}))
+"""
+
+SPEED_CHILD = r"""
+import json, sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from anti_sus.pipeline import Pipeline, Task, evaluate
+from anti_sus.stages import onnx as onnx_stage
+
+models, batch, rounds, threads = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+shrink = onnx_stage.SHRINK_ARENA
+pipes = {"budgeted": Pipeline.load(models, int8=False, threads=threads, max_batch=32, gmm_threshold=float("-inf")),
+         "unbudgeted": Pipeline.load(models, int8=False, threads=threads, max_batch=32, memory_budget=None,
+                                     gmm_threshold=float("-inf"))}
+images = np.random.default_rng(1).integers(0, 256, (batch, 512, 512, 3), np.uint8)
+times = {k: [] for k in pipes}
+out = {}
+for r in range(rounds + 1):  # round 0 warms both up
+    for name, pipe in (pipes.items() if r % 2 else reversed(pipes.items())):
+        onnx_stage.SHRINK_ARENA = shrink if name == "budgeted" else None  # unbudgeted = the old arena too
+        t0 = time.perf_counter()
+        o = evaluate(pipe, [Task(images, float("-inf"), 0.5)], watermark_all=True)[0]
+        if r:
+            times[name].append(time.perf_counter() - t0)
+        out[name] = o
+same = bool(np.array_equal(out["budgeted"].gmm, out["unbudgeted"].gmm)
+            and np.array_equal(out["budgeted"].watermark, out["unbudgeted"].watermark))
+print(json.dumps({"times": times, "identical": same}))
+"""
+
+MODELS_DIR = REPO / ".cache" / "bench-anti-sus-memory"
+
+
+def build_real_models(out: Path, threads: int) -> None:
+    """ViT-B/16 (fp32 + int8) and tf_efficientnetv2_b0 with random weights, a small GMM on their features."""
+    from anti_sus.preprocess import stack_wire
+    from models import fit_gmm, synth
+    from models.export_clip import export_clip
+    from models.export_watermark import export_watermark
+    from models.watermark_net import build as build_watermark
+
+    print(f"building real-size models in {out} (once) ...", flush=True)
+    export_clip(out, arch="ViT-B-16", pretrained=None, int8=True, threads=threads)
+    clip = fit_gmm.ClipModel.from_dir(out)
+    imgs = synth.backgrounds(96, seed=1, size=256)
+    feats = fit_gmm.encode_wire((stack_wire(imgs[i:i + 16]) for i in range(0, len(imgs), 16)), clip, threads)
+    gm, _ = fit_gmm.fit(feats.astype(np.float64), [4], "diag", reg_covar=1e-3)
+    fit_gmm.save(out, gm, feats.astype(np.float64), clip, percentile=5.0, sweep=[], source="bench/anti_sus_memory.py")
+    export_watermark(build_watermark("tf_efficientnetv2_b0"), out, arch="tf_efficientnetv2_b0", threads=threads,
+                     provenance={"pretrained": "none", "built_by": "bench/anti_sus_memory.py"})
+
+
+def _child(code: str, *args: object) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, str(REPO), *map(str, args)], capture_output=True, text=True,
+                         timeout=1800)
+    if out.returncode != 0:
+        raise SystemExit(f"bench child failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_models(models: Path, *, batch: int, repeats: int, rounds: int, threads: int) -> dict[str, float | str]:
+    """Peak RSS per configuration (median of ``repeats`` fresh processes) and the budgeted/unbudgeted throughput."""
+    from anti_sus.defaults import DEFAULT_MEMORY_BUDGET
+
+    has_int8 = (models / "clip_visual.int8.onnx").is_file()
+    configs = [(p, b, bud) for p in (["fp32", "int8"] if has_int8 else ["fp32"])
+               for b, bud in ((1, DEFAULT_MEMORY_BUDGET), (batch, DEFAULT_MEMORY_BUDGET), (batch, "old"))]
+    res: dict[str, float | str] = {"cpu": cpu_model(), "models": str(models.name), "default_batch": float(batch),
+                                   "memory_budget_mib": DEFAULT_MEMORY_BUDGET / MB}
+    for precision, b, budget in configs:
+        runs = [_child(MODELS_CHILD, models, precision, b, budget, rounds, threads) for _ in range(repeats)]
+        key = f"{precision}_batch{b}_{'old' if budget == 'old' else 'budget'}"
+        res[f"peak_rss_mb_{key}"] = statistics.median(r["peak"] for r in runs) / MB
+        res[f"after_rss_mb_{key}"] = statistics.median(r["after"] for r in runs) / MB
+        res[f"sub_batch_{key}"] = "clip {} / watermark {}".format(*runs[0]["sub_batch"])
+    speed = _child(SPEED_CHILD, models, batch, rounds, threads)
+    for name, times in speed["times"].items():
+        res[f"img_per_s_{name}"] = batch / statistics.median(times)
+    res["throughput_budgeted_vs_unbudgeted"] = res["img_per_s_budgeted"] / res["img_per_s_unbudgeted"]
+    res["scores_identical"] = "yes" if speed["identical"] else "NO"
+    return res
+
+
+def collect(quick: bool) -> dict[str, float | str]:
+    """The models part for bench/report.py: real-size models, or (``quick``) tiny ones in seconds."""
+    if quick:
+        from models import tiny
+
+        with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmp:
+            d = tiny.build(Path(tmp) / "models", n_images=32, int8=True)
+            return measure_models(d, batch=4, repeats=1, rounds=1, threads=1)
+    if not (MODELS_DIR / "manifest.json").is_file():
+        build_real_models(MODELS_DIR, os.cpu_count() or 1)
+    return measure_models(MODELS_DIR, batch=32, repeats=3, rounds=2, threads=os.cpu_count() or 1)
+
+
+def part_models(res: dict[str, float | str]) -> None:
+    print(f"\n## models ({res['models']}; batch of {res['default_batch']:.0f}, "
+          f"watermark stage on every image; --memory-budget {res['memory_budget_mib']:.0f} MiB; medians of fresh processes)")
+    print("| CLIP | batch | model calls | sub-batch (clip / watermark) | peak RSS | RSS after |")
+    print("|---|---|---|---|---|---|")
+    for key in [k[len("peak_rss_mb_"):] for k in res if k.startswith("peak_rss_mb_")]:
+        precision, b, how = key.split("_")
+        label = "one per request, arena keeps its peak (before)" if how == "old" else "budgeted, arena shrinks (now)"
+        print(f"| {precision} | {b[5:]} | {label} | {res['sub_batch_' + key]} | {res['peak_rss_mb_' + key]:.0f} MB "
+              f"| {res['after_rss_mb_' + key]:.0f} MB |")
+    print(f"\nthroughput, fp32, interleaved in one process: budgeted {res['img_per_s_budgeted']:.2f} img/s, "
+          f"unbudgeted {res['img_per_s_unbudgeted']:.2f} img/s, ratio {res['throughput_budgeted_vs_unbudgeted']:.3f}; "
+          f"scores identical: {res['scores_identical']}")
 
 
 def cpu_model() -> str:
@@ -218,6 +364,7 @@ def main() -> None:
     ap.add_argument("--limits", default="16384,1024,512", help="--max-queued-bytes values in MiB, comma-separated")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-queue", action="store_true")
+    ap.add_argument("--skip-models", action="store_true")
     a = ap.parse_args()
     flags = ""
     try:
@@ -231,6 +378,8 @@ def main() -> None:
         part_decode(a.width, a.height)
     if not a.skip_queue:
         part_queue([int(x) * MB for x in a.limits.split(",")], a.clients, a.per_client, a.batch_seconds)
+    if not a.skip_models:
+        part_models(collect(False))
 
 
 if __name__ == "__main__":
