@@ -18,12 +18,19 @@ which stays meaningful when other jobs share the machine):
                   over tcp loopback (watermark on GMM survivors, as deployed)
 - server all-wm:  same server, per-request gmm_threshold so low that the watermark stage sees every image
 - server -wm:     same with --no-watermark (CLIP + GMM only), comparable to bare CLIP
-- upstream:       per image: PIL bicubic resize, normalise, CLIP batch 1, GMM, watermark batch 1 if kept
+- server fp32:    the same server with --fp32 (refuses the int8 CLIP); "server" serves the int8 CLIP that
+                  the int8 gate (models.quantize) kept, as deployed by default
+- upstream:       per image in fp32: PIL bicubic resize, normalise, CLIP batch 1, GMM, watermark batch 1 if kept
+
+The headline is server (int8) / upstream (fp32), goal >= 2.2x on AVX-512 VNNI machines; the CPU model and
+its avx2/avx512f/avx512_vnni/amx flags are printed with it. ``collect(quick)`` returns the figures for
+bench/report.py (quick: tiny models, a few images, seconds).
 """
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 import os
 import socket
 import statistics
@@ -54,6 +61,8 @@ def build_models(out: Path, threads: int, gmm_images: int) -> None:
 
     t0 = time.perf_counter()
     print(f"building benchmark models in {out} (once; reuse with --models) ...", flush=True)
+    from models.quantize import build_int8_from_images
+
     export_clip(out, arch="ViT-B-16", pretrained=None, threads=threads)
     clip = fit_gmm.ClipModel.from_dir(out)
     imgs = synth.backgrounds(gmm_images, seed=1, size=256)
@@ -61,9 +70,30 @@ def build_models(out: Path, threads: int, gmm_images: int) -> None:
     gm, _ = fit_gmm.fit(feats.astype(np.float64), [16], "full", reg_covar=1e-3)
     fit_gmm.save(out, gm, feats.astype(np.float64), clip, percentile=5.0, sweep=[],
                  source=f"bench: {gmm_images} procedural images")
+    # int8 after the GMM, as stack.ensure_models does: the gate checks GMM decisions on held-out images.
+    report, _ = build_int8_from_images(out, imgs, "procedural images (the GMM's own)", threads)
+    print(report.summary(), flush=True)
     export_watermark(build_watermark("tf_efficientnetv2_b0"), out, arch="tf_efficientnetv2_b0", threads=threads,
                      provenance={"pretrained": "none", "built_by": "bench/anti_sus.py"})
     print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_info() -> dict[str, str]:
+    """The CPU model and which of the flags that int8 speed depends on it has (from /proc/cpuinfo)."""
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu_model": model, "cpu_flags": " ".join(f for f in CPU_FLAGS if f in flags) or "none of " + "/".join(CPU_FLAGS)}
 
 
 def cpu_seconds(pid: int | None = None) -> float:
@@ -96,7 +126,7 @@ def start_server(models: Path, threads: int, batch: int, extra: list[str]) -> tu
     raise SystemExit("server did not answer")
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=Path, default=REPO / ".cache" / "bench-anti-sus", help="model directory (built if empty)")
     ap.add_argument("--images", type=int, default=64, help="images per measurement")
@@ -104,11 +134,45 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     ap.add_argument("--threads", type=int, default=0, help="ORT threads (0: all cores), same for every contender")
     ap.add_argument("--gmm-images", type=int, default=64, help="procedural images the benchmark GMM is fitted on")
-    args = ap.parse_args()
+    ap.add_argument("--tiny", action="store_true", help="tiny random models (models.tiny) instead of ViT-B/16: a smoke run")
+    return ap
+
+
+def collect(quick: bool) -> dict[str, float | str]:
+    """The figures for bench/report.py: quick = tiny models, 8 images, one round (seconds); else the real run."""
+    argv = ["--tiny", "--images", "8", "--batch", "4", "--rounds", "1"] if quick else []
+    return run(parser().parse_args(argv))
+
+
+def main() -> int:
+    run(parser().parse_args())
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure every contender side by side, print the table, return the medians and the headline ratios."""
+    if args.tiny and args.models == REPO / ".cache" / "bench-anti-sus":
+        args.models = REPO / ".cache" / "bench-anti-sus-tiny"
 
     if not (args.models / "manifest.json").is_file():
         args.models.mkdir(parents=True, exist_ok=True)
-        build_models(args.models, max(args.threads, os.cpu_count() or 1), args.gmm_images)
+        if args.tiny:
+            from models import tiny
+
+            tiny.build(args.models, n_images=48, int8=True)
+        else:
+            build_models(args.models, max(args.threads, os.cpu_count() or 1), args.gmm_images)
+    from anti_sus.modeldir import int8_unusable, read_manifest
+
+    why = int8_unusable(read_manifest(args.models)["artifacts"])
+    if why:  # e.g. a directory built by bench/e2e.py or an older version of this script
+        from models import synth as _synth
+        from models.quantize import build_int8_from_images
+
+        print(f"int8 CLIP: {why}; running the int8 gate once ...", flush=True)
+        report, _ = build_int8_from_images(args.models, _synth.backgrounds(args.gmm_images, seed=1, size=256),
+                                           "procedural images (the GMM's kind)", max(args.threads, os.cpu_count() or 1))
+        print(report.summary(), flush=True)
     arts = open_model_dir(args.models)
     clip_spec = PreprocessSpec.from_dict(arts["clip"].entry["preprocess"])
     wm_spec = PreprocessSpec.from_dict(arts["watermark"].entry["preprocess"])
@@ -161,7 +225,10 @@ def main() -> int:
     try:
         servers["server"] = start_server(args.models, args.threads, b, [])
         servers["server -wm"] = start_server(args.models, args.threads, b, ["--no-watermark"])
+        servers["server fp32"] = start_server(args.models, args.threads, b, ["--fp32"])
         clients = {k: FilterClient(ep, timeout=600, retries=0) for k, (_, ep) in servers.items()}
+        clip_info = clients["server"].info()["models"]["clip"]
+        clients_info = {"variant": clip_info.get("variant"), **(clip_info.get("int8_gate") or {})}
 
         def via(name: str, gmm_threshold: float | None = None):
             def run() -> float:
@@ -174,7 +241,7 @@ def main() -> int:
 
         contenders = {"bare CLIP": bare_clip, "bare models": bare_models(), "bare all-wm": bare_models(True),
                       "server": via("server"), "server all-wm": via("server", -1e30), "server -wm": via("server -wm"),
-                      "upstream": upstream}
+                      "server fp32": via("server fp32"), "upstream": upstream}
         # Warm-up: first runs allocate ORT arenas.
         clip.run(None, {"image": clip_x[:2]})
         for c in clients.values():
@@ -183,7 +250,7 @@ def main() -> int:
         cpu: dict[str, list[float]] = {k: [] for k in contenders}
         for r in range(args.rounds):
             for name, fn in contenders.items():
-                key = name.split()[0] if name.startswith("server") and name != "server -wm" else name
+                key = "server" if name == "server all-wm" else name
                 pid = servers[key][0].pid if key in servers else None
                 c0, s0 = cpu_seconds(), cpu_seconds(pid) if pid else 0.0
                 results[name].append(fn())
@@ -217,7 +284,21 @@ def main() -> int:
           f"server all-wm / bare all-wm = {med['server all-wm'] / med['bare all-wm']:.2f}x wall, "
           f"{cpu_med['bare all-wm'] / cpu_med['server all-wm']:.2f}x CPU; "
           f"server / upstream = {med['server'] / med['upstream']:.2f}x wall, {cpu_med['upstream'] / cpu_med['server']:.2f}x CPU")
-    return 0
+    info = cpu_info()
+    served = clients_info.get("variant", "?")
+    print(f"\nserver ({served}) / upstream (fp32, per image) = {med['server'] / med['upstream']:.2f}x wall, "
+          f"{cpu_med['upstream'] / cpu_med['server']:.2f}x CPU (goal >= 2.2x on AVX-512 VNNI); "
+          f"server --fp32 / upstream = {med['server fp32'] / med['upstream']:.2f}x wall; "
+          f"int8 gate kept {clients_info.get('method')} ({clients_info.get('speedup')}x fp32 in the gate)")
+    print(f"CPU: {info['cpu_model']}; flags: {info['cpu_flags']}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
+          "(shared machine: ratios from one run are the figures to quote)")
+    out: dict[str, Any] = {f"{k} img/s": round(v, 3) for k, v in med.items()}
+    out.update({"server variant": served, "int8 method": str(clients_info.get("method")),
+                "server int8 / upstream fp32": round(med["server"] / med["upstream"], 3),
+                "server fp32 / upstream fp32": round(med["server fp32"] / med["upstream"], 3),
+                "server int8 / server fp32": round(med["server"] / med["server fp32"], 3),
+                "server int8 / upstream fp32 (CPU)": round(cpu_med["upstream"] / cpu_med["server"], 3), **info})
+    return out
 
 
 if __name__ == "__main__":

@@ -379,6 +379,19 @@ def build_int8(models: Path, target: str, calibration: np.ndarray, held_out: np.
     return report, entry
 
 
+def build_int8_from_images(models: Path, images: Sequence[Any], source: str, threads: int = 1,
+                           **gate_kw: Any) -> tuple[GateReport, dict[str, Any] | None]:
+    """``clip_int8`` through the gate on in-memory images (PIL or uint8 arrays; the GMM's own), split as :func:`split`."""
+    from anti_sus.preprocess import stack_wire
+
+    spec = PreprocessSpec.from_dict(read_manifest(models)["artifacts"]["clip"]["preprocess"])
+    calib, held = split(list(images))
+    decision = gmm_decision(models)
+    return build_int8(models, "clip", model_input(stack_wire(calib), spec), model_input(stack_wire(held), spec),
+                      [decision] if decision else [], images=f"{len(held)} held out / {len(calib)} calibration {source}",
+                      threads=threads, **gate_kw)
+
+
 def parser() -> EnvParser:
     p = EnvParser("quantize", description=__doc__.split("\n\n")[0])
     p.add_env("--models", type=Path, default=Path(DEFAULT_MODELS_DIR), help="model directory (gets <target>_int8)")

@@ -59,7 +59,9 @@ def build(out: Path, seed: int = 0, n_images: int = N_IMAGES, int8: bool = False
                  source=f"models.tiny: {n_images} procedural images (seed {seed + 1})", histogram=out / fit_gmm.HIST_FILE)
     if int8:
         # After the fit, as stack.ensure_models does: the gate then checks the GMM's decisions too.
-        build_int8_gated(out, images, threads)
+        from .quantize import build_int8_from_images
+
+        build_int8_from_images(out, images, "procedural images (the GMM's own)", threads)
     net = build_watermark_net(TINY_WATERMARK_ARCH, seed=seed)
     export_watermark(net, out, arch=TINY_WATERMARK_ARCH, spec=WATERMARK_SPEC, threads=threads,
                      provenance={"pretrained": "none", "seed": seed, "trained": False, "built_by": "models.tiny"})
@@ -68,21 +70,6 @@ def build(out: Path, seed: int = 0, n_images: int = N_IMAGES, int8: bool = False
         raise ModelDirError("tiny model directory failed verification:\n  " + "\n  ".join(problems))
     log.info("tiny model directory %s built in %.1f s", out, time.monotonic() - t0)
     return out
-
-
-def build_int8_gated(out: Path, images: list, threads: int = 1) -> None:
-    """``clip_int8`` through the int8 gate, on the GMM's own images (calibration and held-out never overlap)."""
-    from anti_sus.preprocess import PreprocessSpec, model_input
-
-    from . import quantize
-    from .fit_gmm import ClipModel
-
-    spec = ClipModel.from_dir(out).spec
-    calib, held = quantize.split(images)
-    decision = quantize.gmm_decision(out)
-    quantize.build_int8(out, "clip", model_input(stack_wire(calib), spec), model_input(stack_wire(held), spec),
-                        [decision] if decision else [], images=f"{len(held)} held out / {len(calib)} calibration "
-                        "procedural images (the GMM's own)", threads=threads)
 
 
 def parser() -> EnvParser:
