@@ -136,13 +136,13 @@ def print_profile(path: Path, top: int = 25) -> None:
 
 
 def collect(quick: bool) -> dict[str, float | str]:
-    """The e2e figures for bench/report.py; quick=True: tiny models and 8 photos of 1200x800, one round."""
+    """The e2e figures for bench/report.py; quick=True: tiny models, 8 photos of 3000x2000, one round."""
     from bench.gallery import cpu_model
 
     threads = os.cpu_count() or 2
     if quick:
         with tempfile.TemporaryDirectory(prefix="bench-e2e-tiny-") as models:
-            figures: dict[str, float | str] = dict(measure(8, 1, (1200, 800), threads, Path(models), tiny=True))
+            figures: dict[str, float | str] = dict(measure(8, 1, (3000, 2000), threads, Path(models), tiny=True))
     else:
         figures = dict(measure(64, 3, (3000, 2000), threads, REPO / ".cache" / "bench-anti-sus"))
     figures["cpu"] = cpu_model()
