@@ -26,7 +26,6 @@ per-ingest time is in its log, ``gallery_bridge_ingest_seconds``).
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import statistics
