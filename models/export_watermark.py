@@ -25,8 +25,14 @@ WATERMARK_FILE = ARTIFACTS["watermark"][0]
 
 def export_watermark(model: Any, out: Path, *, arch: str, spec: PreprocessSpec = WATERMARK_SPEC, opset: int = OPSET,
                      min_cosine: float = MIN_COSINE, max_abs: float = MAX_ABS, threads: int = 1,
-                     provenance: dict[str, Any] | None = None, write: bool = True) -> dict[str, Any]:
-    """Export ``model`` (one logit) to ``out/watermark.onnx``, gate it and (with ``write``) add it to the manifest."""
+                     provenance: dict[str, Any] | None = None, write: bool = True, int8: bool = False,
+                     images: Path | None = None) -> dict[str, Any]:
+    """Export ``model`` (one logit) to ``out/watermark.onnx``, gate it and (with ``write``) add it to the manifest.
+
+    With ``int8`` (and ``write``) ``watermark_int8`` is built through the int8 gate of
+    ``models.quantize`` too: on ``images`` (real photos, watermarked and clean) or
+    procedural ones, with the decision P(watermark) >= 0.5.
+    """
     import torch
 
     if spec.size != WATERMARK_SPEC.size:
@@ -48,12 +54,39 @@ def export_watermark(model: Any, out: Path, *, arch: str, spec: PreprocessSpec =
     )
     if write:
         write_manifest(out, {"watermark": entry})
+        if int8:
+            gate_int8(out, images, threads)
     return entry
+
+
+def gate_int8(out: Path, images: Path | None, threads: int = 1) -> Any:
+    """Run the int8 gate on ``out``'s watermark model; prints and returns the report."""
+    from anti_sus.defaults import DEFAULT_WATERMARK_THRESHOLD
+
+    from . import quantize, synth
+
+    if images is not None:
+        report, _ = quantize.run_target(out, "watermark", images, threads=threads, watermark_threshold=DEFAULT_WATERMARK_THRESHOLD)
+    else:
+        from anti_sus.modeldir import read_manifest
+        from anti_sus.preprocess import model_input, stack_wire
+
+        spec = PreprocessSpec.from_dict(read_manifest(out)["artifacts"]["watermark"]["preprocess"])
+        x = model_input(stack_wire(synth.backgrounds(24, seed=7, size=256)), spec)
+        ci, hi = quantize.split(list(range(len(x))), max_calibration=8)
+        report, _ = quantize.build_int8(out, "watermark", x[ci], x[hi], [quantize.watermark_decision(DEFAULT_WATERMARK_THRESHOLD)],
+                                        images=f"{len(hi)} held out / {len(ci)} calibration procedural images (models.synth)",
+                                        threads=threads)
+    print(report.summary())
+    return report
 
 
 def parser() -> EnvParser:
     p = EnvParser("export_watermark", description=__doc__.split("\n\n")[0])
     p.add_env("--weights", type=Path, required=True, help="safetensors file written by models.train_watermark")
+    p.add_env("--int8", action="store_true", default=False,
+              help="also build watermark_int8 through the int8 gate (models.quantize); the server does not load it yet")
+    p.add_env("--images", type=Path, default=None, help="real images for the int8 gate (default: procedural images)")
     p.add_export()
     return p
 
@@ -68,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prov = {k: v for k, v in meta.items() if k not in ("arch", "size")}
     prov["weights_file"] = args.weights.name
     entry = export_watermark(model, args.out, arch=meta["arch"], spec=spec, opset=args.opset, min_cosine=args.min_cosine,
-                             max_abs=args.max_abs, threads=args.threads, provenance=prov)
+                             max_abs=args.max_abs, threads=args.threads, provenance=prov,
+                             int8=args.int8, images=args.images)
     p = entry["provenance"]["parity"]
     print(f"wrote {args.out / WATERMARK_FILE}: {meta['arch']} at {size}px, parity cosine {p['cosine']}, max-abs {p['max_abs']}")
     return 0

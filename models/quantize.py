@@ -144,8 +144,7 @@ class GateReport:
 
     def summary(self) -> str:
         """One line per candidate, for the command's output."""
-        lines = [f"fp32: {self.fp32_seconds * 1000:.1f} ms per batch of {self.speed_batch}; "
-                 f"{self.n_held_out} held-out / {self.n_calibration} calibration images ({self.images})"]
+        lines = [f"fp32: {self.fp32_seconds * 1000:.1f} ms per batch of {self.speed_batch}; images: {self.images}"]
         for c in self.candidates:
             agree = ", ".join(f"{k} {v:.2%}" for k, v in c.agreement.items()) or "no decisions checked"
             lines.append(f"{c.method:11s} {'PASS' if c.passed else 'FAIL'} cosine min {c.cosine_min:.5f} median "

@@ -194,3 +194,18 @@ def test_stack_ensure_models_runs_the_gate_after_the_gmm_and_can_skip_it(int8_mo
     gate = arts["clip_int8"]["provenance"]["gate"]
     assert gate["decisions_checked"] == ["gmm"] and str(taste) in gate["images"] and gate["n_held_out"] == 4
     assert int8_unusable(arts) == "" and verify(d) == []
+
+
+def test_watermark_export_builds_its_int8_variant_through_the_same_gate(int8_models: Path, tmp_path: Path):
+    from models.export_watermark import gate_int8
+
+    d = tmp_path / "m"
+    shutil.copytree(int8_models, d)
+    report = gate_int8(d, None)
+    arts = read_manifest(d)["artifacts"]
+    assert report.to_dict()["decisions_checked"] == ["watermark"]
+    assert report.passed, report.summary()
+    gate = arts["watermark_int8"]["provenance"]["gate"]
+    assert gate["agreement"]["watermark"] >= quantize.MIN_AGREEMENT and gate["cosine_min"] >= quantize.MIN_COSINE
+    assert arts["watermark_int8"]["provenance"]["fp32_sha256"] == arts["watermark"]["sha256"]
+    assert verify(d) == []
