@@ -28,9 +28,11 @@ from PIL import Image
 from photocore.protocol import ProtocolError
 from photocore.sniff import pillow_format
 
-WORK_LONG_SIDE = 1500
-"""Long side the reduced decode keeps at least: twice the 750 px thumbnail, the
-margin Pillow's own ``thumbnail`` (reducing_gap 2) asks of a draft decode."""
+WORK_LONG_SIDE = 750
+"""Long side the reduced decode keeps at least: the thumbnail's 750 px. libjpeg's
+scaled IDCT is itself a clean low-pass downscale: a 3000x2000 photo decoded at
+1/4 gives a thumbnail 0.7 grey levels (mean) from the full decode's LANCZOS one,
+against 0.6 at 1/2, for half the cost of decode + hashes + thumbnail."""
 WORK_SHORT_SIDE = 384
 """Short side it keeps at least: four times the 96 px dedup signature, so the
 signature's LANCZOS resize still averages many source pixels per output pixel."""

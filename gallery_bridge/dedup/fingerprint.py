@@ -11,14 +11,14 @@
 Hashes are kept as packed uint64 words in imagehash's bit order.
 
 At ingest the image given here is the reduced decode of
-:func:`gallery_bridge.validate.check_image` (at least 1500x384 px, not the full
+:func:`gallery_bridge.validate.check_image` (at least 750x384 px, not the full
 size). For a photo above that size the hashes can therefore differ from those
 of a full decode (scenery's, or what this gallery stored before the reduced
-decode) by a few bits: measured at most 2 of 576 phash bits, 0 of 64 coarse
-bits and 1 grey level per signature pixel on 3000x2000 photos, against a
-threshold of 64 bits. Old entries keep matching; ``gallery-bridge rebuild``
-recomputes them if wanted. tests/test_gallery_ingest_reduced.py holds the
-tolerance.
+decode): measured on 3000x2000 and 4000x3000 photos, at most 12 of 576 phash
+bits (threshold 64), 2 of 64 coarse bits (candidate threshold 18) and 1 grey
+level per signature pixel. Old entries keep matching; ``gallery-bridge
+rebuild`` recomputes them if wanted. tests/test_gallery_ingest_reduced.py holds
+the tolerance.
 """
 from __future__ import annotations
 
