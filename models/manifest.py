@@ -88,8 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.action == "show":
         for name, e in sorted(arts.items()):
             prov = e.get("provenance", {})
-            print(f"{name:10s} {e.get('file')}  {e.get('bytes')} bytes  sha256 {str(e.get('sha256'))[:12]}…  "
-                  f"{prov.get('arch', prov.get('tool', ''))} {json.dumps(prov.get('parity', ''))}")
+            gate = prov.get("gate") if isinstance(prov.get("gate"), dict) else None
+            # An int8 entry's headline is its gate report (docs/models.md), not the fp32 export parity.
+            figures = (f"int8 gate {'passed' if gate.get('passed') else 'FAILED'}: {gate.get('method')}, "
+                       f"{gate.get('speedup')}x fp32, cosine min {gate.get('cosine_min')}, agreement "
+                       f"{json.dumps(gate.get('agreement'))}" if gate else json.dumps(prov.get("parity", "")))
+            print(f"{name:14s} {e.get('file')}  {e.get('bytes')} bytes  sha256 {str(e.get('sha256'))[:12]}…  "
+                  f"{prov.get('arch', prov.get('tool', ''))} {figures}")
     if problems:
         print(f"{args.directory}: {len(problems)} problem(s)")
         for line in problems:

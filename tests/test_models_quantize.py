@@ -209,3 +209,11 @@ def test_watermark_export_builds_its_int8_variant_through_the_same_gate(int8_mod
     assert gate["agreement"]["watermark"] >= quantize.MIN_AGREEMENT and gate["cosine_min"] >= quantize.MIN_COSINE
     assert arts["watermark_int8"]["provenance"]["fp32_sha256"] == arts["watermark"]["sha256"]
     assert verify(d) == []
+
+
+def test_manifest_show_prints_the_int8_gate(int8_models: Path, capsys: pytest.CaptureFixture[str]):
+    from models import manifest
+
+    assert manifest.main(["show", str(int8_models)]) == 0
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("clip_int8")]
+    assert "int8 gate passed" in line and "cosine min" in line and '"gmm"' in line
