@@ -69,7 +69,7 @@ def main() -> int:
         with torch.inference_mode():
             rows.append(("clip ViT-B/16 torch eager fp32", median_rate(lambda: eager(xt), args.batch, args.runs)))
         rows.append(("clip ViT-B/16 ORT fp32", median_rate(lambda: fp32.run(None, {"image": x}), args.batch, args.runs)))
-        rows.append(("clip ViT-B/16 ORT int8 (dynamic)", median_rate(lambda: int8.run(None, {"image": x}), args.batch, args.runs)))
+        rows.append(("clip ViT-B/16 ORT int8 (gate pick)", median_rate(lambda: int8.run(None, {"image": x}), args.batch, args.runs)))
         del fp32, int8, eager, visual
 
         net = build_wm("tf_efficientnetv2_b0").eval()
@@ -94,7 +94,7 @@ def main() -> int:
     print(f"  {'gmm 16x512 full, numpy, 32 vectors':45s} {32 / gmm_rate * 1e3:8.2f} ms per call")
     print("ratios")
     print(f"  clip ORT fp32 / torch eager fp32     {r['clip ViT-B/16 ORT fp32'] / r['clip ViT-B/16 torch eager fp32']:.2f}x")
-    print(f"  clip ORT int8 / ORT fp32             {r['clip ViT-B/16 ORT int8 (dynamic)'] / r['clip ViT-B/16 ORT fp32']:.2f}x")
+    print(f"  clip ORT int8 / ORT fp32             {r['clip ViT-B/16 ORT int8 (gate pick)'] / r['clip ViT-B/16 ORT fp32']:.2f}x")
     print(f"  effnetv2_b0 ORT fp32 / torch eager   {r['tf_efficientnetv2_b0@512 ORT fp32'] / r['tf_efficientnetv2_b0@512 torch eager fp32']:.2f}x")
     print(f"  clip ORT fp32 / effnetv2_b0 ORT fp32 {r['clip ViT-B/16 ORT fp32'] / r['tf_efficientnetv2_b0@512 ORT fp32']:.2f}x")
     return 0
