@@ -24,6 +24,7 @@ written and the server keeps fp32.
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import statistics
@@ -313,8 +314,6 @@ def split(items: Sequence[Any], every: int = HOLD_OUT_EVERY, max_calibration: in
 def gmm_decision(models: Path, threshold: float | None = None) -> Decision | None:
     """The GMM keep/drop decision at ``threshold`` (None: gmm.json's suggested one), if a GMM fitted on this clip exists."""
     from anti_sus.stages.gmm import GmmScorer
-
-    import json
 
     try:
         arts = read_manifest(models)["artifacts"]
