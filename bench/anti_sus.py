@@ -11,7 +11,8 @@ interleaved rounds on the same images; medians are printed.
 
 Measured, in images/s (wall clock) and CPU-ms per image (user+system of every process involved,
 which stays meaningful when other jobs share the machine):
-- bare CLIP:      ORT session.run on already-normalised [32,3,224,224] tensors (model only)
+- bare CLIP:      ORT session.run on already-normalised [32,3,224,224] tensors (model only; the CLIP variant
+                  the server serves, int8 when the int8 gate kept one)
 - bare models:    bare CLIP + GMM + bare watermark on the survivors (the model work the server must do)
 - bare all-wm:    bare CLIP + GMM + bare watermark on every image (worst case: everything passes the GMM)
 - server:         `anti-sus serve` in its own process, this process as client, uint8 batches of 32 at 512x512
@@ -176,7 +177,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     arts = open_model_dir(args.models)
     clip_spec = PreprocessSpec.from_dict(arts["clip"].entry["preprocess"])
     wm_spec = PreprocessSpec.from_dict(arts["watermark"].entry["preprocess"])
-    clip = open_session(arts["clip"].path, args.threads)
+    from anti_sus.modeldir import int8_unusable
+
+    # The bare rows run the CLIP the server serves (so server / bare is the server's own overhead);
+    # upstream runs fp32, as the upstream approach does.
+    served = "clip" if int8_unusable(arts) else "clip_int8"
+    clip = open_session(arts[served].path, args.threads)
+    clip_fp32 = open_session(arts["clip"].path, args.threads)
     wm = open_session(arts["watermark"].path, args.threads)
     gmm = GmmScorer.load(arts["gmm"].path)
     threshold = float(json.loads(arts["gmm_meta"].path.read_text())["suggested_threshold"])
@@ -216,7 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         for im in images:
             small = np.asarray(Image.fromarray(im).resize((clip_spec.size, clip_spec.size), Image.Resampling.BICUBIC))
-            f = clip.run(None, {"image": normalise(small[None], clip_spec)})[0]
+            f = clip_fp32.run(None, {"image": normalise(small[None], clip_spec)})[0]
             if gmm.score(f)[0] >= threshold:
                 sigmoid(wm.run(None, {"image": normalise(im[None], wm_spec)})[0])
         return n / (time.perf_counter() - t0)
