@@ -25,3 +25,15 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_models")
     tiny.build(out)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _forget_registered_secrets():
+    """Secrets a test registers with photocore.redact (a process-wide set) must not mask other tests' logs."""
+    from photocore import redact
+
+    with redact._secrets_lock:
+        before = set(redact._secrets)
+    yield
+    with redact._secrets_lock:
+        redact._secrets.intersection_update(before)
