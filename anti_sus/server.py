@@ -18,6 +18,11 @@ If the compute thread ever dies, every request it held or that is queued gets
 an ``internal`` reply, ``ping`` stops answering OK, and ``serve_forever``
 returns with :attr:`FilterServer.failure` set so the process can exit non-zero
 and be restarted by its supervisor.
+
+Over 400 lines on purpose: the receive loop, the admission limits and the
+compute thread share one queue, one lock and the reply socket's ownership rules;
+the parsing and the pipeline already live elsewhere (photocore, anti_sus.wire,
+anti_sus.pipeline), what is left is the one state machine.
 """
 from __future__ import annotations
 

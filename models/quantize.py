@@ -21,6 +21,10 @@ The fastest passing candidate is kept; the :class:`GateReport` (method chosen,
 cosine min/median, agreement, speedup, every rejected candidate and why) goes
 into the manifest entry of the int8 artifact. When none passes, no int8 file is
 written and the server keeps fp32.
+
+Over 400 lines on purpose: the report types, the calibration reader, the
+candidates and the gate are one job (decide which int8 file is kept) and are
+only ever used together; a third of the length is the report's text.
 """
 from __future__ import annotations
 

@@ -13,6 +13,10 @@ until reddit answers its block page (it has since 2026-05-29), then the Atom
 feeds, paced through a ``SiteApi`` (``--reddit-feed-interval``, 429 backoff).
 The block is remembered in the store, so the JSON is not asked again for
 ``--reddit-json-recheck`` seconds, across restarts too.
+
+Over 400 lines on purpose, one module per site: the OAuth client, the block
+page rules and the post parsing are all reddit's; the Atom feed's parsing is
+already apart (:mod:`nomad.sources.reddit_feed`).
 """
 from __future__ import annotations
 
