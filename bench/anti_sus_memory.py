@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import signal
 import subprocess
@@ -47,6 +46,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.machine import cpu_model  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -250,14 +251,6 @@ def part_models(res: dict[str, float | str]) -> None:
           f"scores identical: {res['scores_identical']}")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def write_png16(path: Path, width: int, height: int) -> None:

@@ -136,7 +136,7 @@ def print_profile(path: Path, top: int = 25) -> None:
 
 def collect(quick: bool) -> dict[str, float | str]:
     """The e2e figures for bench/report.py; quick=True: tiny models, 8 photos of 3000x2000, one round."""
-    from bench.gallery import cpu_model
+    from bench.machine import cpu_model
 
     threads = os.cpu_count() or 2
     if quick:
@@ -149,7 +149,7 @@ def collect(quick: bool) -> dict[str, float | str]:
 
 
 def main() -> int:
-    from bench.gallery import cpu_model
+    from bench.machine import cpu_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=64)

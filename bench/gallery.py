@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import cpu_model  # noqa: E402
 from gallery_bridge import dedup as D  # noqa: E402
 from stack.emulator import photos as T  # noqa: E402
 from gallery_bridge.catalogue import Catalogue  # noqa: E402
@@ -148,17 +149,6 @@ def bench_ingest(n_images: int, size: tuple[int, int] = (3000, 2000), repeat: in
     }
 
 
-def cpu_model() -> str:
-    """The CPU's model name (lscpu's), for the report."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def collect(quick: bool) -> dict[str, float | str]:
