@@ -59,6 +59,12 @@ class EnvParser(Parser):
         args.out = models_dir(args.out)
         return args
 
+    def add_tiny(self, out_help: str, images: int) -> None:
+        """The flags of the two tiny-model builders (``models.tiny``, ``models.tiny_onnx``)."""
+        self.add_env("--out", type=Path, required=True, help=out_help)
+        self.add_env("--seed", type=int, default=0, help="seed for weights and generated images")
+        self.add_env("--images", type=int, default=images, help="procedural images the GMM is fitted on")
+
     def add_common(self) -> None:
         """Flags every models command has: logging and CPU threads."""
         self.add_env("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")

@@ -74,9 +74,7 @@ def build(out: Path, seed: int = 0, n_images: int = N_IMAGES, int8: bool = False
 
 def parser() -> EnvParser:
     p = EnvParser("tiny", description=__doc__.split("\n\n")[0])
-    p.add_env("--out", type=Path, required=True, help="model directory to create or overwrite")
-    p.add_env("--seed", type=int, default=0, help="seed for weights and generated images")
-    p.add_env("--images", type=int, default=N_IMAGES, help="procedural images the GMM is fitted on")
+    p.add_tiny("model directory to create or overwrite", N_IMAGES)
     p.add_env("--int8", action="store_true", help="also write the int8 CLIP variant (through the int8 gate of models.quantize)")
     p.add_common()
     return p

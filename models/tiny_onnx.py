@@ -198,9 +198,7 @@ def build(out: Path, seed: int = 0, n_images: int = N_IMAGES, threads: int = 1) 
 
 def parser() -> EnvParser:
     p = EnvParser("tiny_onnx", description=__doc__.split("\n\n")[0])
-    p.add_env("--out", type=Path, required=True, help="model directory to create (its manifest is rewritten)")
-    p.add_env("--seed", type=int, default=0, help="seed for weights and generated images")
-    p.add_env("--images", type=int, default=N_IMAGES, help="procedural images the GMM is fitted on")
+    p.add_tiny("model directory to create (its manifest is rewritten)", N_IMAGES)
     p.add_common()
     return p
 
