@@ -1,6 +1,10 @@
 """Map what nomad recorded in its state DB to the emulator's outcome labels (scenario.expected)."""
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+from typing import Any, Iterable
+
 from nomad.store import Store
 
 OTHER_SOURCES = ("flickr_", "at://")
@@ -83,3 +87,27 @@ def all_keyless_expected(scenario: object) -> dict[str, str]:
     expected.update({pid: (label if label in BLUESKY_SEEN else "unseen")
                      for pid, label in scenario.jetstream.expected.items()})  # type: ignore[attr-defined]
     return expected
+
+
+def keyless_cycle(emu: Any, tmp: Path, expected: Iterable[str], *args: str, deadline: str = "2") -> tuple[Any, dict[str, str], dict[str, Any], list[str]]:
+    """One in-process ``nomad once`` cycle over the emulator with no credentials and a scripted anti_sus.
+
+    Returns (cycle stats, the label of every key in ``expected``, the sources' statuses, the source names).
+    """
+    from nomad.cli import build_crawler, build_parser
+    from tests.test_nomad_crawler import FakeFilter
+
+    parsed = build_parser({}).parse_args(
+        ["once", *emu.nomad_args(), *args, "--state-dir", str(tmp / "state"), "--save-dir", str(tmp / "out"),
+         "--deadline", deadline, "--http-retries", "0", "--backoff-max", "0.2"])
+    crawler = build_crawler(parsed, threading.Event(), environ=emu.nomad_env(keyless=True))
+    crawler.filter_stage.client = FakeFilter()
+    try:
+        names = [s.name for s in crawler.sources]
+        stats = crawler.cycle(final=True)
+        got = {k: outcome(crawler.store, k) for k in expected}
+        statuses = crawler.store.source_statuses()
+    finally:
+        crawler.shutdown()
+        crawler.store.close()
+    return stats, got, statuses, names

@@ -6,39 +6,21 @@ anti_sus; test_nomad_crawler_e2e.py runs the same as a real `nomad once` process
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nomad.cli import build_crawler, build_parser
 from stack.emulator import Emulator
-from tests.nomad_outcomes import keyless_expected, outcome
-from tests.test_nomad_crawler import FakeFilter
+from tests.nomad_outcomes import keyless_cycle, keyless_expected
 
 pytestmark = pytest.mark.timeout(180)
 
 
-def make(emu: Emulator, tmp: Path, *extra: str) -> Any:
-    args = build_parser({}).parse_args(
-        ["once", *emu.nomad_args(), "--source", "reddit", "--source", "flickr", "--state-dir", str(tmp / "state"),
-         "--save-dir", str(tmp / "out"), "--deadline", "2", "--http-retries", "0", "--backoff-max", "0.2", *extra])
-    crawler = build_crawler(args, threading.Event(), environ=emu.nomad_env(keyless=True))
-    crawler.filter_stage.client = FakeFilter()
-    return crawler
-
-
 def run(emu: Emulator, tmp: Path, *extra: str) -> tuple[Any, dict[str, str]]:
-    crawler = make(emu, tmp, *extra)
-    try:
-        stats = crawler.cycle(final=True)
-        got = {k: outcome(crawler.store, k) for k in keyless_expected(emu.scenario)}
-        statuses = crawler.store.source_statuses()
-    finally:
-        crawler.shutdown()
-        crawler.store.close()
+    stats, got, statuses, _ = keyless_cycle(emu, tmp, keyless_expected(emu.scenario),
+                                            "--source", "reddit", "--source", "flickr", *extra)
     return (stats, statuses), got
 
 

@@ -6,19 +6,17 @@ Jetstream. The crawl runs in-process (real HTTPS, SSRF guard on) with a scripted
 """
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nomad.cli import build_crawler, build_parser
+from nomad.cli import build_parser
 from nomad.sources.commons import user_agent
 from stack.emulator import CONTACT, Emulator
 from stack.emulator.jetstream import CDN_HOST, JETSTREAM_HOST
-from tests.nomad_outcomes import all_keyless_expected, outcome
-from tests.test_nomad_crawler import FakeFilter
+from tests.nomad_outcomes import all_keyless_expected, keyless_cycle
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -26,20 +24,7 @@ KEYED = ("REDDIT_", "IMGUR_", "FLICKR_")
 
 
 def once(emu: Emulator, tmp: Path, *extra: str) -> tuple[Any, dict[str, str], dict[str, Any], list[str]]:
-    args = build_parser({}).parse_args(
-        ["once", *emu.nomad_args(), "--state-dir", str(tmp / "state"), "--save-dir", str(tmp / "out"),
-         "--deadline", "3", "--http-retries", "0", "--backoff-max", "0.2", *extra])
-    crawler = build_crawler(args, threading.Event(), environ=emu.nomad_env(keyless=True))
-    crawler.filter_stage.client = FakeFilter()
-    try:
-        names = [s.name for s in crawler.sources]
-        stats = crawler.cycle(final=True)
-        got = {k: outcome(crawler.store, k) for k in all_keyless_expected(emu.scenario)}
-        statuses = crawler.store.source_statuses()
-    finally:
-        crawler.shutdown()
-        crawler.store.close()
-    return stats, got, statuses, names
+    return keyless_cycle(emu, tmp, all_keyless_expected(emu.scenario), *extra, deadline="3")
 
 
 def test_emulator_env_is_keyless_but_names_a_contact() -> None:
