@@ -1,4 +1,4 @@
-"""The model directory and its ``manifest.json`` (DESIGN §4).
+"""The model directory and its ``manifest.json`` (docs/design.md §4).
 
 A model directory holds the artifacts anti_sus loads and a manifest describing
 each one. This module reads, writes and verifies manifests; it needs only the

@@ -1,4 +1,4 @@
-"""The ZeroMQ service: a ROUTER socket answering ingest, ping and info (DESIGN §3).
+"""The ZeroMQ service: a ROUTER socket answering ingest, ping and info (docs/design.md §3).
 
 One request at a time on one thread: ingests must be serialised anyway (check
 then write), and the gallery's bottleneck is the crawler, not this loop. The

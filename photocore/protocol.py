@@ -1,4 +1,4 @@
-"""Wire protocol v1: framing and error codes of every request/reply between the services (DESIGN §3).
+"""Wire protocol v1: framing and error codes of every request/reply between the services (docs/design.md §3).
 
 A request is a JSON header frame followed by binary frames; a reply is a JSON
 frame (plus, for some ops, binary frames). Everything here is pure: it parses

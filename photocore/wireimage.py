@@ -1,6 +1,6 @@
 """The wire image format: any decoded picture -> ``uint8[512, 512, 3]`` RGB, squashed.
 
-This is the client half of the preprocessing contract (DESIGN §3): nomad,
+This is the client half of the preprocessing contract (docs/design.md §3): nomad,
 ``models.fit_gmm`` and anti_sus's offline tools turn images into this format
 before sending or scoring; the server's model-specific steps live in
 ``anti_sus.preprocess``. Squash, never crop: watermarks live in the corners.

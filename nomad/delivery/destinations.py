@@ -23,7 +23,7 @@ CurveKeys = ClientKeys
 
 
 def ingest_meta(ref: ImageRef, width: int, height: int, fmt: str, scores: dict[str, float | None]) -> dict[str, Any]:
-    """The metadata sent with an accepted image (DESIGN §3 ingest) and written to sidecars.
+    """The metadata sent with an accepted image (docs/design.md §3 ingest) and written to sidecars.
 
     gallery_bridge reads ``source_url`` (the page to credit: flickr/imgur page,
     else the image), ``permalink``, ``title``, ``subreddit``, ``author``,
