@@ -13,12 +13,23 @@ replacing a file; the build commands write the manifest themselves.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from anti_sus.modeldir import ARTIFACTS, MANIFEST, REQUIRED, ModelDirError, artifact_entry, read_manifest, verify, write_manifest
 
 from ._cli import EnvParser, UserError, run_main, setup
+
+
+def verified(out: Path, what: str, started: float) -> Path:
+    """``out`` once :func:`verify` finds nothing wrong (else ModelDirError naming every problem); logs the build time."""
+    problems = verify(out)
+    if problems:
+        raise ModelDirError(f"{what} failed verification:\n  " + "\n  ".join(problems))
+    logging.getLogger("models").info("%s %s built in %.1f s", what, out, time.monotonic() - started)
+    return out
 
 
 def _describe_new(directory: Path, name: str, file: str) -> dict[str, Any]:

@@ -24,13 +24,13 @@ from typing import Sequence
 
 import numpy as np
 
-from anti_sus.modeldir import ModelDirError, verify
 from anti_sus.preprocess import WATERMARK_SPEC, stack_wire
 
 from . import fit_gmm, synth
 from ._cli import EnvParser, run_main, setup
 from .export_clip import export_clip
 from .export_watermark import export_watermark
+from .manifest import verified
 from .watermark_net import build as build_watermark_net
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,7 @@ def build(out: Path, seed: int = 0, n_images: int = N_IMAGES, int8: bool = False
     net = build_watermark_net(TINY_WATERMARK_ARCH, seed=seed)
     export_watermark(net, out, arch=TINY_WATERMARK_ARCH, spec=WATERMARK_SPEC, threads=threads,
                      provenance={"pretrained": "none", "seed": seed, "trained": False, "built_by": "models.tiny"})
-    problems = verify(out)
-    if problems:
-        raise ModelDirError("tiny model directory failed verification:\n  " + "\n  ".join(problems))
-    log.info("tiny model directory %s built in %.1f s", out, time.monotonic() - t0)
-    return out
+    return verified(out, "tiny model directory", t0)
 
 
 def parser() -> EnvParser:

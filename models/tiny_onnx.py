@@ -29,11 +29,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from anti_sus.modeldir import ARTIFACTS, ModelDirError, artifact_entry, verify, write_manifest
+from anti_sus.modeldir import ARTIFACTS, artifact_entry, write_manifest
 from anti_sus.preprocess import CLIP_SPEC, WATERMARK_SPEC, stack_wire
 
 from . import fit_gmm, synth
 from ._cli import EnvParser, UserError, run_main, setup
+from .manifest import verified
 from .onnx_export import utc_now, versions
 
 log = logging.getLogger(__name__)
@@ -189,11 +190,7 @@ def build(out: Path, seed: int = 0, n_images: int = N_IMAGES, threads: int = 1) 
         input={"name": "image", "shape": ["N", 3, WATERMARK_SPEC.size, WATERMARK_SPEC.size], "dtype": "float32"},
         output={"name": "logit", "shape": ["N", 1], "activation": "sigmoid", "positive": "watermark"},
         preprocess=WATERMARK_SPEC.to_dict(), provenance=_provenance(seed + 2, "watermark_graph"))})
-    problems = verify(out)
-    if problems:
-        raise ModelDirError("tiny ONNX model directory failed verification:\n  " + "\n  ".join(problems))
-    log.info("tiny ONNX model directory %s built in %.1f s", out, time.monotonic() - t0)
-    return out
+    return verified(out, "tiny ONNX model directory", t0)
 
 
 def parser() -> EnvParser:
