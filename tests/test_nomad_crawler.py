@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +96,7 @@ def test_restart_does_not_refetch(emu: Emulator, tmp_path: Path) -> None:
     finally:
         crawler.shutdown()
         crawler.store.close()
-    time.sleep(1.0)  # the emulator logs a request when its handler ends: let the abandoned slow body finish
+    assert emu.wait_idle(10)  # the emulator logs a request when its handler ends: let the abandoned slow body finish
     before = len(emu.records())
     crawler = make(emu, tmp_path, "--max-retries", "1")  # the slow-body timeout already used its one try
     try:
@@ -115,7 +114,7 @@ def test_failed_download_is_retried_a_bounded_number_of_times(emu: Emulator, tmp
     def slow_fetches() -> int:
         return emu.count(host="hostile.example", path="/slow.jpg")
 
-    time.sleep(1.0)  # requests are logged when their handler ends (see above)
+    assert emu.wait_idle(10)  # requests are logged when their handler ends (see above)
     start = slow_fetches()
     for _ in range(3):
         crawler = make(emu, tmp_path, "--max-retries", "2")
@@ -126,7 +125,7 @@ def test_failed_download_is_retried_a_bounded_number_of_times(emu: Emulator, tmp
             crawler.shutdown()
             crawler.store.close()
     assert state == ("failed", "timeout", 2)
-    time.sleep(1.0)
+    assert emu.wait_idle(10)
     assert slow_fetches() - start == 2
 
 

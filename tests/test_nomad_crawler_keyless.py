@@ -48,7 +48,7 @@ def test_keyless_run_keeps_the_right_images_and_a_second_run_fetches_nothing(tmp
         assert lake["artist"] == "dave_photos" and lake["source_url"] == "https://www.flickr.com/photos/dave_photos/53800000001/"
         assert statuses["reddit"]["state"] == "ok" and statuses["flickr"]["state"] == "ok"
 
-        time.sleep(1.0)  # the emulator logs a request when its handler ends (the slow body)
+        assert emu.wait_idle(10)  # the emulator logs a request when its handler ends (the slow body)
         before = len(emu.records())
         (stats, _), _ = run(emu, tmp_path, "--max-retries", "1")
         new = emu.records()[before:]

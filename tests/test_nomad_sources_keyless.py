@@ -6,7 +6,6 @@ Jetstream. The crawl runs in-process (real HTTPS, SSRF guard on) with a scripted
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ def test_default_sources_without_credentials_read_all_four_and_a_rerun_fetches_n
         for prefix in ("reddit:", "commons:", "flickr:", "bluesky:"):
             assert any(k.startswith(prefix) for k in keys_delivered(tmp_path)), prefix
 
-        time.sleep(1.0)  # the emulator logs a request when its handler ends (the abandoned slow body)
+        assert emu.wait_idle(10)  # the emulator logs a request when its handler ends (the abandoned slow body)
         before = len(emu.records())
         stats, got, _statuses, _ = once(emu, tmp_path, "--max-retries", "1")
         hosts = {r.host for r in emu.records()[before:]}
