@@ -36,6 +36,7 @@ from anti_sus.modeldir import ModelDirError, read_manifest, verify
 from nomad.net.errors import FetchError
 from photocore.errors import UserError
 from photocore.paths import DEFAULT_MODELS_DIR, models_dir
+from photocore.settings import Parser, Settings, positive_int
 
 if TYPE_CHECKING:
     from nomad.sources.base import Candidate
@@ -54,10 +55,6 @@ class EnsureError(Exception):
     """Models are missing and cannot be built here; the message says what to do."""
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name) or default
-
-
 def _taste_source(text: str) -> str:
     value = text.strip().lower()
     if value not in TASTE_SOURCES:
@@ -66,26 +63,23 @@ def _taste_source(text: str) -> str:
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by ``stack.up`` and ``stack.ensure_models``."""
-    g = p.add_argument_group("models (built on first run when missing)")
-    g.add_argument("--pretrained", default=_env("STACK_CLIP_PRETRAINED", "openai"),
-                   help="open_clip pretrained tag for ViT-B-16 (downloads once) [env STACK_CLIP_PRETRAINED]")
-    # A type, not choices: argparse runs it on the env default too, so a bad STACK_TASTE_SOURCE exits 2 as well.
-    g.add_argument("--taste-source", default=_env("STACK_TASTE_SOURCE", "commons"), type=_taste_source, metavar="{commons,reddit}",
-                   help="where the images that define 'good' come from when the gallery is too small: commons "
-                        "(the newest Wikimedia Commons Featured pictures, no account, needs NOMAD_CONTACT) or reddit "
-                        "(top of --taste-subreddits, needs REDDIT_CLIENT_ID/SECRET) [env STACK_TASTE_SOURCE]")
-    g.add_argument("--taste-subreddits", default=_env("STACK_TASTE_SUBREDDITS", "EarthPorn"),
-                   help="with --taste-source reddit: comma list of subreddits whose top images of all time define 'good' [env STACK_TASTE_SUBREDDITS]")
-    g.add_argument("--taste-limit", type=int, default=int(_env("STACK_TASTE_LIMIT", "300")),
-                   help="files to read from Commons Featured pictures, or top posts per taste subreddit [env STACK_TASTE_LIMIT]")
-    g.add_argument("--min-good-images", type=int, default=int(_env("STACK_MIN_GOOD_IMAGES", "200")),
-                   help="fit the GMM on the gallery when it holds at least this many images [env STACK_MIN_GOOD_IMAGES]")
-    g.add_argument("--components", default=_env("STACK_GMM_COMPONENTS", "16"),
-                   help="GMM components (a comma list sweeps by BIC) [env STACK_GMM_COMPONENTS]")
-    g.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
-                   help="build the int8 CLIP through the parity gate after the GMM fit (default on; --no-int8 skips it) [env STACK_INT8]")
-    g.add_argument("--taste-nomad-arg", action="append", default=[], metavar="ARG",
+    """Flags shared by ``stack.up`` and ``stack.ensure_models`` (env ``STACK_…``; a bad value is a UserError)."""
+    g = Settings(p, "STACK_").group("models (built on first run when missing)")
+    g.add("--pretrained", env="CLIP_PRETRAINED", default="openai", help="open_clip pretrained tag for ViT-B-16 (downloads once)")
+    g.add("--taste-source", type=_taste_source, default="commons", metavar="{commons,reddit}",
+          help="where the images that define 'good' come from when the gallery is too small: commons "
+               "(the newest Wikimedia Commons Featured pictures, no account, needs NOMAD_CONTACT) or reddit "
+               "(top of --taste-subreddits, needs REDDIT_CLIENT_ID/SECRET)")
+    g.add("--taste-subreddits", default="EarthPorn",
+          help="with --taste-source reddit: comma list of subreddits whose top images of all time define 'good'")
+    g.add("--taste-limit", type=positive_int, default=300,
+          help="files to read from Commons Featured pictures, or top posts per taste subreddit")
+    g.add("--min-good-images", type=positive_int, default=200,
+          help="fit the GMM on the gallery when it holds at least this many images")
+    g.add("--components", env="GMM_COMPONENTS", default="16", help="GMM components (a comma list sweeps by BIC)")
+    g.switch("--int8", default=True,
+             help="build the int8 CLIP through the parity gate after the GMM fit (--no-int8 skips it)")
+    p.add_argument("--taste-nomad-arg", action="append", default=[], metavar="ARG",
                    help="extra nomad flag for the taste download (repeatable, e.g. --taste-nomad-arg=--resolve=…)")
 
 
@@ -332,17 +326,27 @@ def ensure(args: argparse.Namespace) -> None:
         raise EnsureError("model directory still not usable:\n  " + "\n  ".join(problems))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stack.ensure_models", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", type=Path, default=Path(_env("STACK_MODELS", DEFAULT_MODELS_DIR)),
-                   help=f"model directory (default: {DEFAULT_MODELS_DIR}) [env STACK_MODELS]")
-    p.add_argument("--gallery", type=Path, default=Path(_env("STACK_GALLERY", "gallery")), help="gallery folder [env STACK_GALLERY]")
-    p.add_argument("--state-dir", type=Path, default=Path(_env("STACK_STATE_DIR", "state")), help="where taste images are kept [env STACK_STATE_DIR]")
+def parser() -> argparse.ArgumentParser:
+    """``python -m stack.ensure_models``'s flags (env ``STACK_…``)."""
+    p = Parser(prog="python -m stack.ensure_models", description=__doc__.split("\n\n")[0])
+    s = Settings(p, "STACK_")
+    s.add("--models", type=Path, default=Path(DEFAULT_MODELS_DIR), help="model directory")
+    s.add("--gallery", type=Path, default=Path("gallery"), help="gallery folder")
+    s.add("--state-dir", type=Path, default=Path("state"), help="where taste images are kept")
+    s.add("--log-format", choices=["text", "json"], default="text", help="log line format")
     add_model_flags(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parser().parse_args(argv)
+    except UserError as exc:  # a bad STACK_… variable: one line, before anything is built
+        print(f"python -m stack.ensure_models: error: {exc}", file=sys.stderr)
+        return 2
     from photocore.observe import setup_logging
 
-    setup_logging(_env("STACK_LOG_FORMAT", "text"))
+    setup_logging(args.log_format)
     args.models = models_dir(args.models)  # an old models/ folder is still read, with a notice
     try:
         ensure(args)

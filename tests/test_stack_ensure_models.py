@@ -132,7 +132,18 @@ def test_reddit_taste_without_oauth_one_clear_line(tiny_models: Path, tmp_path: 
 
 
 def test_bad_taste_source_env_exits_2(tmp_path: Path) -> None:
+    """A bad STACK_… variable is one line naming it and exit 2, before anything is built (all of them, not only this one)."""
     out = subprocess.run(python_module("stack.ensure_models", "--models", str(tmp_path / "m")), capture_output=True,
                          text=True, timeout=60, env=clean_env(STACK_TASTE_SOURCE="flickr"))
-    assert out.returncode == 2 and "--taste-source" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "STACK_TASTE_SOURCE" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("var,value", [("STACK_TASTE_LIMIT", "many"), ("STACK_MIN_GOOD_IMAGES", "0"), ("STACK_INT8", "maybe")])
+def test_every_bad_stack_variable_is_one_line(tmp_path: Path, var: str, value: str) -> None:
+    """The model flags share photocore.settings' rules: a bad number or boolean names its variable, no traceback."""
+    out = subprocess.run(python_module("stack.ensure_models", "--models", str(tmp_path / "m")), capture_output=True,
+                         text=True, timeout=60, env=clean_env(**{var: value}))
+    assert out.returncode == 2 and var in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "m").exists()
