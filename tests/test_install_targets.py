@@ -1,6 +1,7 @@
 """The install targets: CPU-only torch for users, PyPI only for CI, a torch-free demo (``make -n``: nothing installed)."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,8 +17,12 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 def dry_run(target: str, tmp: Path, *assignments: str) -> str:
     """The commands ``make TARGET`` would run for a fresh venv in ``tmp`` (``-n``: none is run)."""
-    out = subprocess.run(["make", "-n", target, f"VENV={tmp / 'venv'}", *assignments], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
+    # Under `make test` (as in CI) the parent make's variables (MAKEFLAGS carries `TORCH_INDEX=`) and its
+    # level (which adds "Entering directory" lines) would leak into this make: start it as a user would.
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "TORCH_INDEX", "VENV", "MODELS"}}
+    out = subprocess.run(["make", "-n", "--no-print-directory", target, f"VENV={tmp / 'venv'}", *assignments],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.replace(str(tmp), "TMP")  # the test's own folder name must not match what is looked for
 
