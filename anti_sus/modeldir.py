@@ -24,7 +24,8 @@ Manifest layout::
     }
 
 Artifact names the server knows (``ARTIFACTS``): ``clip``, ``clip_int8``,
-``gmm``, ``gmm_meta``, ``watermark``, ``watermark_int8``. ``clip``, ``gmm`` and
+``gmm``, ``gmm_meta``, ``watermark``, ``watermark_int8``, ``probe`` (``anti-sus learn``;
+:mod:`anti_sus.stages.probe`). ``clip``, ``gmm`` and
 ``gmm_meta`` are required; the rest are optional. An int8 entry carries the
 report of the int8 gate (``provenance.gate``, written by ``models.quantize``);
 :func:`int8_unusable` says whether it may be served by default.
@@ -51,6 +52,7 @@ ARTIFACTS: dict[str, tuple[str, str]] = {
     "gmm_meta": ("gmm.json", "python -m models.fit_gmm --models DIR --images GOOD_IMAGES"),
     "watermark": ("watermark.onnx", "python -m models.export_watermark --weights WEIGHTS --out DIR"),
     "watermark_int8": ("watermark.int8.onnx", "python -m models.quantize --models DIR --images IMAGES --target watermark"),
+    "probe": ("probe.npz", "anti-sus learn --labels LABELS --models DIR"),
 }
 REQUIRED = ("clip", "gmm", "gmm_meta")
 TINY_HINT = "python -m models.tiny --out DIR  (small random models for tests and the offline demo)"

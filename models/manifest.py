@@ -45,7 +45,7 @@ def _describe_new(directory: Path, name: str, file: str) -> dict[str, Any]:
         fields.update(kind="onnx", input={"name": inp.name, "shape": dims, "dtype": "float32"},
                       output={"name": out.name, "shape": odims})
     elif file.endswith(".npz"):
-        fields["kind"] = "gmm"
+        fields["kind"] = "probe" if name == "probe" else "gmm"  # anti-sus learn's probe.npz vs fit_gmm's gmm.npz
     return fields
 
 
