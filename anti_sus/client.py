@@ -56,12 +56,30 @@ class ImageResult:
 
 @dataclass(frozen=True)
 class FilterResult:
-    """A filter reply: ``good`` indexes in request order, per-image results, optional features of the good images."""
+    """A filter reply: ``good`` indexes in request order, per-image results, optional features.
+
+    ``features`` has one row per index of ``features_index``: the good images with
+    ``return_features=True``, every image with ``return_features="all"`` (unless the
+    server predates it: then the good ones only). ``thresholds`` are the ones the
+    request was judged by (``{"gmm": …, "watermark": …}``; None from older servers).
+    """
 
     good: list[int]
     results: list[ImageResult]
     features: np.ndarray | None
     elapsed_ms: float
+    features_index: list[int] | None = None
+    thresholds: dict[str, float] | None = None
+
+    def feature_of(self, index: int) -> np.ndarray | None:
+        """The features of image ``index`` (request order), or None when the reply has none for it."""
+        if self.features is None:
+            return None
+        rows = self.features_index if self.features_index is not None else self.good
+        try:
+            return self.features[rows.index(index)]
+        except ValueError:
+            return None
 
 
 class FilterClient(ReqClient):
@@ -85,31 +103,61 @@ class FilterClient(ReqClient):
         curve = client_keys(curve_server_key, curve_client_keys) if curve_server_key is not None else None
         super().__init__(endpoint, timeout=timeout, retries=retries, curve=curve, context=context,
                          busy_wait=timeout if busy_wait is None else busy_wait)
+        self.all_features_supported: bool | None = None
+        """False once the server refused ``return_features="all"`` (it predates it); None until asked."""
 
     # -- public API ------------------------------------------------------------
     def filter(self, images: np.ndarray, *, gmm_threshold: float | None = None,
-               watermark_threshold: float | None = None, return_features: bool = False) -> FilterResult:
-        """Filter ``uint8[N, H, W, 3]`` RGB images; thresholds override the server's for this request."""
+               watermark_threshold: float | None = None, return_features: bool | str = False) -> FilterResult:
+        """Filter ``uint8[N, H, W, 3]`` RGB images; thresholds override the server's for this request.
+
+        ``return_features``: False, True (the good images' features) or ``"all"``
+        (every image's, rejected ones included). A server that predates ``"all"``
+        answers the good images' features instead (see ``FilterResult.features_index``).
+        """
+        if return_features not in (False, True, "all"):
+            raise ValueError(f"return_features must be False, True or 'all', got {return_features!r}")
         arr = np.asarray(images)
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or len(arr) == 0:
             raise ValueError(f"images must be uint8[N>=1, H, W, 3], got {arr.dtype}{list(arr.shape)}")
         arr = np.ascontiguousarray(arr)
-        options: dict[str, Any] = {"return_features": bool(return_features)}
+        want_all = return_features == "all" and self.all_features_supported is not False
+        options: dict[str, Any] = {"return_features": "all" if want_all else bool(return_features)}
         if gmm_threshold is not None:
             options["gmm_threshold"] = float(gmm_threshold)
         if watermark_threshold is not None:
             options["watermark_threshold"] = float(watermark_threshold)
         header = {"op": "filter", "shape": list(arr.shape), "dtype": "uint8", "options": options}
-        reply, extra = self.call(header, [arr.data])
+        try:
+            reply, extra = self.call(header, [arr.data])
+        except AntiSusError as exc:
+            if not (want_all and exc.code == "bad_header" and "return_features" in str(exc)):
+                raise
+            # An older server knows only true/false: ask again for the good images' features, and remember.
+            self.all_features_supported = False
+            options["return_features"] = True
+            reply, extra = self.call(header, [arr.data])
+        if want_all and reply.get("features_of") == "all":
+            self.all_features_supported = True
         results = [ImageResult(int(r["index"]), float(r["gmm"]), None if r.get("watermark") is None else float(r["watermark"]),
                                str(r["verdict"])) for r in reply["results"]]
-        features = None
+        good = [int(i) for i in reply["good"]]
+        features = index = None
         if return_features:
             if not extra:
                 raise AntiSusError("internal", "reply has no features frame")
-            shape = reply.get("features_shape") or [len(reply["good"]), -1]
+            every = reply.get("features_of") == "all"
+            index = list(range(len(arr))) if every else good
+            shape = reply.get("features_shape") or [len(index), -1]
             features = np.frombuffer(extra[0], dtype="<f4").reshape(shape)
-        return FilterResult([int(i) for i in reply["good"]], results, features, float(reply.get("elapsed_ms", 0.0)))
+            if len(features) != len(index):
+                raise AntiSusError("internal", f"reply has {len(features)} feature rows for {len(index)} images")
+        thresholds = reply.get("thresholds")
+        if isinstance(thresholds, dict):
+            thresholds = {k: float(v) for k, v in thresholds.items() if isinstance(v, (int, float))}
+        else:
+            thresholds = None
+        return FilterResult(good, results, features, float(reply.get("elapsed_ms", 0.0)), index, thresholds)
 
     def info(self) -> dict[str, Any]:
         """The server's models (with sha256), thresholds, limits and version."""

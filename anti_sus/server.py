@@ -71,6 +71,10 @@ class ServerConfig:
     heartbeat: float = 2.0
     curve_secret_key: Path | None = None
     curve_allow: Path | None = None
+    curve_server_key: Path | None = None
+    """Worker mode (``connect``): the broker backend's public key; the worker is then a CURVE client."""
+    curve_client_key: Path | None = None
+    """Worker mode: this worker's ``.key_secret`` (listed in the broker's ``--backend-curve-allow``)."""
     linger_ms: int = 2000
     instance: str | None = None
     """Token that ``info``/``ping`` report so a launcher can tell its own server from another (random when None)."""
@@ -134,6 +138,10 @@ class FilterServer:
                 from photocore.curve import secure_server
 
                 self._auth = secure_server(self.ctx, [sock], cfg.curve_secret_key, cfg.curve_allow)
+            if cfg.connect and cfg.curve_server_key is not None:
+                from photocore.curve import secure_client
+
+                secure_client(sock, cfg.curve_server_key, cfg.curve_client_key)
             if cfg.connect:
                 sock.connect(cfg.connect)
                 self.endpoints = [cfg.connect]
@@ -388,11 +396,17 @@ class FilterServer:
             frames: list[Any] = [np.asarray(good, dtype="<i4").tobytes()]
             log.info("legacy filter images=%d good=%d batch=%d %.1f ms", len(oc.verdicts), len(good), n, elapsed)
         else:
-            fields: dict[str, Any] = {"good": good, "results": oc.results(), "elapsed_ms": round(elapsed, 3)}
+            p = self.pipeline
+            # The thresholds this request was judged by, so a client can tell how near a rejection was.
+            thresholds = {"gmm": p.gmm_threshold if req.gmm_threshold is None else req.gmm_threshold,
+                          "watermark": p.watermark_threshold if req.watermark_threshold is None else req.watermark_threshold}
+            fields: dict[str, Any] = {"good": good, "results": oc.results(), "elapsed_ms": round(elapsed, 3),
+                                      "thresholds": thresholds}
             extra: list[Any] = []
             if req.return_features:
-                feats = np.ascontiguousarray(oc.features[good], dtype="<f4")
+                feats = np.ascontiguousarray(oc.features if req.all_features else oc.features[good], dtype="<f4")
                 fields["features_shape"] = list(feats.shape)
+                fields["features_of"] = "all" if req.all_features else "good"
                 extra.append(feats.tobytes())
             frames = [ok_reply(req.id, **fields), *extra]
             log.info("filter id=%s images=%d good=%d batch=%d %.1f ms", req.id, len(oc.verdicts), len(good), n, elapsed,

@@ -54,6 +54,8 @@ class Filter:
     gmm_threshold: float | None = None
     watermark_threshold: float | None = None
     return_features: bool = False
+    all_features: bool = False
+    """With ``return_features``: features of every image in request order, not only the good ones."""
     legacy: bool = False
 
 
@@ -108,8 +110,10 @@ def _filter(header: dict[str, Any], body: Sequence[Any], limits: Limits, rid: st
     except ProtocolError as exc:
         raise ProtocolError(exc.code, exc.message, rid) from None
     ret = options.get("return_features", False)
-    if not isinstance(ret, bool):
-        raise ProtocolError("bad_header", f"option return_features must be true or false, got {ret!r}", rid)
+    # "all" asks for every image's features (nomad's review queue wants the rejected ones too);
+    # true keeps its original meaning, the good images' only, so old clients see no change.
+    if not (isinstance(ret, bool) or ret == "all"):
+        raise ProtocolError("bad_header", f"option return_features must be true, false or \"all\", got {ret!r}", rid)
     expected = n * h * w * c
     if len(body) != 2:
         raise ProtocolError("size_mismatch", f"filter takes exactly one payload frame after the header, got {len(body) - 1}", rid)
@@ -117,7 +121,7 @@ def _filter(header: dict[str, Any], body: Sequence[Any], limits: Limits, rid: st
     if len(payload) != expected:
         raise ProtocolError("size_mismatch", f"payload is {len(payload)} bytes, shape {[n, h, w, c]} needs {expected}", rid)
     images = np.frombuffer(payload, dtype=np.uint8).reshape(n, h, w, c)
-    return Filter(rid, images, gmm, wm, ret)
+    return Filter(rid, images, gmm, wm, ret is not False, ret == "all")
 
 
 def _legacy(frame: memoryview, limits: Limits) -> Filter:
