@@ -42,10 +42,13 @@ def _describe_new(directory: Path, name: str, file: str) -> dict[str, Any]:
         inp, out = m.graph.input[0], m.graph.output[0]
         dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
         odims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
-        fields.update(kind="onnx", input={"name": inp.name, "shape": dims, "dtype": "float32"},
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type).name  # int64 for clip_text
+        fields.update(kind="onnx", input={"name": inp.name, "shape": dims, "dtype": dtype},
                       output={"name": out.name, "shape": odims})
     elif file.endswith(".npz"):
         fields["kind"] = "probe" if name == "probe" else "gmm"  # anti-sus learn's probe.npz vs fit_gmm's gmm.npz
+    elif file.endswith(".txt.gz"):
+        fields["kind"] = "bpe"  # clip_vocab: open_clip's merge list (anti_sus.text.tokenizer)
     return fields
 
 
