@@ -1,4 +1,4 @@
-"""``gallery-bridge``: serve, import, list, rebuild, ping, info.
+"""``gallery-bridge``: serve, web, import, list, rebuild, ping, info.
 
 Every flag can also be set by an environment variable (shown in ``--help``),
 so the service can be configured in a container without a command line.
@@ -56,6 +56,8 @@ def _target_flags(p: argparse.ArgumentParser) -> None:
     d.add("--crop-threshold", default=0.94, type=finite_float, help="band-pass correlation above which a border-cropped copy is a duplicate")
     d.add("--max-crop", default=0.04, type=non_negative_float, help="largest border crop (fraction per axis) the crop check tries; 0 disables it")
     d.add("--clip-threshold", type=_opt_float, help="cosine of CLIP features above which an image is a duplicate (off by default)")
+    d.add("--have-threshold", default=6, type=non_negative_int,
+          help="the have op answers 'near' within this Hamming distance on the 64-bit pHash (max 16)")
     lim = _settings(p).group("limits")
     lim.add("--max-image-bytes", default=50 * 1024 * 1024, type=positive_int, help="largest encoded image accepted")
     lim.add("--max-pixels", default=100_000_000, type=positive_int, help="largest image (width*height) decoded")
@@ -92,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
            "as a keygen file); without it any client that knows the server key is served")
     ss.add("--instance", type=_instance, shown="a fresh uuid4 hex per start",
            help="token reported with the pid in ping/info, so a launcher knows it talks to its own child")
+    rv = _settings(s).group("review and labels")
+    rv.add("--review-keep", default=5000, type=positive_int,
+           help="review items (rejected images sent for review) kept, newest first; older ones and their files are deleted")
+    rv.add("--label-copies", default=20000, type=positive_int,
+           help="copies of labelled images kept for `labels export` (removed gallery images, review items), newest first")
     _target_flags(s)
     _log_flags(s)
     i = sub.add_parser("import", help="bulk add a folder of images (same dedup as serve)")
@@ -106,12 +113,41 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rebuild", help="regenerate thumbnails, index.html and hashes from the catalogue")
     _target_flags(r)
     _log_flags(r)
+    _web_parser(sub)
+    lb = sub.add_parser("labels", help="labels given in the gallery (good/bad)")
+    lbs = lb.add_subparsers(dest="labels_command", required=True)
+    ex = lbs.add_parser("export", help="write DIR/good/, DIR/bad/ and DIR/labels.npz for anti-sus tune and learn")
+    ex.add_argument("dir", type=Path, help="new (or empty) folder to write")
+    _settings(ex).add("--gallery", type=Path, default=Path("./gallery"),
+                      help="folder gallery (holding catalogue.sqlite), or the catalogue/ledger file itself")
+    _log_flags(ex)
     for name, text in (("ping", "check that a service answers (exit 0 when it does)"), ("info", "print a service's configuration")):
         c = sub.add_parser(name, help=text)
         _client_flags(c)
         if name == "ping":
             c.add_argument("--json", action="store_true", help="print the raw JSON reply instead of one line")
     return ap
+
+
+def _web_parser(sub: argparse._SubParsersAction) -> None:
+    """``gallery-bridge web``: its flags are ``GALLERY_BRIDGE_WEB_…`` variables too."""
+    w = sub.add_parser("web", help="serve the gallery as a web app (browse, search, review, labels)",
+                       description="Serve the gallery as a web app. Reads the catalogue read-only; labels go to the "
+                                   "running `gallery-bridge serve` at --connect.")
+    ws = Settings(w, ENV + "WEB_")
+    ws.add("--gallery", type=Path, default=Path("gallery"), help="the gallery folder (serve's folder: target)")
+    ws.add("--bind", default="127.0.0.1:8780", help="HOST:PORT to listen on; a non-loopback host needs a token")
+    ws.add("--connect", type=endpoint, default="tcp://127.0.0.1:7778",
+           help="endpoint of the running gallery-bridge serve (labels are written by it)")
+    ws.add("--models", type=Path, help="model directory with the CLIP towers, for search (none: search is off)")
+    ws.add("--max-upload-bytes", type=positive_int, default=20 * 1024 * 1024, help="largest file accepted by 'more like a file'")
+    ws.add("--max-upload-pixels", type=positive_int, default=40_000_000, help="largest uploaded image (width*height) decoded")
+    ws.add("--threads", type=positive_int, default=8, help="requests served at once")
+    ws.add("--timeout", type=positive_float, default=10.0, help="seconds to wait for serve's answer to a label")
+    ws.switch("--create-token", default=False,
+              help="when GALLERY_BRIDGE_WEB_TOKEN_FILE names a file that does not exist, write a fresh random token there")
+    ws.secret("TOKEN", help="the token asked for when --bind is not a loopback address (at least 16 characters)")
+    _log_flags(w)
 
 
 def _instance(text: str) -> str:
@@ -134,7 +170,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ingester = open_ingester(args)
     try:
         try:
-            server = Server(ingester, ServerConfig(bind=args.bind, limits=_limits(args), instance=instance, **curve))
+            server = Server(ingester, ServerConfig(bind=args.bind, limits=_limits(args), instance=instance,
+                                                   review_keep=args.review_keep, label_copies=args.label_copies, **curve))
         except CurveKeyError as exc:
             raise UserError(str(exc)) from None
         except zmq.ZMQError as exc:
@@ -248,6 +285,17 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
+def cmd_labels(args: argparse.Namespace) -> int:
+    """``labels export``: read-only on the catalogue, so it runs next to a live ``serve``."""
+    from .labels import export
+
+    gallery: Path = args.gallery
+    catalogue = gallery if gallery.is_file() else gallery / "catalogue.sqlite"
+    counts = export(catalogue, args.dir)
+    print(json.dumps({"dir": str(args.dir), **counts}))
+    return 0
+
+
 def cmd_client(args: argparse.Namespace) -> int:
     import zmq
 
@@ -271,7 +319,17 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "import": cmd_import, "list": cmd_list, "rebuild": cmd_rebuild, "ping": cmd_client, "info": cmd_client}
+def cmd_web(args: argparse.Namespace) -> int:
+    from .web.app import WebConfig
+    from .web.serve import resolve_token, run
+
+    cfg = WebConfig(gallery=args.gallery, connect=args.connect, models=args.models, token=resolve_token(args.create_token),
+                    max_upload_bytes=args.max_upload_bytes, max_upload_pixels=args.max_upload_pixels, timeout=args.timeout)
+    run(cfg, args.bind, threads=args.threads)
+    return 0
+
+
+COMMANDS = {"web": cmd_web, "serve": cmd_serve, "import": cmd_import, "list": cmd_list, "rebuild": cmd_rebuild, "labels": cmd_labels, "ping": cmd_client, "info": cmd_client}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

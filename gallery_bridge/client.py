@@ -76,6 +76,47 @@ class IngestClient(ReqClient):
             raw=reply,
         )
 
+    def have(self, items: list[tuple[str, str]]) -> list[str]:
+        """Does the gallery hold these images? (sha256 hex, 64-bit pHash hex) -> "exact" | "near" | "new".
+
+        Sent in requests of at most ``MAX_HAVE_ITEMS``. An old server raises
+        :class:`IngestError` with code ``unknown_op``: callers treat that as
+        "no answer" and carry on without the check.
+        """
+        from .dedup.have import ANSWERS, MAX_HAVE_ITEMS
+
+        out: list[str] = []
+        pairs = [[str(sha), str(ph)] for sha, ph in items]
+        for start in range(0, len(pairs), MAX_HAVE_ITEMS):
+            chunk = pairs[start:start + MAX_HAVE_ITEMS]
+            answers = self.request({"op": "have", "items": chunk}).get("answers")
+            if not (isinstance(answers, list) and len(answers) == len(chunk) and all(a in ANSWERS for a in answers)):
+                raise IngestError("internal", f"have: expected {len(chunk)} answers of {'/'.join(ANSWERS)}, got {answers!r:.200}")
+            out.extend(answers)
+        return out
+
+    def review(self, key: str, meta: dict[str, Any], image: bytes, scores: dict[str, Any], rejected_by: str,
+               features: np.ndarray | None = None) -> dict[str, Any]:
+        """Send one rejected image (a JPEG of at most 512 px a side) for the review queue; idempotent by key.
+
+        Returns the reply: ``{"status": "added"|"duplicate", "review_id": int, ...}``.
+        """
+        header: dict[str, Any] = {"op": "review", "key": key, "meta": meta, "scores": scores, "rejected_by": rejected_by}
+        frames = [bytes(image)]
+        if features is not None:
+            vec = np.ascontiguousarray(np.asarray(features, dtype="<f4").reshape(-1))
+            header["features_dim"] = int(vec.shape[0])
+            frames.append(vec.tobytes())
+        return self.request(header, *frames)
+
+    def label(self, item: str, label: str) -> dict[str, Any]:
+        """Label ``g<entry id>`` or ``r<review id>`` good or bad (the last label wins).
+
+        Returns the reply: ``{"status": "labelled", "item", "label", "gallery_id": int | None,
+        "removed": bool, "ingest"?: added|duplicate|rejected, "reason"?}``.
+        """
+        return self.request({"op": "label", "item": item, "label": label})
+
     def ping(self) -> dict[str, Any]:
         return self.request({"op": "ping"})
 

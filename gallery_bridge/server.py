@@ -1,4 +1,4 @@
-"""The ZeroMQ service: a ROUTER socket answering ingest, ping and info (docs/design.md §3).
+"""The ZeroMQ service: a ROUTER socket answering ingest, have, review, label, ping and info (docs/design.md §3).
 
 One request at a time on one thread: ingests must be serialised anyway (check
 then write), and the gallery's bottleneck is the crawler, not this loop. The
@@ -30,7 +30,11 @@ from photocore.protocol import MAX_HEADER_BYTES, ProtocolError, error_from, erro
 from photocore.redact import redact
 
 from . import __version__
-from .ingest import Ingester
+from .dedup.have import MAX_HAVE_ITEMS, parse_items
+from .dedup.have import answer as have_answers
+from .ingest import Ingester, crash_hook
+from .labels import DEFAULT_KEEP_COPIES, Labeller
+from .reviews import DEFAULT_KEEP, ReviewStore, check_review_image, check_stage
 from .targets import TargetError
 from .validate import Limits, check_features, check_image, check_key, check_meta
 
@@ -42,8 +46,9 @@ try:  # metrics are optional at import time; prometheus_client is a runtime depe
     INGESTS = Counter("gallery_bridge_ingests_total", "Ingest replies by status", ["status"])
     ERRORS = Counter("gallery_bridge_errors_total", "Error replies by code", ["code"])
     SECONDS = Histogram("gallery_bridge_ingest_seconds", "Time to answer one ingest")
+    HAVE = Counter("gallery_bridge_have_total", "Items answered by the have op, by answer", ["answer"])
 except ImportError:  # pragma: no cover
-    INGESTS = ERRORS = SECONDS = None
+    INGESTS = ERRORS = SECONDS = HAVE = None
 
 OVERSIZE_FACTOR = 2
 """Frames up to this many times ``max_image_bytes`` are received and answered
@@ -69,6 +74,10 @@ class ServerConfig:
     """Directory of allowed clients' public ``.key`` files (needs ``curve_secret_key``)."""
     instance: str = field(default_factory=lambda: uuid.uuid4().hex)
     """Per-start token echoed in ping/info, so a launcher knows it talks to its own child."""
+    review_keep: int = DEFAULT_KEEP
+    """Review items kept, newest first (``--review-keep``); older ones and their files are deleted."""
+    label_copies: int = DEFAULT_KEEP_COPIES
+    """Copies of labelled images kept for ``labels export`` (``--label-copies``)."""
 
     def __post_init__(self) -> None:
         if self.limits is None:  # older callers passed limits=None for the defaults
@@ -85,6 +94,9 @@ class Server(Closeable):
     def __init__(self, ingester: Ingester, config: ServerConfig, context: zmq.Context | None = None) -> None:
         self.ingester = ingester
         self.config = config
+        # Review items and labels share the catalogue and this one writer thread.
+        self.reviews = ReviewStore(ingester.catalogue, keep=config.review_keep, crash=crash_hook())
+        self.labeller = Labeller(ingester, self.reviews, limits=config.limits, keep_copies=config.label_copies)
         # An own context by default: a ZAP authenticator is per context, and two
         # servers in one process must not share (or inherit) each other's.
         self._own_ctx = context is None
@@ -200,10 +212,17 @@ class Server(Closeable):
                 return ok_reply(rid, pong=True, **self._identity())
             if op == "info":
                 return ok_reply(rid, **self._identity(), limits=vars(self.config.limits), curve=self.curve,
+                                have={"max_items": MAX_HAVE_ITEMS, "threshold": self.ingester.dedup.config.have_threshold},
                                 **self.ingester.info())
             if op == "ingest":
                 return self._ingest(header, body[1:], rid)
-            raise ProtocolError("unknown_op", f"unknown op {op!r}; ops are ingest, ping, info", rid)
+            if op == "review":
+                return self._review(header, body[1:], rid)
+            if op == "label":
+                return self._label(header, body[1:], rid)
+            if op == "have":
+                return self._have(header, body[1:], rid)
+            raise ProtocolError("unknown_op", f"unknown op {op!r}; ops are ingest, have, review, label, ping, info", rid)
         except ProtocolError as exc:
             exc.request_id = exc.request_id or rid
             if ERRORS:
@@ -220,6 +239,48 @@ class Server(Closeable):
                 ERRORS.labels("internal").inc()
             log.exception("internal error on id=%s", rid)
             return error_reply("internal", redact(f"{type(exc).__name__}: {exc}"), rid)
+
+    def _have(self, header: dict[str, Any], frames: list[bytes], rid: str | None) -> bytes:
+        """``have``: exact / near / new per (sha256, 64-bit pHash) item, from hashes only (gallery_bridge.dedup.have)."""
+        if frames:
+            raise ProtocolError("size_mismatch", f"have takes no binary frames, got {len(frames)}", rid)
+        items = parse_items(header.get("items"))
+        answers = have_answers(self.ingester.catalogue.db, self.ingester.dedup, items)
+        if HAVE:
+            for a in answers:
+                HAVE.labels(a).inc()
+        return ok_reply(rid, answers=answers)
+
+    def _review(self, header: dict[str, Any], frames: list[bytes], rid: str | None) -> bytes:
+        """``review``: store a rejected image apart from the gallery (gallery_bridge.reviews); idempotent by key."""
+        try:
+            key = check_key(header.get("key"))
+            meta = check_meta(header.get("meta"))
+            scores = check_meta({"scores": header.get("scores") or {}}).scores
+            stage = check_stage(header.get("rejected_by"))
+            if len(frames) not in (1, 2):
+                raise ProtocolError("size_mismatch", f"review takes an image frame and optional features frame, got {len(frames)} frames")
+            features = check_features(frames[1] if len(frames) == 2 else None, header.get("features_dim"), self.config.limits)
+            known = self.reviews.by_key(key)
+            if known is not None:  # a resend: answered before any decoding
+                return ok_reply(rid, status="duplicate", review_id=known)
+            image = check_review_image(frames[0], self.config.limits)
+        except ProtocolError as exc:
+            exc.request_id = rid
+            raise
+        added = self.reviews.add(key, meta, image.data, image.width, image.height, scores or meta.scores, stage, features)
+        return ok_reply(rid, status=added.status, review_id=added.review_id)
+
+    def _label(self, header: dict[str, Any], frames: list[bytes], rid: str | None) -> bytes:
+        """``label``: good/bad on g<id> or r<id> (gallery_bridge.labels); the last label wins."""
+        if frames:
+            raise ProtocolError("size_mismatch", f"label takes no binary frames, got {len(frames)}", rid)
+        try:
+            done = self.labeller.label(header.get("item"), header.get("label"))
+        except ProtocolError as exc:
+            exc.request_id = rid
+            raise
+        return ok_reply(rid, **done.reply_fields())
 
     def _ingest(self, header: dict[str, Any], frames: list[bytes], rid: str | None) -> bytes:
         t0 = time.perf_counter()

@@ -64,9 +64,12 @@ def open_ingester(args: argparse.Namespace):  # -> Ingester
 
     kind, rest = check_target(args)
     cfg = DedupConfig(phash_threshold=args.phash_threshold, crop_correlation=args.crop_threshold,
-                      max_crop=args.max_crop, clip_threshold=args.clip_threshold)
+                      max_crop=args.max_crop, clip_threshold=args.clip_threshold,
+                      have_threshold=args.have_threshold)
     if not 0 <= cfg.max_crop <= 0.2:
         raise UserError("--max-crop must be between 0 and 0.2")
+    if cfg.have_threshold > 16:  # a quarter of the bits: unrelated photos start to answer "near"
+        raise UserError("--have-threshold must be between 0 and 16")
     if kind == "folder":
         from .targets.folder import FolderTarget
 

@@ -8,6 +8,11 @@
   mirror: the crop check's candidate picker.
 * ``signature``: the 96x96 grey image itself, which the crop check aligns.
 
+The coarse hash is also the 64-bit pHash of the ``have`` op (:func:`phash64`):
+a client (nomad) computes it from its own decoded copy and asks whether the
+gallery holds the image before spending CLIP on it. Every catalogue already
+stores it (column ``coarse``), so no migration is needed.
+
 Hashes are kept as packed uint64 words in imagehash's bit order.
 
 At ingest the image given here is the reduced decode of
@@ -81,14 +86,29 @@ def grey_signature(image: Image.Image) -> Image.Image:
     return grey.resize((SIG_SIDE, SIG_SIDE), Image.Resampling.LANCZOS)
 
 
+def _coarse_hash(sig: Image.Image) -> imagehash.ImageHash:
+    """The 64-bit DCT hash of a 96x96 signature (imagehash resizes it to 32x32)."""
+    return imagehash.phash(sig, hash_size=COARSE_SIZE, highfreq_factor=4)
+
+
+def phash64(image: Image.Image) -> str:
+    """The ``have`` op's 64-bit pHash of a decoded image: 16 hex digits, the catalogue's ``coarse``.
+
+    Cheap on a small copy: nomad hashes its 512x512 wire image (a squash of the
+    whole photo, as the 96x96 signature is); measured on resized and
+    recompressed copies, at most 2 bits from the gallery's full-size hash.
+    """
+    return pack_bits_hex(_bits_to_words(_coarse_hash(grey_signature(image)).hash))
+
+
 def fingerprint(image: Image.Image) -> Fingerprint:
     """Compute all hashes and the signature of a decoded image."""
     sig = grey_signature(image)
     mirror = ImageOps.mirror(sig)
     ph = imagehash.phash(sig, hash_size=PHASH_SIZE, highfreq_factor=SIG_SIDE // PHASH_SIZE)
     phm = imagehash.phash(mirror, hash_size=PHASH_SIZE, highfreq_factor=SIG_SIDE // PHASH_SIZE)
-    co = imagehash.phash(sig, hash_size=COARSE_SIZE, highfreq_factor=4)
-    com = imagehash.phash(mirror, hash_size=COARSE_SIZE, highfreq_factor=4)
+    co = _coarse_hash(sig)
+    com = _coarse_hash(mirror)
     return Fingerprint(
         phash=_bits_to_words(ph.hash),
         phash_mirror=_bits_to_words(phm.hash),

@@ -47,6 +47,14 @@ class DedupConfig:
     """Cosine of CLIP features above which an image is a duplicate; None disables it (``--clip-threshold``)."""
     max_candidates: int = 8
     """Coarse-hash candidates verified per query (and per mirror)."""
+    have_threshold: int = 6
+    """Hamming distance on the 64-bit coarse hash within which the ``have`` op answers "near".
+
+    Far stricter than ``coarse_threshold`` (a candidate there is verified; a
+    "near" here makes nomad drop the image unseen): resized and recompressed
+    copies measured 0-2 bits apart, unrelated photos 18 or more. 6 of 64 is
+    about the 64 of 576 of ``phash_threshold``.
+    """
 
 
 class Deduplicator:
@@ -71,6 +79,10 @@ class Deduplicator:
         self.phash.remove(entry_id)
         self.coarse.remove(entry_id)
         self.features.remove(entry_id)
+
+    def near64(self, words: np.ndarray) -> bool:
+        """Is a stored coarse (64-bit pHash) within ``have_threshold`` of ``words``? For the ``have`` op."""
+        return bool(self.coarse.search([words], self.config.have_threshold, limit=1))
 
     def find(self, fp: Fingerprint, features: np.ndarray | None = None) -> Match | None:
         """The existing entry this image duplicates, or None."""
