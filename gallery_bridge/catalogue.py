@@ -51,6 +51,51 @@ CREATE TABLE IF NOT EXISTS aliases (
     added_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entries_state ON entries(state, id);
+-- Review items (gallery_bridge.reviews): what anti_sus rejected, kept apart from
+-- the gallery, newest N only. The row is written after its file and deleted
+-- before it, so a row never points at a missing file; orphan files are swept at start.
+CREATE TABLE IF NOT EXISTS reviews (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL UNIQUE,
+    file TEXT NOT NULL UNIQUE,
+    sha256 TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    source_url TEXT,
+    permalink TEXT,
+    title TEXT,
+    subreddit TEXT,
+    author TEXT,
+    licence TEXT,
+    source TEXT,
+    scores TEXT NOT NULL DEFAULT '{}',
+    rejected_by TEXT NOT NULL,
+    features BLOB,
+    gallery_id INTEGER,
+    entry_id INTEGER,
+    added_at TEXT NOT NULL
+);
+-- Labels (gallery_bridge.labels): one row per item ('g<entry id>' or 'r<review id>'),
+-- the last label wins. ``copy`` names a kept copy of the image under .labels/.
+CREATE TABLE IF NOT EXISTS labels (
+    item TEXT PRIMARY KEY,
+    key TEXT NOT NULL,
+    label TEXT NOT NULL CHECK (label IN ('good', 'bad')),
+    features BLOB,
+    sha256 TEXT NOT NULL,
+    ext TEXT NOT NULL,
+    copy TEXT,
+    at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS labels_at ON labels(at);
+-- Hashes of images labelled bad: refused at ingest (exact sha256, or phash near).
+CREATE TABLE IF NOT EXISTS blocked (
+    sha256 TEXT PRIMARY KEY,
+    phash TEXT NOT NULL,
+    item TEXT NOT NULL,
+    at TEXT NOT NULL
+);
 """
 
 META_COLUMNS = ("source_url", "permalink", "title", "subreddit", "author", "licence", "source")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .catalogue import Catalogue
-from .dedup import DedupConfig, Deduplicator, Fingerprint, fingerprint
+from .dedup import PHASH_WORDS, DedupConfig, Deduplicator, Fingerprint, HashIndex, fingerprint, words_from_hex
 from .targets import Stored, Target
 from .validate import CheckedImage, Meta
 
@@ -49,7 +49,7 @@ class Outcome:
 
     status: str  # added | duplicate | rejected
     gallery_id: int | None
-    reason: str | None = None  # why a duplicate: key, sha256, phash, phash_mirror, crop, clip, gallery
+    reason: str | None = None  # why a duplicate: key, sha256, phash, phash_mirror, crop, clip, gallery; why rejected: too_small, gallery, blocked
     message: str | None = None
 
     def reply_fields(self) -> dict[str, Any]:
@@ -99,33 +99,54 @@ class Ingester:
             self.dedup.phash.add_many(np.array(ids), words.reshape(len(ids), -1))
             self.dedup.coarse.add_many(np.array(ids), np.array(coarse, dtype=np.int64).view(np.uint64).reshape(-1, 1))
         log.info("loaded %d hashes in %.0f ms", len(ids), 1000 * (time.perf_counter() - t0))
+        self.blocked = HashIndex(PHASH_WORDS)
+        self.reload_blocked()
 
-    def known(self, key: str, data: bytes, sha: str | None = None) -> Outcome | None:
-        """Answer for a key or exact bytes seen before, without decoding anything.
+    def reload_blocked(self) -> None:
+        """Rebuild the in-memory index of blocked phashes from the catalogue (labels change it; a few rows)."""
+        self.blocked = HashIndex(PHASH_WORDS)
+        for n, row in enumerate(self.catalogue.db.execute("SELECT phash FROM blocked ORDER BY rowid")):
+            self.blocked.add(n, words_from_hex(row["phash"]))
+
+    def _blocked_sha(self, sha: str) -> bool:
+        return self.catalogue.db.execute("SELECT 1 FROM blocked WHERE sha256=?", (sha,)).fetchone() is not None
+
+    def _blocked_near(self, fp: Fingerprint) -> bool:
+        """A near copy (or mirror) of an image labelled bad, at the gallery's own phash threshold."""
+        return bool(self.blocked.search([fp.phash, fp.phash_mirror], self.dedup.config.phash_threshold, limit=1))
+
+    def known(self, key: str, data: bytes, sha: str | None = None, *, blocked_ok: bool = False) -> Outcome | None:
+        """Answer for a key or exact bytes seen before, or bytes labelled bad, without decoding anything.
 
         Redeliveries are the common case after a sender's retry; they are
         answered from the catalogue in well under a millisecond. ``sha``: the
-        hex sha256 of ``data`` when the caller has it already.
+        hex sha256 of ``data`` when the caller has it already. ``blocked_ok``:
+        skip the block list (a user labelling this very image good).
         """
         known = self.catalogue.by_key(key)
         if known:
             return Outcome("duplicate", known.gallery_id, "key")
-        known = self.catalogue.by_sha256(sha or hashlib.sha256(data).hexdigest())
+        sha = sha or hashlib.sha256(data).hexdigest()
+        known = self.catalogue.by_sha256(sha)
         if known:
             self.catalogue.add_alias(key, known.entry_id, "sha256")
             return Outcome("duplicate", known.gallery_id, "sha256")
+        if not blocked_ok and self._blocked_sha(sha):
+            return Outcome("rejected", None, "blocked", "this image was labelled bad in the gallery")
         return None
 
     def ingest(self, key: str, meta: Meta, image: CheckedImage, features: np.ndarray | None = None,
-               *, min_side: int = 0) -> Outcome:
+               *, min_side: int = 0, blocked_ok: bool = False) -> Outcome:
         # One sha256 of the bytes (tens of MB for a large PNG) serves the check and the row.
         sha = hashlib.sha256(image.data).hexdigest()
-        seen = self.known(key, image.data, sha)
+        seen = self.known(key, image.data, sha, blocked_ok=blocked_ok)
         if seen:
             return seen
         if min(image.width, image.height) < min_side:
             return Outcome("rejected", None, "too_small", f"{image.width}x{image.height} is below the {min_side} px minimum side")
         fp = fingerprint(image.image)
+        if not blocked_ok and len(self.blocked) and self._blocked_near(fp):
+            return Outcome("rejected", None, "blocked", "a near copy of an image labelled bad in the gallery")
         match = self.dedup.find(fp, features)
         if match:
             gid = self.catalogue.gallery_id(match.entry_id)
