@@ -85,6 +85,9 @@ def add_models(p: argparse.ArgumentParser) -> None:
     s = settings(p)
     s.add("--models", default=DEFAULT_MODELS_DIR, help="model directory (verified against its manifest.json)")
     s.add("--threads", default=0, type=non_negative_int, help="ONNX Runtime threads per model (0: all cores)")
+    s.add("--provider", default="cpu", choices=["cpu", "cuda"],
+          help="ONNX Runtime execution provider; cuda needs onnxruntime-gpu and a GPU, else it runs on the CPU "
+          "with one warning")
     s.switch("--int8", help="require the int8 CLIP (clip_int8): fail without one, serve it even when its gate report "
              "is stale; without --int8/--fp32 it is served when its gate passed for this CLIP and GMM")
     s.switch("--fp32", negatable=False, help="refuse the int8 CLIP and serve fp32")
@@ -134,7 +137,9 @@ def load_pipeline(args: argparse.Namespace, gmm_threshold: float | None = None, 
                   max_batch: int = 32) -> Any:
     """The model pipeline of ``--models`` (None thresholds: the model's suggestion and the one default)."""
     from ..pipeline import Pipeline
+    from ..stages.onnx import use_provider
 
+    use_provider(args.provider)  # before any session opens: every model of this process runs on it
     # models_dir: the default var/models, or the old models/ folder with a notice to move it.
     return Pipeline.load(models_dir(args.models), int8=args.int8, fp32=args.fp32, no_watermark=args.no_watermark, threads=args.threads,
                          max_batch=max_batch, memory_budget=args.memory_budget, gmm_threshold=gmm_threshold,

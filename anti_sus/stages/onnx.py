@@ -1,5 +1,5 @@
-"""One way to open and run an ONNX model for serving: CPU, bounded threads, full graph optimisation,
-and runs split into sub-batches that fit a memory budget.
+"""One way to open and run an ONNX model for serving: CPU (or CUDA, :func:`use_provider`), bounded threads,
+full graph optimisation, and runs split into sub-batches that fit a memory budget.
 
 Memory: a model's activations grow with the images in one ``session.run``. A
 stage runs at most :attr:`OnnxStage.sub_batch` images at a time, sized from the
@@ -13,6 +13,7 @@ process's life.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,44 @@ SHRINK_ARENA: ort.RunOptions | None = shrink_arena()
 measure the old behaviour, an arena that keeps its peak."""
 
 
-def open_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
-    """An ORT CPU session; ``threads`` caps intra-op threads (0 = ORT's default, all cores)."""
+log = logging.getLogger(__name__)
+
+PROVIDERS: dict[str, list[str]] = {"cpu": ["CPUExecutionProvider"],
+                                   "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+"""``--provider`` name -> ONNX Runtime execution providers, in order of preference."""
+_provider = "cpu"
+_fallback_warned = False
+
+
+def use_provider(name: str) -> None:
+    """Run the sessions opened from now on with ``name`` ("cpu" or "cuda"): one device per process."""
+    global _provider
+    if name not in PROVIDERS:
+        raise ValueError(f"unknown execution provider {name!r} (choose from {', '.join(PROVIDERS)})")
+    _provider = name
+
+
+def _warn_fallback(why: str) -> None:
+    """One warning per process, however many models fall back."""
+    global _fallback_warned
+    if not _fallback_warned:
+        _fallback_warned = True
+        log.warning("--provider cuda: %s; running on the CPU instead", why)
+
+
+def session_providers(name: str | None = None) -> list[str]:
+    """The providers to ask for: CUDA's only when this onnxruntime build has it (else CPU, with the warning)."""
+    wanted = PROVIDERS[name or _provider]
+    available = set(ort.get_available_providers())
+    usable = [p for p in wanted if p in available]
+    if usable != wanted:
+        _warn_fallback("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    return usable or ["CPUExecutionProvider"]
+
+
+def open_session(path: str | Path, threads: int = 0, provider: str | None = None) -> ort.InferenceSession:
+    """An ORT session on ``provider`` (None: :func:`use_provider`'s choice, CPU by default); ``threads`` caps
+    intra-op threads (0 = ORT's default, all cores)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # One model runs at a time in the server, so parallelism lives inside the operators.
@@ -47,7 +84,12 @@ def open_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
     if threads > 0:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3  # warnings about unused initialisers are noise for operators
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    providers = session_providers(provider)
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    if providers[0] == "CUDAExecutionProvider" and session.get_providers()[0] != "CUDAExecutionProvider":
+        # The provider is built in but could not start (no GPU, no driver, CUDA/cuDNN libraries missing).
+        _warn_fallback("the CUDA provider did not start (no GPU or CUDA libraries?)")
+    return session
 
 
 def sub_batch_size(memory_budget: int | None, per_image: int, max_batch: int) -> int:
