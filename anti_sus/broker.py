@@ -21,6 +21,16 @@ worker not heard from for ``worker_timeout`` seconds is dropped, and one whose
 connection is gone is dropped at the first send (``ROUTER_MANDATORY``). A
 worker that dies with a request in hand loses it: the client's Lazy Pirate
 retry sends it again and it goes to another worker.
+
+CURVE: the frontend and the backend are secured apart. ``curve_secret_key`` /
+``curve_allow`` make the frontend a CURVE server for clients (nomad);
+``backend_curve_secret_key`` / ``backend_curve_allow`` make the backend one for
+workers, which then connect with the backend's public key and their own key
+pair (``anti-sus serve --connect … --curve-server-key … --curve-client-key …``).
+The backend always needs an allow-list: a worker receives every image and
+writes every verdict, so "anyone who knows the public key" is not enough there.
+The backend gets its own ZeroMQ context, because a ZAP handler (and its
+allow-list) serves a whole context and the two sides allow different keys.
 """
 from __future__ import annotations
 
@@ -31,6 +41,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 import zmq
+
+from photocore.curve import CurveKeyError
 
 from .wire import Limits
 
@@ -46,15 +58,24 @@ class Broker:
 
     def __init__(self, frontends: list[str], backends: list[str], *, limits: Limits | None = None, hwm: int = 64,
                  worker_timeout: float = DEFAULT_WORKER_TIMEOUT, curve_secret_key: Path | None = None,
-                 curve_allow: Path | None = None, ctx: zmq.Context | None = None) -> None:
+                 curve_allow: Path | None = None, backend_curve_secret_key: Path | None = None,
+                 backend_curve_allow: Path | None = None, ctx: zmq.Context | None = None) -> None:
+        if backend_curve_secret_key is not None and backend_curve_allow is None:
+            raise CurveKeyError("CURVE on the broker's backend needs an allow-list of worker public keys "
+                                "(--backend-curve-allow DIR): any key holder could otherwise pose as a worker")
+        if backend_curve_allow is not None and backend_curve_secret_key is None:
+            raise CurveKeyError("--backend-curve-allow needs --backend-curve-secret-key")
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         self._stop = threading.Event()
         self._auth = None
+        self._backend_auth = None
+        # Its own context (so its own ZAP handler) when the backend has an allow-list of its own.
+        self._backend_ctx = zmq.Context() if backend_curve_secret_key is not None else None
         self.worker_timeout = worker_timeout
         limits = limits or Limits()
         self.frontend = self.ctx.socket(zmq.ROUTER)
-        self.backend = self.ctx.socket(zmq.ROUTER)
+        self.backend = (self._backend_ctx or self.ctx).socket(zmq.ROUTER)
         # Sending to a worker that is gone must fail loudly so it is dropped, not silently fed.
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         for s in (self.frontend, self.backend):
@@ -66,6 +87,11 @@ class Broker:
             from photocore.curve import secure_server
 
             self._auth = secure_server(self.ctx, [self.frontend], curve_secret_key, curve_allow)
+        if self._backend_ctx is not None:
+            from photocore.curve import secure_server
+
+            self._backend_auth = secure_server(self._backend_ctx, [self.backend], backend_curve_secret_key,  # type: ignore[arg-type]
+                                               backend_curve_allow)
         self.frontend_endpoints = [self._bind(self.frontend, ep) for ep in frontends]
         self.backend_endpoints = [self._bind(self.backend, ep) for ep in backends]
         # worker id -> free capacity, in least-recently-used order (first = longest without work)
@@ -113,8 +139,11 @@ class Broker:
                      " ".join(f"{w.hex()}={n}" for w, n in self.forwarded.items()) or "none")
             self.frontend.close()
             self.backend.close()
-            if self._auth is not None:
-                self._auth.stop()
+            for auth in (self._auth, self._backend_auth):
+                if auth is not None:
+                    auth.stop()
+            if self._backend_ctx is not None:
+                self._backend_ctx.term()
             if self._own_ctx:
                 self.ctx.term()
 

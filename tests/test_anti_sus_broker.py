@@ -154,3 +154,98 @@ def test_silent_worker_is_dropped_and_workers_rejoin_a_restarted_broker():
                     assert c.filter(np.stack([image(150, 0)])).good == [0]
     finally:
         ctx.destroy(linger=0)
+
+
+# -- CURVE on the backend: only workers whose key is allowed are given requests ---------------------
+
+@contextlib.contextmanager
+def curve_worker(backend: str, stages: FakeStages, server_key: Path | None = None,
+                 client_key: Path | None = None) -> Iterator[FilterServer]:
+    w = FilterServer(stages, ServerConfig(connect=backend, limits=Limits(16, 512 * 512), heartbeat=0.2,
+                                          curve_server_key=server_key, curve_client_key=client_key))
+    with running(w):
+        yield w
+
+
+@pytest.fixture()
+def backend_keys(tmp_path: Path) -> dict[str, Path]:
+    """The backend's key pair, an allowed worker, a stranger, and the allow-list holding only the worker."""
+    keys = tmp_path / "keys"
+    pub, secret = keygen(keys, "backend")
+    worker_pub, worker_secret = keygen(keys, "worker")
+    _, stranger_secret = keygen(keys, "stranger")
+    allowed = tmp_path / "workers"
+    allowed.mkdir()
+    (allowed / "worker.key").write_bytes(worker_pub.read_bytes())
+    return {"public": pub, "secret": secret, "allow": allowed, "worker": worker_secret, "stranger": stranger_secret}
+
+
+def test_backend_curve_allowed_worker_serves(backend_keys: dict[str, Path]):
+    k = backend_keys
+    stages = FakeStages()
+    with broker_running(backend_curve_secret_key=k["secret"], backend_curve_allow=k["allow"]) as b, \
+            curve_worker(b.backend_endpoints[0], stages, k["public"], k["worker"]):
+        wait_for(lambda: b.capacity == 1)
+        with FilterClient(b.frontend_endpoints[0], timeout=5) as c:  # the frontend stays plain: only the backend is CURVE
+            assert c.filter(np.stack([image(150, 0)])).good == [0]
+        assert stages.batches == [1]
+
+
+@pytest.mark.parametrize("who", ["stranger", "no key", "no CURVE"])
+def test_backend_curve_refuses_unknown_and_missing_keys(backend_keys: dict[str, Path], who: str):
+    """An unlisted key, a throwaway key (server key but no client key) and a plain worker never join."""
+    k = backend_keys
+    server_key = None if who == "no CURVE" else k["public"]
+    client_key = k["stranger"] if who == "stranger" else None
+    stages = FakeStages()
+    with broker_running(backend_curve_secret_key=k["secret"], backend_curve_allow=k["allow"]) as b, \
+            curve_worker(b.backend_endpoints[0], stages, server_key, client_key):
+        time.sleep(1.5)  # seven heartbeats: each would have registered the worker if its handshake had passed
+        assert len(b.free) == 0, f"{who}: a worker outside the allow-list joined"
+        with FilterClient(b.frontend_endpoints[0], timeout=0.5, retries=0) as c:
+            with pytest.raises(AntiSusUnavailable):
+                c.ping()
+        assert stages.batches == []
+
+
+def test_backend_curve_needs_an_allow_list(backend_keys: dict[str, Path]):
+    from photocore.curve import CurveKeyError
+
+    with pytest.raises(CurveKeyError, match="allow-list"):
+        Broker([LOOPBACK], [LOOPBACK], backend_curve_secret_key=backend_keys["secret"])
+    with pytest.raises(CurveKeyError, match="needs --backend-curve-secret-key"):
+        Broker([LOOPBACK], [LOOPBACK], backend_curve_allow=backend_keys["allow"])
+
+
+def test_frontend_and_backend_curve_with_separate_allow_lists(tmp_path: Path, backend_keys: dict[str, Path]):
+    """Each side admits only its own keys: a worker key does not open the frontend, and the reverse."""
+    k = backend_keys
+    front_pub, front_secret = keygen(tmp_path / "front", "broker")
+    client_pub, client_secret = keygen(tmp_path / "front", "nomad")
+    clients = tmp_path / "clients"
+    clients.mkdir()
+    (clients / "nomad.key").write_bytes(client_pub.read_bytes())
+    with broker_running(curve_secret_key=front_secret, curve_allow=clients, backend_curve_secret_key=k["secret"],
+                        backend_curve_allow=k["allow"]) as b, \
+            curve_worker(b.backend_endpoints[0], FakeStages(), k["public"], k["worker"]):
+        wait_for(lambda: b.capacity == 1)
+        with FilterClient(b.frontend_endpoints[0], timeout=5, curve_server_key=front_pub, curve_client_keys=client_secret) as c:
+            assert c.filter(np.stack([image(150, 0)])).good == [0]
+        with FilterClient(b.frontend_endpoints[0], timeout=0.5, retries=0, curve_server_key=front_pub,
+                          curve_client_keys=k["worker"]) as c:
+            with pytest.raises(AntiSusUnavailable):  # a worker's key is not a client's
+                c.ping()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--curve-server-key", "k.key", "--curve-client-key", "w.key_secret"], "for a broker worker (--connect)"),
+    (["serve", "--connect", "tcp://127.0.0.1:7779", "--curve-server-key", "k.key"], "needs --curve-client-key"),
+    (["serve", "--connect", "tcp://127.0.0.1:7779", "--curve-secret-key", "k.key_secret"], "is a CURVE client"),
+    (["broker", "--backend-curve-secret-key", "k.key_secret"], "allow-list"),
+])
+def test_cli_curve_flag_mistakes_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]):
+    from anti_sus.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err

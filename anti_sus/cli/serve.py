@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from photocore.errors import UserError
@@ -30,6 +31,10 @@ def add_serve(sub: Any) -> None:
           help="token that info/ping report, so a launcher can tell its own server")
     add_limits(p)
     add_curve_server(p)
+    s.add("--curve-server-key", type=Path,
+          help="with --connect: the broker backend's public .key file (makes this worker a CURVE client of the broker)")
+    s.add("--curve-client-key", type=Path,
+          help="with --connect: this worker's .key_secret file; its .key must be in the broker's --backend-curve-allow")
     s.add("--metrics-port", default=0, type=port_or_off, help="serve Prometheus metrics on this port (0: off)")
     s.add("--metrics-host", default="127.0.0.1", help="address for the metrics endpoint")
     add_logging(p)
@@ -44,6 +49,10 @@ def add_broker(sub: Any) -> None:
           help="drop a worker not heard from for this many seconds (workers beat every --heartbeat)")
     add_limits(p)
     add_curve_server(p)
+    s.add("--backend-curve-secret-key", type=Path,
+          help="enable CURVE on the workers' side with this .key_secret file (needs --backend-curve-allow)")
+    s.add("--backend-curve-allow", type=Path,
+          help="directory of the allowed workers' public .key files (only these workers are given requests)")
     add_logging(p)
 
 
@@ -58,13 +67,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.curve_allow and not args.curve_secret_key:
         raise UserError("--curve-allow needs --curve-secret-key")
     if args.connect and args.curve_secret_key:
-        raise UserError("a broker worker (--connect) takes no CURVE keys: secure the broker's frontend instead "
-                        "(anti-sus broker --curve-secret-key …) and keep its backend on a private network")
+        raise UserError("a broker worker (--connect) is a CURVE client, not a server: give it the broker backend's "
+                        "public key (--curve-server-key) and its own --curve-client-key instead of --curve-secret-key")
+    if (args.curve_server_key or args.curve_client_key) and not args.connect:
+        raise UserError("--curve-server-key/--curve-client-key are for a broker worker (--connect); "
+                        "a server that binds takes --curve-secret-key")
+    if args.curve_server_key and not args.curve_client_key:
+        raise UserError("--curve-server-key needs --curve-client-key (the broker admits only listed worker keys)")
+    if args.curve_client_key and not args.curve_server_key:
+        raise UserError("--curve-client-key needs --curve-server-key")
+    if args.curve_server_key:
+        from photocore.curve import load_keypair, server_public_key
+
+        server_public_key(args.curve_server_key, "--curve-server-key")  # refuses a secret key in its place
+        if load_keypair(args.curve_client_key)[1] is None:
+            raise UserError(f"--curve-client-key {args.curve_client_key} holds no secret key; pass the worker's .key_secret file")
     pipeline = options.load_pipeline(args, args.gmm_threshold, args.watermark_threshold, args.max_batch)
     cfg = ServerConfig(binds=list(args.bind), connect=args.connect, limits=Limits(args.max_images, args.max_pixels),
                        max_batch=args.max_batch, max_queue=max(args.max_queue, args.max_images),
                        max_queued_bytes=args.max_queued_bytes, hwm=args.hwm, credits=args.credits, heartbeat=args.heartbeat,
-                       curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow, instance=args.instance)
+                       curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow,
+                       curve_server_key=args.curve_server_key, curve_client_key=args.curve_client_key, instance=args.instance)
     server = FilterServer(pipeline, cfg)
     try:
         server.bind()
@@ -88,7 +111,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
     if args.curve_allow and not args.curve_secret_key:
         raise UserError("--curve-allow needs --curve-secret-key")
     broker = Broker(list(args.frontend), list(args.backend), limits=Limits(args.max_images, args.max_pixels), hwm=args.hwm,
-                    worker_timeout=args.worker_timeout, curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow)
+                    worker_timeout=args.worker_timeout, curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow,
+                    backend_curve_secret_key=args.backend_curve_secret_key, backend_curve_allow=args.backend_curve_allow)
     options.on_signals(broker.stop)
     broker.serve_forever()
     return 0
