@@ -1,4 +1,4 @@
-"""The filter pipeline: CLIP features -> GMM score -> watermark on the survivors.
+"""The filter pipeline: CLIP features -> GMM score -> probe (when learnt) -> watermark on the survivors.
 
 ``Stages`` is the small interface the server needs (tests fake it); ``Pipeline``
 is the real one built from a verified model directory. ``evaluate`` scores several
@@ -23,10 +23,16 @@ from .modeldir import Artifact, ModelDirError, build_hint, int8_unusable, open_m
 log = logging.getLogger(__name__)
 
 GOOD, OUTLIER, WATERMARK = "good", "outlier", "watermark"
+PROBE = "probe"
+"""Verdict of an image the learnt probe (``anti-sus learn``) scores below its threshold."""
 
 
 class Stages(Protocol):
-    """What the server needs from a pipeline."""
+    """What the server needs from a pipeline.
+
+    Optional (read with ``getattr``, so older fakes keep working): ``has_probe``,
+    ``probe_threshold`` and ``probe_prob(features) -> P(good)``.
+    """
 
     gmm_threshold: float
     watermark_threshold: float
@@ -47,6 +53,8 @@ class Task:
     images: np.ndarray
     gmm_threshold: float
     watermark_threshold: float
+    probe_threshold: float | None = None
+    """None: the pipeline's own (the probe's stored threshold)."""
 
 
 @dataclass
@@ -59,6 +67,8 @@ class Outcome:
     features: np.ndarray
     problem: str = ""
     """Non-empty when a stage gave a non-finite score for one of this task's images (the server answers an error)."""
+    probe: np.ndarray | None = None
+    """P(good) from the probe stage, NaN (or None) where there is no probe."""
 
     @property
     def good(self) -> list[int]:
@@ -71,6 +81,7 @@ class Outcome:
                 "index": i,
                 "gmm": float(self.gmm[i]),
                 "watermark": None if np.isnan(self.watermark[i]) else float(self.watermark[i]),
+                "probe": None if self.probe is None or np.isnan(self.probe[i]) else float(self.probe[i]),
                 "verdict": v,
             }
             for i, v in enumerate(self.verdicts)
@@ -97,9 +108,11 @@ def _join(parts: list[np.ndarray]) -> np.ndarray:
 def evaluate(stages: Stages, tasks: Sequence[Task], *, watermark_all: bool = False, timings: Timings | None = None) -> list[Outcome]:
     """Score every task in one CLIP call and one watermark call.
 
-    The watermark stage runs only on images whose GMM score reaches their task's
-    threshold (the expensive model sees only survivors), unless ``watermark_all``
-    (used by the tuning tools, which need every image's probability).
+    The probe (when the pipeline has one) scores every image's features (one dot
+    product each); the watermark stage runs only on images whose GMM score and
+    probe probability reach their task's thresholds (the expensive model sees only
+    survivors), unless ``watermark_all`` (used by the tuning tools, which need
+    every image's probability).
     """
     timings = timings if timings is not None else Timings()
     t0 = time.perf_counter()
@@ -112,9 +125,17 @@ def evaluate(stages: Stages, tasks: Sequence[Task], *, watermark_all: bool = Fal
     timings.add("preprocess", t1 - t0)
     timings.add("clip", t2 - t1)
     timings.add("gmm", t3 - t2)
+    has_probe = bool(getattr(stages, "has_probe", False))
+    probe = np.full(len(scores), np.nan)
+    if has_probe:
+        probe = np.asarray(stages.probe_prob(feats), dtype=np.float64)  # type: ignore[attr-defined]
+        timings.add("probe", time.perf_counter() - t3)
 
     bounds = np.cumsum([0] + [len(t.images) for t in tasks])
-    keep = [scores[a:b] >= t.gmm_threshold for t, a, b in zip(tasks, bounds[:-1], bounds[1:])]
+    gmm_keep = [scores[a:b] >= t.gmm_threshold for t, a, b in zip(tasks, bounds[:-1], bounds[1:])]
+    probe_keep = [probe[a:b] >= (stages.probe_threshold if t.probe_threshold is None else t.probe_threshold)  # type: ignore[attr-defined]
+                  if has_probe else np.ones(b - a, bool) for t, a, b in zip(tasks, bounds[:-1], bounds[1:])]
+    keep = [g & q for g, q in zip(gmm_keep, probe_keep)]
     probs = [np.full(len(t.images), np.nan) for t in tasks]
     ran_on = [np.zeros(len(t.images), bool) for t in tasks]
     if stages.has_watermark:
@@ -134,16 +155,18 @@ def evaluate(stages: Stages, tasks: Sequence[Task], *, watermark_all: bool = Fal
         timings.add("watermark", time.perf_counter() - t5)
 
     outcomes = []
-    for t, a, b, k, p, ran in zip(tasks, bounds[:-1], bounds[1:], keep, probs, ran_on):
+    for t, a, b, g, q, p, ran in zip(tasks, bounds[:-1], bounds[1:], gmm_keep, probe_keep, probs, ran_on):
         verdicts = [
-            OUTLIER if not kept else (WATERMARK if stages.has_watermark and pr >= t.watermark_threshold else GOOD)
-            for kept, pr in zip(k.tolist(), p.tolist())
+            OUTLIER if not g_ok else PROBE if not q_ok else
+            (WATERMARK if stages.has_watermark and pr >= t.watermark_threshold else GOOD)
+            for g_ok, q_ok, pr in zip(g.tolist(), q.tolist(), p.tolist())
         ]
-        outcomes.append(Outcome(scores[a:b], p, verdicts, feats[a:b], _non_finite(scores[a:b], p, ran)))
+        outcomes.append(Outcome(scores[a:b], p, verdicts, feats[a:b], _non_finite(scores[a:b], p, ran, probe[a:b] if has_probe else None),
+                                probe[a:b] if has_probe else None))
     return outcomes
 
 
-def _non_finite(gmm: np.ndarray, watermark: np.ndarray, ran: np.ndarray) -> str:
+def _non_finite(gmm: np.ndarray, watermark: np.ndarray, ran: np.ndarray, probe: np.ndarray | None = None) -> str:
     """Why these scores cannot be trusted, or "" when they are all finite.
 
     A NaN GMM score would silently compare as "outlier" and a NaN probability
@@ -155,6 +178,10 @@ def _non_finite(gmm: np.ndarray, watermark: np.ndarray, ran: np.ndarray) -> str:
     bad = np.flatnonzero(ran & ~np.isfinite(watermark))  # NaN where the stage did not run means "not run"
     if len(bad):
         return f"model produced a non-finite watermark probability ({watermark[bad[0]]}) for image {int(bad[0])}"
+    if probe is not None:
+        bad = np.flatnonzero(~np.isfinite(probe))
+        if len(bad):
+            return f"probe produced a non-finite probability ({probe[bad[0]]}) for image {int(bad[0])}"
     return ""
 
 
@@ -202,7 +229,8 @@ class Pipeline:
     """The real stages, loaded from a model directory verified against its manifest."""
 
     def __init__(self, clip: Any, gmm: Any, watermark: Any | None, gmm_threshold: float,
-                 watermark_threshold: float, details: dict[str, Any]) -> None:
+                 watermark_threshold: float, details: dict[str, Any], probe: Any | None = None,
+                 probe_threshold: float | None = None) -> None:
         self.clip = clip
         self.gmm = gmm
         self.watermark = watermark
@@ -210,19 +238,25 @@ class Pipeline:
         self.gmm_threshold = float(gmm_threshold)
         self.watermark_threshold = float(watermark_threshold)
         self.details = details
+        self.probe = probe
+        self.has_probe = probe is not None
+        self.probe_threshold = float(probe.threshold if probe_threshold is None else probe_threshold) if probe is not None else float("nan")
 
     @classmethod
     def load(cls, models: str | Path, *, int8: bool = False, fp32: bool = False, no_watermark: bool = False, threads: int = 0,
              max_batch: int = 32, gmm_threshold: float | None = None,
              watermark_threshold: float = DEFAULT_WATERMARK_THRESHOLD,
-             memory_budget: int | None = DEFAULT_MEMORY_BUDGET) -> "Pipeline":
+             memory_budget: int | None = DEFAULT_MEMORY_BUDGET, probe_threshold: float | None = None) -> "Pipeline":
         """Verify ``models`` and load every stage; raises :class:`ModelDirError` with the fix.
+
+        ``probe_threshold``: overrides the threshold stored with the probe (when the manifest lists one).
 
         ``memory_budget``: bytes of activations one model call may use; each stage runs
         its images in sub-batches that fit it (None: ``max_batch`` at a time).
         """
         from .stages.clip import ClipStage
         from .stages.gmm import GmmScorer
+        from .stages.probe import ProbeStage
         from .stages.watermark import WatermarkStage
 
         d = Path(models)
@@ -252,6 +286,15 @@ class Pipeline:
         gmm = _load("gmm", d, lambda: GmmScorer.load(arts["gmm"].path))
         if clip.dim is not None and int(gmm.dim) != clip.dim:
             raise ModelDirError(f"GMM dimension {gmm.dim} != CLIP feature dimension {clip.dim}; refit with: {build_hint('gmm', d)}")
+        probe = None
+        if "probe" in arts:  # learnt by `anti-sus learn`: judged after the GMM, before the watermark
+            probe = _load("probe", d, lambda: ProbeStage.load(arts["probe"].path))
+            if probe.dim != int(gmm.dim):
+                raise ModelDirError(f"probe dimension {probe.dim} != CLIP feature dimension {gmm.dim}; "
+                                    f"relearn it with: {build_hint('probe', d)}")
+            if probe.feature_model_sha256 and probe.feature_model_sha256 != arts["clip"].sha256:
+                raise ModelDirError(f"the probe in {d} was learnt on features of another CLIP model; "
+                                    f"relearn it with: {build_hint('probe', d)}")
         watermark = None
         if no_watermark:
             notes.append("watermark stage disabled by --no-watermark")
@@ -270,11 +313,14 @@ class Pipeline:
             "watermark": None if watermark is None else {"file": arts["watermark"].path.name,
                                                          "sha256": arts["watermark"].sha256, "input_size": watermark.spec.size,
                                                          "memory": watermark.memory_info()},
+            "probe": None if probe is None else {"file": arts["probe"].path.name, "sha256": arts["probe"].sha256,
+                                                 "dim": probe.dim, "stored_threshold": probe.threshold,
+                                                 "checksum": probe.checksum},
             "notes": notes,
         }
         for note in notes:
             log.warning(note)
-        return cls(clip, gmm, watermark, gmm_threshold, watermark_threshold, details)
+        return cls(clip, gmm, watermark, gmm_threshold, watermark_threshold, details, probe, probe_threshold)
 
     def clip_input(self, batch: np.ndarray) -> np.ndarray:
         return self.clip.preprocess(batch)
@@ -287,6 +333,11 @@ class Pipeline:
             return np.zeros(0, dtype=np.float64)
         return np.asarray(self.gmm.score(features), dtype=np.float64)
 
+    def probe_prob(self, features: np.ndarray) -> np.ndarray:
+        """P(good) per image from the learnt probe."""
+        assert self.probe is not None
+        return self.probe.prob(features)
+
     def watermark_input(self, batch: np.ndarray) -> np.ndarray:
         assert self.watermark is not None
         return self.watermark.preprocess(batch)
@@ -296,6 +347,8 @@ class Pipeline:
         return self.watermark.run(x)
 
     def info(self) -> dict[str, Any]:
-        return {"version": __version__, "models": self.details,
-                "thresholds": {"gmm": self.gmm_threshold, "watermark": self.watermark_threshold},
-                "watermark_stage": self.has_watermark}
+        thresholds = {"gmm": self.gmm_threshold, "watermark": self.watermark_threshold}
+        if self.has_probe:
+            thresholds["probe"] = self.probe_threshold
+        return {"version": __version__, "models": self.details, "thresholds": thresholds,
+                "watermark_stage": self.has_watermark, "probe_stage": self.has_probe}
