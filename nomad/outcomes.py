@@ -47,6 +47,9 @@ class CycleStats:
     seconds: float = 0.0
     listings_failed: int = 0
     listing_error: str = ""
+    reviews: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Review sample items by outcome: queued this cycle, then sent, duplicate, failed or dropped
+    (nomad.delivery.review; sending runs in the background, so a cycle's line may not show its sends yet)."""
 
     def line(self) -> str:
         def fmt(c: collections.Counter[str]) -> str:
@@ -56,7 +59,8 @@ class CycleStats:
             f"cycle: posts_seen={self.posts_seen} new_posts={self.new_posts} candidates={self.candidates} "
             f"downloaded={self.downloaded} accepted={self.accepted} delivered={self.delivered} "
             f"rejected={sum(self.rejected.values())}[{fmt(self.rejected)}] failed={sum(self.failed.values())}[{fmt(self.failed)}] "
-            f"outbox={self.outbox} ratelimit=({self.ratelimit}) took={self.seconds:.1f}s"
+            f"outbox={self.outbox} reviews={self.reviews['queued']}[{fmt(self.reviews)}] "
+            f"ratelimit=({self.ratelimit}) took={self.seconds:.1f}s"
         )
 
     def fields(self) -> dict[str, Any]:
@@ -65,7 +69,7 @@ class CycleStats:
             "posts_seen": self.posts_seen, "new_posts": self.new_posts, "candidates": self.candidates,
             "downloaded": self.downloaded, "accepted": self.accepted, "delivered": self.delivered,
             "rejected": dict(self.rejected), "failed": dict(self.failed), "outbox": self.outbox,
-            "ratelimit": self.ratelimit, "seconds": round(self.seconds, 3),
+            "ratelimit": self.ratelimit, "seconds": round(self.seconds, 3), "reviews": dict(self.reviews),
         }
 
 
@@ -83,6 +87,8 @@ class Metrics:
                 "images": Counter("nomad_images", "Image keys decided, by outcome and reason", ["outcome", "reason"]),
                 "waits": Counter("nomad_ratelimit_waits", "Waits forced by rate limits", ["source"]),
                 "errors": Counter("nomad_errors", "Errors by kind", ["kind"]),
+                "reviews": Counter("nomad_reviews", "Rejected images sampled for the gallery's review queue, by outcome",
+                                   ["outcome"]),
             }
         self.m = Metrics._made
 
@@ -97,3 +103,7 @@ class Metrics:
 
     def error(self, kind: str) -> None:
         self.m["errors"].labels(kind).inc()
+
+    def review(self, outcome: str) -> None:
+        """One review sample item: queued, then sent, duplicate, failed or dropped."""
+        self.m["reviews"].labels(outcome).inc()

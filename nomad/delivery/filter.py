@@ -35,8 +35,11 @@ class FilterStage:
         backoff_max: float = 30.0,
         on_unavailable: Callable[[], None] | None = None,
         rng: random.Random | None = None,
+        features: bool | str = True,
     ) -> None:
         self.client = client
+        # "all" when the review sample is on: a rejected image goes to review with its CLIP features.
+        self.features = features
         self.gmm_threshold = gmm_threshold
         self.watermark_threshold = watermark_threshold
         # The crawler installs its stop-aware wait here, so a SIGTERM ends the patience.
@@ -54,7 +57,7 @@ class FilterStage:
                     wires,
                     gmm_threshold=self.gmm_threshold,
                     watermark_threshold=self.watermark_threshold,
-                    return_features=True,
+                    return_features=self.features,
                 )
             except AntiSusUnavailable as exc:
                 if self._on_unavailable:
@@ -77,12 +80,17 @@ class FilterStage:
 
 def merge_results(a: FilterResult, b: FilterResult, offset: int) -> FilterResult:
     """One FilterResult for two halves of a batch (``b``'s indexes shifted by ``offset``)."""
-    features = None
+    features = index = None
     if a.features is not None and b.features is not None:
-        features = np.concatenate([a.features, b.features])  # both float32[n_good, D]
+        features = np.concatenate([a.features, b.features])  # float32[rows of a + rows of b, D]
+        rows_a = a.features_index if a.features_index is not None else a.good
+        rows_b = b.features_index if b.features_index is not None else b.good
+        index = list(rows_a) + [i + offset for i in rows_b]
     return FilterResult(
         a.good + [i + offset for i in b.good],
         a.results + [ImageResult(r.index + offset, r.gmm, r.watermark, r.verdict) for r in b.results],
         features,
         a.elapsed_ms + b.elapsed_ms,
+        index,
+        a.thresholds or b.thresholds,
     )
