@@ -213,6 +213,8 @@ class Server(Closeable):
             if op == "info":
                 return ok_reply(rid, **self._identity(), limits=vars(self.config.limits), curve=self.curve,
                                 have={"max_items": MAX_HAVE_ITEMS, "threshold": self.ingester.dedup.config.have_threshold},
+                                review={"items": self.reviews.count(), "keep": self.config.review_keep,
+                                        "label_copies": self.config.label_copies},
                                 **self.ingester.info())
             if op == "ingest":
                 return self._ingest(header, body[1:], rid)

@@ -92,10 +92,12 @@ def test_review_cap_keeps_the_newest_and_deletes_the_rest_with_their_files(tmp_p
             ids = [client.review(f"k:{i}", {}, jpeg(10 + i), {"gmm": -1.0}, "gmm")["review_id"] for i in range(5)]
             # An evicted key is gone: sending it again stores it anew (as the newest).
             again = client.review("k:0", {}, jpeg(10), {"gmm": -1.0}, "gmm")
+            info = client.info()
     finally:
         server.close()
         ing.close()
     assert again["status"] == "added" and again["review_id"] > ids[-1]
+    assert info["review"] == {"items": 3, "keep": 3, "label_copies": 20000}
     conn = ro(root)
     try:
         kept = [i["id"] for i in reviews.list_items(conn, 100)]
