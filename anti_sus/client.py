@@ -46,12 +46,14 @@ class AntiSusBusy(AntiSusUnavailable, Busy):
 
 @dataclass(frozen=True)
 class ImageResult:
-    """One image's scores: GMM log-likelihood, P(watermark) (None if not run) and the verdict."""
+    """One image's scores: GMM log-likelihood, P(watermark) (None if not run), the verdict, and P(good) from the
+    learnt probe (None when the server has none, or predates it)."""
 
     index: int
     gmm: float
     watermark: float | None
     verdict: str
+    probe: float | None = None
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,8 @@ class FilterClient(ReqClient):
 
     # -- public API ------------------------------------------------------------
     def filter(self, images: np.ndarray, *, gmm_threshold: float | None = None,
-               watermark_threshold: float | None = None, return_features: bool | str = False) -> FilterResult:
+               watermark_threshold: float | None = None, return_features: bool | str = False,
+               probe_threshold: float | None = None) -> FilterResult:
         """Filter ``uint8[N, H, W, 3]`` RGB images; thresholds override the server's for this request.
 
         ``return_features``: False, True (the good images' features) or ``"all"``
@@ -127,6 +130,8 @@ class FilterClient(ReqClient):
             options["gmm_threshold"] = float(gmm_threshold)
         if watermark_threshold is not None:
             options["watermark_threshold"] = float(watermark_threshold)
+        if probe_threshold is not None:  # only when asked: a server older than the probe stage refuses the option
+            options["probe_threshold"] = float(probe_threshold)
         header = {"op": "filter", "shape": list(arr.shape), "dtype": "uint8", "options": options}
         try:
             reply, extra = self.call(header, [arr.data])
@@ -140,7 +145,8 @@ class FilterClient(ReqClient):
         if want_all and reply.get("features_of") == "all":
             self.all_features_supported = True
         results = [ImageResult(int(r["index"]), float(r["gmm"]), None if r.get("watermark") is None else float(r["watermark"]),
-                               str(r["verdict"])) for r in reply["results"]]
+                               str(r["verdict"]), None if r.get("probe") is None else float(r["probe"]))
+                   for r in reply["results"]]
         good = [int(i) for i in reply["good"]]
         features = index = None
         if return_features:

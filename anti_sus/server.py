@@ -355,7 +355,8 @@ class FilterServer:
         p = self.pipeline
         tasks = [Task(j.request.images,
                       p.gmm_threshold if j.request.gmm_threshold is None else j.request.gmm_threshold,
-                      p.watermark_threshold if j.request.watermark_threshold is None else j.request.watermark_threshold)
+                      p.watermark_threshold if j.request.watermark_threshold is None else j.request.watermark_threshold,
+                      j.request.probe_threshold)
                  for j in jobs]
         timings = Timings()
         n = sum(len(t.images) for t in tasks)
@@ -400,6 +401,8 @@ class FilterServer:
             # The thresholds this request was judged by, so a client can tell how near a rejection was.
             thresholds = {"gmm": p.gmm_threshold if req.gmm_threshold is None else req.gmm_threshold,
                           "watermark": p.watermark_threshold if req.watermark_threshold is None else req.watermark_threshold}
+            if getattr(p, "has_probe", False):
+                thresholds["probe"] = p.probe_threshold if req.probe_threshold is None else req.probe_threshold
             fields: dict[str, Any] = {"good": good, "results": oc.results(), "elapsed_ms": round(elapsed, 3),
                                       "thresholds": thresholds}
             extra: list[Any] = []

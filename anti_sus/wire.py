@@ -18,7 +18,7 @@ from photocore.protocol import MAX_HEADER_BYTES, ProtocolError, option_float, pa
 LEGACY_IMAGE_BYTES = WIRE_SIZE * WIRE_SIZE * 3
 """One upstream-format image: 512x512x3 uint8."""
 
-OPTIONS = {"gmm_threshold", "watermark_threshold", "return_features"}
+OPTIONS = {"gmm_threshold", "watermark_threshold", "probe_threshold", "return_features"}
 OPS = ("filter", "info", "ping")
 
 
@@ -57,6 +57,8 @@ class Filter:
     all_features: bool = False
     """With ``return_features``: features of every image in request order, not only the good ones."""
     legacy: bool = False
+    probe_threshold: float | None = None
+    """Overrides the learnt probe's threshold (P(good) to keep) for this request; ignored without a probe."""
 
 
 Request = Union[Ping, Info, Filter]
@@ -107,6 +109,7 @@ def _filter(header: dict[str, Any], body: Sequence[Any], limits: Limits, rid: st
     try:
         gmm = option_float(options, "gmm_threshold")
         wm = option_float(options, "watermark_threshold", 0.0, 1.0)
+        probe = option_float(options, "probe_threshold", 0.0, 1.0)
     except ProtocolError as exc:
         raise ProtocolError(exc.code, exc.message, rid) from None
     ret = options.get("return_features", False)
@@ -121,7 +124,7 @@ def _filter(header: dict[str, Any], body: Sequence[Any], limits: Limits, rid: st
     if len(payload) != expected:
         raise ProtocolError("size_mismatch", f"payload is {len(payload)} bytes, shape {[n, h, w, c]} needs {expected}", rid)
     images = np.frombuffer(payload, dtype=np.uint8).reshape(n, h, w, c)
-    return Filter(rid, images, gmm, wm, ret is not False, ret == "all")
+    return Filter(rid, images, gmm, wm, ret is not False, ret == "all", probe_threshold=probe)
 
 
 def _legacy(frame: memoryview, limits: Limits) -> Filter:
