@@ -44,7 +44,7 @@ from photocore.errors import UserError
 from photocore.protocol import ProtocolError
 
 from .catalogue import META_COLUMNS, now_iso
-from .ingest import Ingester
+from .ingest import Ingester, crash_hook
 from .reviews import ReviewStore
 from .validate import Limits, Meta, check_image
 
@@ -55,6 +55,9 @@ DIR_NAME = ".labels"
 DEFAULT_KEEP_COPIES = 20000
 """Copies kept (newest labels first) unless ``--label-copies`` says otherwise."""
 LABELS = ("good", "bad")
+CRASH_POINTS = ("label_removed",)
+"""Test hook point (``GALLERY_BRIDGE_TEST_CRASH_AT``): an entry labelled bad is gone from the
+catalogue (committed) but its files and the page are not yet."""
 _ITEM = re.compile(r"^([gr])([1-9][0-9]{0,17})$")
 
 
@@ -108,6 +111,7 @@ class Labeller:
         self.reviews = reviews
         self.limits = limits or Limits()
         self.keep_copies = max(1, keep_copies)
+        self._crash = crash_hook()
         self.dir = labels_dir(self.catalogue.path)
         self.tmp = self.dir / ".tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -289,6 +293,7 @@ class Labeller:
             self.db.execute("INSERT OR REPLACE INTO blocked (sha256, phash, item, at) VALUES (?, ?, ?, ?)",
                             (entry["sha256"], entry["phash"], item, now_iso()))
             self.db.execute("DELETE FROM entries WHERE id=?", (entry_id,))
+        self._crash("label_removed")
         self.ingester.dedup.remove(entry_id)
         self.ingester.reload_blocked()
         self.ingester.target.discard(entry_id, entry["ext"])

@@ -20,7 +20,7 @@ from PIL import Image
 from gallery_bridge import labels, reviews
 from gallery_bridge.catalogue import Catalogue
 from gallery_bridge.cli import main as gb_main
-from gallery_bridge.client import IngestClient, IngestError
+from gallery_bridge.client import GalleryUnavailable, IngestClient, IngestError
 from gallery_bridge.ingest import Ingester
 from gallery_bridge.server import Server, ServerConfig
 from gallery_bridge.targets.folder import FolderTarget
@@ -230,3 +230,64 @@ def test_labels_export_refuses_a_used_folder_and_a_missing_gallery(tmp_path: Pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "not an empty folder" in err[0] and "no gallery catalogue" in err[1]
     assert "Traceback" not in "".join(err)
+
+
+def test_kept_copies_are_capped_and_an_image_whose_copy_is_gone_is_counted_missing(tmp_path: Path) -> None:
+    g = Gallery(tmp_path / "gallery", label_copies=1)
+    try:
+        ids = [g.client.ingest(f"site:{i}", {}, jpeg(60 + i), feats(60 + i)).gallery_id for i in range(2)]
+        for gid in ids:
+            assert g.client.label(f"g{gid}", "bad")["removed"] is True
+    finally:
+        g.stop()
+    assert [p.name for p in (g.root / ".labels").iterdir() if p.is_file()] == [f"g{ids[1]}.jpg"]
+    out = tmp_path / "export"
+    assert gb_main(["labels", "export", str(out), "--gallery", str(g.root / "catalogue.sqlite")]) == 0
+    assert len(list((out / "bad").iterdir())) == 1
+    with np.load(out / "labels.npz", allow_pickle=False) as z:
+        # Both labels keep their row and features; the one without an image says so with an empty path.
+        assert z["features"].shape == (2, DIM) and sorted(z["files"].tolist())[0] == ""
+
+
+def test_a_crash_after_removing_a_bad_entry_leaves_no_orphan_files_after_restart(tmp_path: Path) -> None:
+    import socket
+
+    from gallery_bridge.ingest import CRASH_ENV
+
+    root = tmp_path / "gallery"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    g = Gallery(root)
+    try:
+        gid = g.client.ingest("site:doomed", {}, jpeg(70)).gallery_id
+        keep = g.client.ingest("site:keep", {}, jpeg(71)).gallery_id
+    finally:
+        g.stop()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GALLERY_BRIDGE_")}
+    argv = [sys.executable, "-m", "gallery_bridge", "serve", "--bind", f"tcp://127.0.0.1:{port}", "--target", f"folder:{root}"]
+    proc = subprocess.Popen(argv, cwd=REPO, env={**env, CRASH_ENV: "label_removed"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        with IngestClient(f"tcp://127.0.0.1:{port}", timeout=1, retries=30) as c:
+            c.ping()
+        with IngestClient(f"tcp://127.0.0.1:{port}", timeout=5, retries=0) as c:
+            with pytest.raises(GalleryUnavailable):
+                c.label(f"g{gid}", "bad")  # no reply: the process killed itself
+        assert proc.wait(timeout=60) == -9
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    # Committed: the row is gone, but the crash left the files and a page that still shows it.
+    assert (root / "images" / f"{gid}.jpg").exists() and f'id="e{gid}"' in (root / "index.html").read_text()
+    g = Gallery(root)  # the restart's recovery pass
+    try:
+        assert not (root / "images" / f"{gid}.jpg").exists() and not (root / "thumbs" / f"{gid}.jpg").exists()
+        page = (root / "index.html").read_text()
+        assert f'id="e{gid}"' not in page and f'id="e{keep}"' in page
+        assert g.client.ingest("other:doomed", {}, jpeg(70)).reason == "blocked"
+        with g.db() as conn:
+            assert labels.label_of(conn, f"g{gid}") == "bad"
+        assert [p.name for p in (root / ".labels").iterdir() if p.is_file()] == [f"g{gid}.jpg"]
+    finally:
+        g.stop()
