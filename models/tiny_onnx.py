@@ -17,6 +17,15 @@ enough to run ``python -m stack.demo``:
   (``models.synth``) pushed through the preprocessing contract, as ``models.tiny`` does.
 - ``watermark``: input ``image`` float32[N,3,512,512] -> ``logit`` float32[N,1]
   (patch Conv 16x16/16 -> Relu -> GlobalAveragePool -> MatMul + bias).
+- ``clip_vocab``: a tiny BPE vocabulary in open_clip's file format (gzip, a
+  header line, one merge per line), its merges learnt at build time from a
+  few photo captions (:func:`learn_merges`), so :mod:`anti_sus.text.tokenizer`
+  runs unchanged on it (``TEXT_MERGES`` merges: 512 + merges + 2 ids).
+- ``clip_text``: input ``text`` int64[N,L] (L <= 77) -> ``features`` float32[N,32],
+  the visual tower's dimension (token Gather + positions -> MatMul/Tanh ->
+  mean over the tokens up to end-of-text -> MatMul -> ReduceL2/Div). Padding
+  ids (0) are left out of the mean, so ids cut after end-of-text give the same
+  features, as with the real text tower.
 
 Weights are random (seeded): scores mean nothing, the wiring is the server's.
 """
@@ -29,7 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from anti_sus.modeldir import ARTIFACTS, artifact_entry, write_manifest
+from anti_sus.modeldir import ARTIFACTS, artifact_entry, sha256_file, write_manifest
 from anti_sus.preprocess import CLIP_SPEC, WATERMARK_SPEC, stack_wire
 
 from . import fit_gmm, synth
@@ -44,6 +53,16 @@ IR_VERSION = 8  # opset 17's IR version: loadable by every onnxruntime the proje
 EMBED_DIM = 32
 CLIP_PATCH, CLIP_CHANNELS = 32, 48
 WATERMARK_PATCH, WATERMARK_CHANNELS = 16, 8
+TEXT_WIDTH, TEXT_CONTEXT, TEXT_MERGES = 32, 77, 160
+VOCAB_HEADER = "#version: 0.2 (models.tiny_onnx: merges learnt from its built-in captions)"
+CAPTIONS = (
+    "a photo of a mountain lake at sunset", "a snowy mountain under a blue sky", "a forest path in autumn",
+    "a sandy beach with waves and a boat", "a city street at night with lights", "a river bridge in the fog",
+    "a portrait of a smiling person", "a cat sleeping on a sofa", "a dog running on the grass",
+    "red flowers in a green garden", "a tall tree in a field", "clouds over the sea", "a plate of food",
+    "a bird on a branch", "an old building in the town square", "a car on a country road", "a screenshot of text",
+    "a meme with white letters", "a watermark in the corner", "a drawing of a house", "stars in the night sky",
+)
 # A negative bias keeps most random-weight logits below the default threshold, so the demo delivers photos.
 WATERMARK_BIAS = -3.0
 N_IMAGES = 128
@@ -53,7 +72,7 @@ N_COMPONENTS = 4
 COVARIANCE = "diag"
 ARCH = "tiny-onnx-conv (onnx.helper, random weights)"
 
-__all__ = ["build", "clip_graph", "watermark_graph", "main"]
+__all__ = ["build", "clip_graph", "learn_merges", "main", "text_graph", "watermark_graph", "write_vocab"]
 
 
 def _onnx() -> Any:
@@ -156,13 +175,118 @@ def watermark_graph(seed: int = 0, size: int = WATERMARK_SPEC.size) -> Any:
     return _model(graph)
 
 
+def learn_merges(texts: Sequence[str] = CAPTIONS, count: int = TEXT_MERGES) -> list[tuple[str, str]]:
+    """Byte-pair merges learnt from ``texts``: the most frequent adjacent pair first (ties: the smaller pair).
+
+    Words are split and spelt as the tokenizer does (CLIP's cleaning and
+    pattern, the byte symbols, ``</w>`` on the last one), so every merge can
+    apply to what the tokenizer sees.
+    """
+    from collections import Counter
+
+    from anti_sus.text.tokenizer import _PIECES, END_OF_WORD, byte_symbols, clean
+
+    table = byte_symbols()
+    words: Counter[tuple[str, ...]] = Counter()
+    for text in texts:
+        for piece in _PIECES.findall(clean(text)):
+            sym = [table[b] for b in piece.encode("utf-8")]
+            words[tuple(sym[:-1] + [sym[-1] + END_OF_WORD])] += 1
+    merges: list[tuple[str, str]] = []
+    while len(merges) < count:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged: Counter[tuple[str, ...]] = Counter()
+        for word, n in words.items():
+            out: list[str] = []
+            i = 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+    return merges
+
+
+def write_vocab(path: Path, merges: Sequence[tuple[str, str]]) -> Path:
+    """Write ``merges`` in open_clip's vocabulary format (gzip text: header line, ``a b`` per line)."""
+    import gzip
+
+    text = "\n".join([VOCAB_HEADER, *(f"{a} {b}" for a, b in merges)]) + "\n"
+    # mtime 0: the same merges give the same bytes, so the manifest's sha256 is reproducible.
+    path.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+    return path
+
+
+def text_graph(vocab_size: int, seed: int = 0, dim: int = EMBED_DIM, width: int = TEXT_WIDTH,
+               context: int = TEXT_CONTEXT) -> Any:
+    """The ``clip_text`` contract: ``text`` int64[N,L<=context] -> unit-norm ``features`` float32[N,dim]."""
+    onnx = _onnx()
+    h, T = onnx.helper, onnx.TensorProto
+    rng = np.random.default_rng(seed)
+    inits = [
+        _tensor("tok_emb", rng.standard_normal((vocab_size, width))),
+        _tensor("pos_emb", rng.standard_normal((context, width)) * 0.1),
+        _tensor("mix_w", _he(rng, (width, width), width)),
+        _tensor("mix_b", rng.standard_normal(width) * 0.1),
+        _tensor("proj_w", _he(rng, (width, dim), width)),
+        _tensor("one", np.array([1.0])),
+        _tensor("eps", np.array([1e-12])),
+        onnx.numpy_helper.from_array(np.array([0], dtype=np.int64), "zero_i"),
+        onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), "one_i"),
+        onnx.numpy_helper.from_array(np.array(0, dtype=np.int64), "pad_id"),
+        onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), "minus_one"),
+    ]
+    nodes = [
+        h.make_node("Gather", ["tok_emb", "text"], ["tokens"], axis=0),  # [N, L, W]
+        # Positions 0..L-1 of the table: L comes from the input, so cut ids work.
+        h.make_node("Shape", ["text"], ["shape"]),
+        h.make_node("Gather", ["shape", "one_i"], ["len"], axis=0),
+        h.make_node("Slice", ["pos_emb", "zero_i", "len", "zero_i"], ["pos"]),
+        h.make_node("Add", ["tokens", "pos"], ["x"]),
+        h.make_node("MatMul", ["x", "mix_w"], ["mixed"]),
+        h.make_node("Add", ["mixed", "mix_b"], ["mixed_b"]),
+        h.make_node("Tanh", ["mixed_b"], ["act"]),
+        # Mean over the real tokens (SOT..EOT); padding ids are 0.
+        h.make_node("Greater", ["text", "pad_id"], ["real"]),
+        h.make_node("Cast", ["real"], ["mask2"], to=T.FLOAT),
+        h.make_node("Unsqueeze", ["mask2", "minus_one"], ["mask"]),
+        h.make_node("Mul", ["act", "mask"], ["masked"]),
+        h.make_node("ReduceSum", ["masked", "one_i"], ["summed"], keepdims=0),
+        h.make_node("ReduceSum", ["mask", "one_i"], ["count"], keepdims=0),
+        h.make_node("Max", ["count", "one"], ["safe_count"]),
+        h.make_node("Div", ["summed", "safe_count"], ["pooled"]),
+        h.make_node("MatMul", ["pooled", "proj_w"], ["raw"]),
+        h.make_node("ReduceL2", ["raw"], ["norm"], axes=[1], keepdims=1),
+        h.make_node("Max", ["norm", "eps"], ["safe_norm"]),
+        h.make_node("Div", ["raw", "safe_norm"], ["features"]),
+    ]
+    graph = h.make_graph(
+        nodes, "tiny_clip_text",
+        [h.make_tensor_value_info("text", T.INT64, ["N", "L"])],
+        [h.make_tensor_value_info("features", T.FLOAT, ["N", dim])],
+        initializer=inits,
+    )
+    return _model(graph)
+
+
 def _provenance(seed: int, what: str) -> dict[str, Any]:
     return {"arch": ARCH, "pretrained": "none", "seed": seed, "trained": False, "tool": "models.tiny_onnx",
             "graph": what, "versions": versions(), "opset": OPSET, "created": utc_now()}
 
 
 def build(out: Path, seed: int = 0, n_images: int = N_IMAGES, threads: int = 1) -> Path:
-    """Write clip, gmm, gmm_meta, watermark plus manifest into ``out`` (no torch); returns ``out``."""
+    """Write clip, gmm, gmm_meta, clip_text, clip_vocab, watermark plus manifest into ``out`` (no torch); returns ``out``."""
     onnx = _onnx()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,6 +308,23 @@ def build(out: Path, seed: int = 0, n_images: int = N_IMAGES, threads: int = 1) 
     fit_gmm.save(out, gm, feats, clip, percentile=5.0, sweep=[], seed=seed,
                  source=f"models.tiny_onnx: {n_images} procedural images (seed {seed + 1})",
                  histogram=out / fit_gmm.HIST_FILE)
+    text_file, vocab_file = ARTIFACTS["clip_text"][0], ARTIFACTS["clip_vocab"][0]
+    merges = learn_merges()
+    write_vocab(out / vocab_file, merges)
+    vocab_size = 512 + len(merges) + 2  # bytes, bytes + </w>, merges, SOT/EOT (anti_sus.text.tokenizer)
+    onnx.save_model(text_graph(vocab_size, seed + 3), str(out / text_file))
+    write_manifest(out, {
+        "clip_text": artifact_entry(
+            out, text_file, kind="onnx",
+            input={"name": "text", "shape": ["N", "L"], "dtype": "int64", "context_length": TEXT_CONTEXT},
+            output={"name": "features", "dim": EMBED_DIM, "normalized": True},
+            tokenizer={"vocab": "clip_vocab", "context_length": TEXT_CONTEXT, "vocab_size": vocab_size,
+                       "sot": vocab_size - 2, "eot": vocab_size - 1, "pool": "mean", "cut_after_eot": True},
+            provenance={**_provenance(seed + 3, "text_graph"), "visual_sha256": sha256_file(out / clip_file)}),
+        "clip_vocab": artifact_entry(out, vocab_file, kind="bpe", merges=len(merges), vocab_size=vocab_size,
+                                     provenance={"source": "models.tiny_onnx.learn_merges on its built-in captions",
+                                                 "created": utc_now()}),
+    })
     onnx.save_model(watermark_graph(seed + 2), str(out / wm_file))
     write_manifest(out, {"watermark": artifact_entry(
         out, wm_file, kind="onnx",

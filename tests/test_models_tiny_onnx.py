@@ -47,7 +47,7 @@ def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_directory_verifies_with_every_artifact(onnx_models: Path) -> None:
     assert verify(onnx_models) == []
     arts = open_model_dir(onnx_models)
-    assert sorted(arts) == ["clip", "gmm", "gmm_meta", "watermark"]
+    assert sorted(arts) == ["clip", "clip_text", "clip_vocab", "gmm", "gmm_meta", "watermark"]
     meta = json.loads(arts["gmm_meta"].path.read_text())
     assert meta["feature_model_sha256"] == arts["clip"].sha256
     assert meta["n_train"] == 48 and meta["feature_dim"] == 32

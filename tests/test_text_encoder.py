@@ -1,0 +1,100 @@
+"""CLIP's text tower: exported next to the visual one (torch) or built without torch (tiny_onnx), run by anti_sus.text.encoder."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anti_sus.modeldir import ModelDirError, read_manifest, verify, write_manifest
+from anti_sus.text.encoder import TextEncoder
+from models import tiny_onnx
+
+PROMPTS = ["a photo of a mountain lake", "a cat", "", "Crème brûlée & 東京 🗼", "word " * 120]
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_onnx.build(tmp_path_factory.mktemp("tiny_onnx"), n_images=16)
+
+
+def test_tiny_onnx_text_tower_shares_the_visual_space(onnx_dir: Path) -> None:
+    arts = read_manifest(onnx_dir)["artifacts"]
+    assert {"clip_text", "clip_vocab"} <= set(arts) and verify(onnx_dir) == []
+    assert arts["clip_text"]["output"]["dim"] == arts["clip"]["output"]["dim"] == tiny_onnx.EMBED_DIM
+    enc = TextEncoder.from_dir(onnx_dir)
+    assert enc.cut and enc.tokenizer.vocab_size == arts["clip_text"]["tokenizer"]["vocab_size"]
+    feats = enc.encode(PROMPTS)
+    assert feats.shape == (len(PROMPTS), tiny_onnx.EMBED_DIM) and feats.dtype == np.float32
+    assert np.allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
+    # Different texts, different features; the same text, the same features.
+    assert not np.allclose(feats[0], feats[1]) and np.allclose(enc.encode(PROMPTS[:1])[0], feats[0], atol=1e-6)
+    # The learnt merges are used: a caption word is fewer ids than bytes.
+    assert len(enc.tokenizer.encode("mountain")) < len("mountain")
+
+
+def test_cut_ids_give_the_full_contexts_features(onnx_dir: Path) -> None:
+    enc = TextEncoder.from_dir(onnx_dir)
+    assert enc.tokens(PROMPTS[:2]).shape[1] < 77
+    cut = enc.encode(PROMPTS)
+    enc.cut = False
+    assert enc.tokens(PROMPTS[:2]).shape[1] == 77
+    np.testing.assert_allclose(enc.encode(PROMPTS), cut, atol=1e-5)
+
+
+def test_vocab_file_is_reproducible() -> None:
+    merges = tiny_onnx.learn_merges()
+    assert len(merges) == tiny_onnx.TEXT_MERGES and len(set(merges)) == len(merges)
+    assert merges == tiny_onnx.learn_merges()
+
+
+def test_missing_or_tampered_text_tower_names_the_fix(onnx_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    shutil.copytree(onnx_dir, d)
+    (d / "bpe_simple_vocab_16e6.txt.gz").write_bytes(b"tampered")
+    with pytest.raises(ModelDirError, match="clip_vocab.*does not match the manifest"):
+        TextEncoder.from_dir(d)
+    arts = read_manifest(d)["artifacts"]
+    arts.pop("clip_text")
+    write_manifest(d, arts, merge=False)
+    with pytest.raises(ModelDirError, match="no CLIP text tower.*models.export_clip"):
+        TextEncoder.from_dir(d)
+
+
+def test_export_clip_text_tower_matches_open_clip(tmp_path: Path) -> None:
+    """Our tokenizer + the exported ONNX text tower give open_clip's own tokenize + encode_text features."""
+    torch = pytest.importorskip("torch")
+    open_clip = pytest.importorskip("open_clip")
+    from models.export_clip import build_text, export_clip
+    from models.tiny import TINY_EMBED_DIM, TINY_TEXT_CFG, TINY_VISION_CFG
+
+    entries = export_clip(tmp_path, arch="tiny", vision_cfg={**TINY_VISION_CFG, "layers": 1}, text_cfg=TINY_TEXT_CFG,
+                          embed_dim=TINY_EMBED_DIM, seed=3)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())["artifacts"]
+    assert {"clip", "clip_text", "clip_vocab"} <= set(manifest) and verify(tmp_path, required=()) == []
+    parity = manifest["clip_text"]["provenance"]["parity"]
+    assert parity["cosine"] >= 0.9999 and parity["max_abs"] <= 1e-3 and parity["cut_to"] < 77
+    assert manifest["clip_text"]["provenance"]["visual_sha256"] == manifest["clip"]["sha256"]
+    assert manifest["clip_vocab"]["merges"] == 48894 and entries["clip_text"]["output"]["dim"] == TINY_EMBED_DIM
+    # The vocabulary is open_clip's own file, copied.
+    assert (tmp_path / "bpe_simple_vocab_16e6.txt.gz").read_bytes() == Path(open_clip.tokenizer.default_bpe()).read_bytes()
+
+    source = build_text("tiny", None, TINY_TEXT_CFG, TINY_EMBED_DIM, seed=3)  # the same seeded weights
+    with torch.inference_mode():
+        ref = torch.nn.functional.normalize(source(open_clip.tokenize(PROMPTS)), dim=-1).numpy()
+    got = TextEncoder.from_dir(tmp_path).encode(PROMPTS)
+    cos = (ref * got).sum(axis=1)
+    assert cos.min() >= 0.9999, cos
+
+
+def test_export_refuses_a_non_clip_text_tower() -> None:
+    pytest.importorskip("torch")
+    from models._cli import UserError
+    from models.export_clip import build_text, normalized_text
+    from models.tiny import TINY_EMBED_DIM, TINY_TEXT_CFG
+
+    tower = build_text("tiny", None, {**TINY_TEXT_CFG, "pool_type": "last"}, TINY_EMBED_DIM)
+    with pytest.raises(UserError, match="pools 'last'"):
+        normalized_text(tower)
