@@ -120,6 +120,12 @@ def create_app(cfg: WebConfig) -> Flask:
             return api_error(400, "bad_filter", str(exc))
         return render_template("error.html", status=400, title="Bad filter", message=str(exc)), 400
 
+    @app.errorhandler(services.BadQuery)
+    def bad_query(exc: services.BadQuery) -> Any:
+        if request.path.startswith("/api/"):
+            return api_error(400, "bad_query", str(exc))
+        return render_template("error.html", status=400, title="Bad query", message=str(exc)), 400
+
     # ---- helpers shared by pages and API ---------------------------------------------------------------------
     def with_urls(entry: dict[str, Any]) -> dict[str, Any]:
         eid = entry["id"]

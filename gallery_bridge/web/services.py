@@ -25,6 +25,10 @@ class Unavailable(Exception):
     """A feature that cannot answer now; the message says why and what to do."""
 
 
+class BadQuery(ValueError):
+    """The search query itself is unusable (empty, too long, not an image): a 400, not a 503."""
+
+
 def optional(name: str) -> ModuleType | None:
     """``gallery_bridge.<name>`` or None when this install does not have it (a real import error still raises)."""
     full = f"gallery_bridge.{name}"
@@ -56,6 +60,9 @@ class Search:
                 self._searcher = mod.Searcher(self.catalogue, self.models)
             except mod.SearchUnavailable as exc:
                 raise Unavailable(str(exc)) from None
+            except Exception as exc:  # noqa: BLE001 - as in _run
+                log.exception("search could not start")
+                raise Unavailable(f"search could not start: {type(exc).__name__}: {exc}") from None
         return self._searcher
 
     def _run(self, method: str, *args: Any) -> list[tuple[int, float]]:
@@ -66,8 +73,13 @@ class Search:
             try:
                 searcher.refresh()
                 return [(int(i), float(s)) for i, s in getattr(searcher, method)(*args)]
+            except getattr(mod, "BadQuery", ()) as exc:
+                raise BadQuery(str(exc)) from None
             except mod.SearchUnavailable as exc:  # type: ignore[union-attr]
                 raise Unavailable(str(exc)) from None
+            except Exception as exc:  # noqa: BLE001 - a failing search must not take the pages down with it
+                log.exception("search failed")
+                raise Unavailable(f"search failed: {type(exc).__name__}: {exc}") from None
 
     def text_available(self) -> bool:
         try:
