@@ -8,11 +8,12 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 
-from anti_sus.client import AntiSusError, AntiSusUnavailable, FilterClient, FilterResult, ImageResult
+from anti_sus.client import AntiSusError, AntiSusUnavailable, FilterClient, FilterResult
 
 from .patience import Patience
 
@@ -88,7 +89,7 @@ def merge_results(a: FilterResult, b: FilterResult, offset: int) -> FilterResult
         index = list(rows_a) + [i + offset for i in rows_b]
     return FilterResult(
         a.good + [i + offset for i in b.good],
-        a.results + [ImageResult(r.index + offset, r.gmm, r.watermark, r.verdict) for r in b.results],
+        a.results + [replace(r, index=r.index + offset) for r in b.results],  # every score kept, the probe's too
         features,
         a.elapsed_ms + b.elapsed_ms,
         index,

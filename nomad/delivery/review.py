@@ -48,9 +48,9 @@ REVIEW_SIDE = 512
 """Longest side of the copy a review item carries."""
 JPEG_QUALITY = 85
 FORMATS = ("JPEG", "PNG", "WEBP")
-STAGE_OF = {"outlier": "gmm", "watermark": "watermark"}
+STAGE_OF = {"outlier": "gmm", "probe": "probe", "watermark": "watermark"}
 """anti_sus verdict -> the stage that rejected it (other verdicts are named as they come)."""
-STAGE_ORDER = ("gmm", "watermark")
+STAGE_ORDER = ("gmm", "probe", "watermark")
 
 
 class ReviewSender(Protocol):
@@ -96,8 +96,11 @@ def margin(r: ImageResult, thresholds: dict[str, float] | None) -> float:
     """
     stage = stage_of(r.verdict)
     t = thresholds or {}
+    probe = getattr(r, "probe", None)  # P(good) of the learnt probe, from anti_sus versions that have one
     if stage == "gmm":
         return abs(t["gmm"] - r.gmm) if "gmm" in t else -r.gmm
+    if stage == "probe" and probe is not None:
+        return abs(t["probe"] - probe) if "probe" in t else -probe
     if stage == "watermark" and r.watermark is not None:
         return abs(r.watermark - t["watermark"]) if "watermark" in t else r.watermark
     return math.inf
@@ -222,6 +225,8 @@ class ReviewSampler:
         scores: dict[str, Any] = {"gmm": r.gmm}
         if r.watermark is not None:
             scores["watermark"] = r.watermark
+        if getattr(r, "probe", None) is not None:
+            scores["probe"] = getattr(r, "probe")
         for name, value in (thresholds or {}).items():
             scores[f"{name}_threshold"] = value
         if math.isfinite(p.margin) and thresholds:
