@@ -86,9 +86,10 @@ CREATE TABLE IF NOT EXISTS labels (
     sha256 TEXT NOT NULL,
     ext TEXT NOT NULL,
     copy TEXT,
-    at TEXT NOT NULL
+    at TEXT NOT NULL,
+    seq INTEGER NOT NULL DEFAULT 0  -- order of labelling (at is only to the second)
 );
-CREATE INDEX IF NOT EXISTS labels_at ON labels(at);
+CREATE INDEX IF NOT EXISTS labels_seq ON labels(seq);
 -- Hashes of images labelled bad: refused at ingest (exact sha256, or phash near).
 CREATE TABLE IF NOT EXISTS blocked (
     sha256 TEXT PRIMARY KEY,

@@ -59,6 +59,8 @@ CRASH_POINTS = ("label_removed",)
 """Test hook point (``GALLERY_BRIDGE_TEST_CRASH_AT``): an entry labelled bad is gone from the
 catalogue (committed) but its files and the page are not yet."""
 _ITEM = re.compile(r"^([gr])([1-9][0-9]{0,17})$")
+_NEXT_SEQ = "(SELECT COALESCE(MAX(seq), 0) + 1 FROM labels)"
+"""A label's place in the order of labelling: the last label wins, also across items of one image."""
 
 
 def parse_item(value: Any) -> tuple[str, int]:
@@ -145,7 +147,7 @@ class Labeller:
         return name
 
     def _evict_copies(self) -> None:
-        old = self.db.execute("SELECT item, copy FROM labels WHERE copy IS NOT NULL ORDER BY at DESC, rowid DESC "
+        old = self.db.execute("SELECT item, copy FROM labels WHERE copy IS NOT NULL ORDER BY seq DESC "
                               "LIMIT -1 OFFSET ?", (self.keep_copies,)).fetchall()
         if not old:
             return
@@ -164,10 +166,10 @@ class Labeller:
             old = self.db.execute("SELECT copy FROM labels WHERE item=?", (item,)).fetchone()
             keep_copy = copy or (old["copy"] if old else None)
             self.db.execute(
-                "INSERT INTO labels (item, key, label, features, sha256, ext, copy, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT(item) DO UPDATE SET key=excluded.key, label=excluded.label, "
+                "INSERT INTO labels (item, key, label, features, sha256, ext, copy, at, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
+                + _NEXT_SEQ + ") ON CONFLICT(item) DO UPDATE SET key=excluded.key, label=excluded.label, "
                 "features=COALESCE(excluded.features, labels.features), sha256=excluded.sha256, ext=excluded.ext, "
-                "copy=excluded.copy, at=excluded.at",
+                "copy=excluded.copy, at=excluded.at, seq=excluded.seq",
                 (item, key, label, features, sha, ext, keep_copy, now_iso()))
             for sql, params in extra:
                 self.db.execute(sql, params)
@@ -282,9 +284,9 @@ class Labeller:
         features = bytes(entry["features"]) if entry["features"] is not None else None
         # The label row goes on the gallery item; a review item's own row is written by its caller.
         label_rows = [] if item.startswith("r") else [(
-            "INSERT INTO labels (item, key, label, features, sha256, ext, copy, at) VALUES (?, ?, 'bad', ?, ?, ?, ?, ?) "
-            "ON CONFLICT(item) DO UPDATE SET label='bad', features=COALESCE(excluded.features, labels.features), "
-            "copy=excluded.copy, at=excluded.at",
+            "INSERT INTO labels (item, key, label, features, sha256, ext, copy, at, seq) VALUES (?, ?, 'bad', ?, ?, ?, ?, ?, "
+            + _NEXT_SEQ + ") ON CONFLICT(item) DO UPDATE SET label='bad', "
+            "features=COALESCE(excluded.features, labels.features), copy=excluded.copy, at=excluded.at, seq=excluded.seq",
             (item, entry["key"], features, entry["sha256"], entry["ext"], copy, now_iso()))]
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
@@ -353,7 +355,9 @@ def export(catalogue_path: Path, out: Path) -> dict[str, int]:
     0 bad), ``keys`` (fixed-width unicode), ``items`` and ``files`` (the
     exported image's path relative to ``out``, empty when the image is gone).
     Rows are the labels whose features have the most common dimension D;
-    labels without features still get their image file but no row.
+    labels without features still get their image file but no row. Items that
+    share a key (a review item and the entry its good label made) count once,
+    with the label given last.
     """
     from .catalogue import Catalogue
 
@@ -366,7 +370,13 @@ def export(catalogue_path: Path, out: Path) -> dict[str, int]:
         raise UserError(f"no gallery catalogue at {catalogue_path}") from None
     gallery = Path(catalogue_path).parent
     try:
-        rows = cat.db.execute("SELECT * FROM labels ORDER BY at, rowid").fetchall()
+        # One row per key: a review item labelled good and the gallery entry it became share
+        # their key (and image); whichever of them was labelled last speaks for the image.
+        latest: dict[str, sqlite3.Row] = {}
+        for row in cat.db.execute("SELECT * FROM labels ORDER BY seq"):
+            latest.pop(row["key"], None)
+            latest[row["key"]] = row
+        rows = list(latest.values())
         (out / "good").mkdir(parents=True)
         (out / "bad").mkdir()
         counts = {"good": 0, "bad": 0, "missing": 0, "without_features": 0}

@@ -291,3 +291,26 @@ def test_a_crash_after_removing_a_bad_entry_leaves_no_orphan_files_after_restart
         assert [p.name for p in (root / ".labels").iterdir() if p.is_file()] == [f"g{gid}.jpg"]
     finally:
         g.stop()
+
+
+def test_export_counts_an_image_once_with_the_label_given_last(tmp_path: Path) -> None:
+    """A review item labelled good and the entry it became share a key: the later label speaks for the image."""
+    g = Gallery(tmp_path / "gallery")
+    try:
+        rid = g.client.review("k:shared", {}, jpeg(80), {"gmm": -3.0}, "gmm", feats(80))["review_id"]
+        gid = g.client.label(f"r{rid}", "good")["gallery_id"]
+        other = g.client.ingest("k:other", {}, jpeg(81), feats(81)).gallery_id
+        g.client.label(f"g{other}", "good")
+        g.client.label(f"g{gid}", "bad")  # within the same second as the good label
+        assert gb_main(["labels", "export", str(tmp_path / "one"), "--gallery", str(g.root)]) == 0
+        g.client.label(f"r{rid}", "good")  # and good again: in once more, and the export follows
+        assert gb_main(["labels", "export", str(tmp_path / "two"), "--gallery", str(g.root)]) == 0
+    finally:
+        g.stop()
+    for name, shared in (("one", 0), ("two", 1)):
+        with np.load(tmp_path / name / "labels.npz", allow_pickle=False) as z:
+            keys = z["keys"].tolist()
+            assert sorted(keys) == ["k:other", "k:shared"], name
+            assert z["labels"][keys.index("k:shared")] == shared, name
+        assert len(list((tmp_path / name / "good").iterdir())) == 1 + shared
+        assert len(list((tmp_path / name / "bad").iterdir())) == 1 - shared
