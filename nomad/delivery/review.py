@@ -176,6 +176,7 @@ class ReviewSampler:
     _info: dict[str, float] | None = field(default=None, init=False, repr=False)
     _asked: bool = field(default=False, init=False, repr=False)
     _closed: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._queue = queue.Queue(maxsize=max(1, self.config.queue))
@@ -261,7 +262,8 @@ class ReviewSampler:
     def _count(self, stats: Any, outcome: str) -> None:
         reviews = getattr(stats, "reviews", None)
         if reviews is not None:
-            reviews[outcome] += 1
+            with self._lock:  # the crawler's thread and the sending thread both count
+                reviews[outcome] += 1
         if self.on_count is not None:
             self.on_count(outcome)
 
@@ -274,25 +276,23 @@ class ReviewSampler:
     def _run(self) -> None:
         sender: ReviewSender | None = None
         try:
-            while True:
-                item = self._queue.get()
-                if item is None:
-                    return
-                if self._closed.is_set():
-                    self._discard(item)
-                    continue
+            while (item := self._queue.get()) is not None:
                 try:
-                    if sender is None:
-                        sender = self.connect()
-                    sender = self._send(sender, item)
+                    if self._closed.is_set():
+                        item.count("dropped")
+                    else:
+                        sender = self._send(sender, item)
+                except Exception:  # noqa: BLE001 - this thread must outlive any one item
+                    log.exception("review item %s: unexpected failure; dropped", item.key)
+                    item.count("failed")
                 finally:
                     item.path.unlink(missing_ok=True)
         finally:
             if sender is not None:
                 sender.close()
 
-    def _send(self, sender: ReviewSender, item: _Item) -> ReviewSender | None:
-        """Send one item; returns the sender to keep (None: it failed, connect afresh next time)."""
+    def _send(self, sender: ReviewSender | None, item: _Item) -> ReviewSender | None:
+        """Send one item; returns the sender to keep (None: connect afresh for the next one)."""
         try:
             image = review_jpeg(item.path, side=self.config.side, max_pixels=self.config.max_pixels)
         except Exception as exc:  # noqa: BLE001 - a file the crawler decoded fine; still, only a sample
@@ -300,11 +300,14 @@ class ReviewSampler:
             item.count("failed")
             return sender
         try:
+            if sender is None:
+                sender = self.connect()
             reply = sender.review(item.key, item.meta, image, item.scores, item.rejected_by, item.features)
         except Exception as exc:  # noqa: BLE001 - the gallery down or refusing: drop the sample
             log.warning("review item %s not sent (%s); dropped, it is only a sample", item.key, exc)
             item.count("failed")
-            sender.close()
+            if sender is not None:
+                sender.close()  # a REQ socket that got no answer cannot send again: start afresh
             return None
         item.count("duplicate" if isinstance(reply, dict) and reply.get("status") == "duplicate" else "sent")
         return sender
