@@ -14,7 +14,9 @@ One job per module:
 * :mod:`.outbox` — the outbox drain, per-item retries and dead letters;
 * :mod:`.destinations` — gallery_bridge (CURVE keys) and ``--save-dir``, and
   the metadata an accepted image carries;
-* :mod:`.patience` — stop-aware retry waits shared by the two above.
+* :mod:`.patience` — stop-aware retry waits shared by the two above;
+* :mod:`.review` — a bounded sample of the rejected images, nearest the
+  thresholds first, to the gallery's review queue (only a sample: never waits).
 """
 from __future__ import annotations
 
