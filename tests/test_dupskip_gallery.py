@@ -179,3 +179,18 @@ def test_have_threshold_flag_is_checked(tmp_path: Path) -> None:
     assert "Traceback" not in run.stderr
     env_help = subprocess.run([sys.executable, "-m", "gallery_bridge", "serve", "--help"], capture_output=True, text=True, timeout=60)
     assert "GALLERY_BRIDGE_HAVE_THRESHOLD" in env_help.stdout
+
+
+def test_any_within_matches_brute_force() -> None:
+    from gallery_bridge.dedup import HashIndex
+
+    rng = np.random.default_rng(4)
+    stored = rng.integers(0, 2**63, size=3000, dtype=np.int64).view(np.uint64)
+    ix = HashIndex(1)
+    ix.add_many(np.arange(len(stored)), stored.reshape(-1, 1))
+    queries = rng.integers(0, 2**63, size=40, dtype=np.int64).view(np.uint64)
+    queries[::4] = stored[:10] ^ np.array([(1 << n) - 1 for n in range(10)], dtype=np.uint64)  # 0..9 bits away
+    for threshold in (0, 3, 6, 12):
+        brute = np.array([(np.bitwise_count(stored ^ q) <= threshold).any() for q in queries])
+        assert (ix.any_within(queries.reshape(-1, 1), threshold) == brute).all()
+    assert not HashIndex(1).any_within(queries.reshape(-1, 1), 64).any()  # empty index

@@ -8,8 +8,9 @@ A client (nomad) sends ``items``: pairs of (sha256 hex of the original bytes,
 * ``"new"``: neither.
 
 Nothing is decoded and nothing is written: one SQL lookup for the digests and
-one Hamming scan of the in-memory coarse index per remaining item, so a batch
-of 64 costs milliseconds and the client can afford it before anti_sus.
+one Hamming pass over the in-memory coarse index for the remaining items
+together: milliseconds for a batch of 64 in a gallery of thousands, a few
+tenths of a second at a million entries, against seconds of CLIP it saves.
 """
 from __future__ import annotations
 
@@ -70,4 +71,9 @@ def known_digests(db: sqlite3.Connection, digests: list[str]) -> set[str]:
 def answer(db: sqlite3.Connection, dedup: Deduplicator, items: list[tuple[str, np.ndarray]]) -> list[str]:
     """One of :data:`ANSWERS` per item, in order."""
     exact = known_digests(db, [sha for sha, _ in items])
-    return ["exact" if sha in exact else "near" if dedup.near64(words) else "new" for sha, words in items]
+    rest = [i for i, (sha, _) in enumerate(items) if sha not in exact]
+    near = dedup.near64(np.concatenate([items[i][1] for i in rest])) if rest else np.zeros(0, dtype=bool)
+    out = ["exact"] * len(items)
+    for i, hit in zip(rest, near):
+        out[i] = "near" if hit else "new"
+    return out

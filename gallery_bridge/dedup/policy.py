@@ -80,9 +80,12 @@ class Deduplicator:
         self.coarse.remove(entry_id)
         self.features.remove(entry_id)
 
-    def near64(self, words: np.ndarray) -> bool:
-        """Is a stored coarse (64-bit pHash) within ``have_threshold`` of ``words``? For the ``have`` op."""
-        return bool(self.coarse.search([words], self.config.have_threshold, limit=1))
+    def near64(self, hashes: np.ndarray) -> np.ndarray:
+        """For each 64-bit pHash in ``hashes`` (uint64[k]): is a stored coarse hash within ``have_threshold``?
+
+        For the ``have`` op; the whole batch in one pass over the index.
+        """
+        return self.coarse.any_within(np.asarray(hashes, dtype=np.uint64).reshape(-1, 1), self.config.have_threshold)
 
     def find(self, fp: Fingerprint, features: np.ndarray | None = None) -> Match | None:
         """The existing entry this image duplicates, or None."""
