@@ -10,6 +10,8 @@ retry-dead`` puts it back) instead of blocking the rest.
 One job per module:
 
 * :mod:`.batch` — decoded images waiting for a full or timed-out batch;
+* :mod:`.dupskip` — before anti_sus, drop what the gallery already holds
+  (its ``have`` op; a gallery that does not answer skips the check);
 * :mod:`.filter` — a batch to anti_sus, with patience and halving;
 * :mod:`.outbox` — the outbox drain, per-item retries and dead letters;
 * :mod:`.destinations` — gallery_bridge (CURVE keys) and ``--save-dir``, and
