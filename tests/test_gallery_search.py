@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -177,3 +178,28 @@ def test_text_dimension_mismatch_is_explained(tmp_path: Path, clip: ClipStage, m
     s = Searcher(g.target.catalogue_path, models)
     with pytest.raises(SearchUnavailable, match="another CLIP model"):
         s.by_text("cat", 5)
+
+
+def _bench_module(name: str) -> Any:
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}_t", Path(__file__).resolve().parent.parent / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_search_benchmark_collects_its_figures() -> None:
+    bench = _bench_module("search")
+    figures = bench.collect(True, n=2000)
+    for key in ("text_search_ms_2k", "example_search_ms_2k", "rank_ms_2k", "text_encode_ms"):
+        assert isinstance(figures[key], float) and figures[key] > 0, key
+    # bench/report.py judges the full run's figures against issue 11's goal.
+    report = _bench_module("report")
+    assert "search" in report.BENCHMARKS
+    goal = report.goal_of("search", "text_search_ms_100k", {})
+    assert goal is not None and goal.met(42.0, None) and not goal.met(120.0, None)
+    assert report.goal_of("search", "text_search_ms_2k", {}) is None
