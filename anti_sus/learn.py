@@ -396,7 +396,7 @@ def write_probe(models: Path, probe: ProbeStage, rep: Report) -> Path:
     prov = {"tool": "anti-sus learn", "sklearn": str(sklearn.__version__), "source": rep.source, "created": utc_now(),
             "feature_model_sha256": probe.feature_model_sha256, "n_good": rep.n_good, "n_bad": rep.n_bad,
             "folds": rep.folds, "C": rep.c, "threshold_rule": rep.threshold_rule,
-            "cv": {k: rep.pooled[k] for k in ("precision", "recall", "f1", "kept", "roc_auc")}}
+            "cv": _finite({k: rep.pooled[k] for k in ("precision", "recall", "f1", "kept", "roc_auc")})}
     write_manifest(models, {"probe": artifact_entry(
         models, PROBE_FILE, kind="probe", threshold=probe.threshold, checksum=probe.checksum,
         input={"name": "features", "dim": probe.dim, "dtype": "float32", "normalized": True},
