@@ -5,8 +5,10 @@ starts the emulated internet (reddit, imgur, flickr, Wikimedia Commons, Bluesky'
 Jetstream and image hosts over HTTPS on 127.0.0.1, with hostile cases), starts anti_sus and gallery_bridge, runs
 ``nomad once`` against the emulator with the SSRF guard on and no credentials
 at all (every key-less source a new user gets: reddit's Atom feeds, flickr's
-public feed, Commons and Bluesky), then prints what happened and where the
-gallery page is.
+public feed, Commons and Bluesky), then prints what happened and the URL of the
+gallery's web app (``gallery-bridge web``: the images, and the review page of
+what anti_sus rejected). Run from a terminal it keeps the web app up until
+Ctrl-C (``--serve``/``--no-serve``).
 
 Nothing leaves the machine. The tiny models have random weights, so which
 photos count as "good" is arbitrary; the point is to see every stage work.
@@ -17,9 +19,11 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,7 +36,40 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path("demo-run"), help="where models, gallery, state and logs go (wiped first)")
     p.add_argument("--keep-models", action="store_true", help="reuse tiny models already in WORKDIR/models")
     p.add_argument("--timeout", type=float, default=300.0, help="give up on `nomad once` after this many seconds")
+    p.add_argument("--web-port", type=int, default=8780, help="loopback port of the web app (a free one when taken)")
+    p.add_argument("--serve", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the web app running after the demo until Ctrl-C (default: when run from a terminal)")
     return p
+
+
+def web_port(wanted: int) -> int:
+    """``wanted`` when it is free on loopback, else any free port (a second demo, or `make up` running)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", wanted))
+            return wanted
+        except OSError:
+            return free_port()
+
+
+def web_counts(url: str) -> tuple[int, int | None]:
+    """(images in the gallery, review items) as the web app's own API reports them; None: no review queue."""
+    with urllib.request.urlopen(url + "api/images?limit=1", timeout=30) as r:
+        images = int(json.load(r)["total"])
+    try:
+        with urllib.request.urlopen(url + "api/review?limit=1", timeout=30) as r:
+            reviews: int | None = int(json.load(r)["total"])
+    except OSError:  # 503: a build without the review queue
+        reviews = None
+    return images, reviews
+
+
+def web_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "healthz", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def say(msg: str) -> None:
@@ -104,7 +141,7 @@ def summary(stats: dict[str, Any], gallery: Path, emulated_posts: int) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     lines = ["summary"] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
-    lines.append(f"\nopen the gallery: {(gallery / 'index.html').resolve().as_uri()}")
+    lines.append(f"\nthe static contact sheet: {(gallery / 'index.html').resolve().as_uri()}")
     return "\n".join(lines)
 
 
@@ -132,10 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     with Emulator() as emu:
         say(f"  https on 127.0.0.1:{emu.port}, {len(emu.scenario.posts)} posts, hostile cases included")
         a, g = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-        say("3/4 anti_sus and gallery_bridge")
+        say("3/4 anti_sus, gallery_bridge and the web app")
+        url = f"http://127.0.0.1:{web_port(args.web_port)}/"
         svcs = [
             Service("anti_sus", python_module("anti_sus", "serve", "--models", str(models), "--bind", a), logs / "anti_sus.log").start(),
             Service("gallery_bridge", python_module("gallery_bridge", "serve", "--bind", g, "--target", f"folder:{gallery}"), logs / "gallery_bridge.log").start(),
+            Service("web", python_module("gallery_bridge", "web", "--gallery", str(gallery), "--connect", g, "--models",
+                                         str(models), "--bind", url[7:-1]), logs / "web.log").start(),
         ]
         try:
             from stack.up import answers
@@ -145,6 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not svc.running:
                     say(f"error: {svc.name} did not start:\n{svc.tail()}")
                     return 1
+            wait_until(lambda: web_ready(url) or not svcs[2].running, 60, 0.3, "the web app to answer")
+            if not svcs[2].running:
+                say(f"error: the web app did not start:\n{svcs[2].tail()}")
+                return 1
             say("4/4 nomad once (one poll cycle, everything decided and delivered)")
             cmd = nomad_command(emu, a, g, state)
             # No accounts: whatever credentials this shell holds stay out, as on a fresh machine.
@@ -159,6 +203,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             say("")
             say(summary(nomad_stats(state), gallery, len(emu.scenario.posts)))
             say(sources_report(state, env))
+            images, reviews = web_counts(url)
+            say(f"\nbrowse the gallery: {url}  ({images} images, "
+                + ("no review queue in this build)" if reviews is None else f"{reviews} rejected images to review at {url}review)"))
+            if args.serve if args.serve is not None else sys.stdout.isatty():
+                say("the web app stays up until Ctrl-C (labels are written by gallery_bridge, which stays up too)")
+                try:
+                    while all(s.running for s in svcs[1:]):
+                        time.sleep(1)
+                except KeyboardInterrupt:
+                    pass
             return 0
         finally:
             stop_all(svcs)

@@ -1,7 +1,8 @@
 """The main job: run the whole system locally with one command (``make up``).
 
 Makes sure the models exist (``stack.ensure_models``), starts anti_sus and
-gallery_bridge on loopback, waits until both answer, then starts nomad mining
+gallery_bridge on loopback, waits until both answer, then starts the gallery's
+web app (``gallery-bridge web`` on http://127.0.0.1:8780/) and nomad mining
 reddit /r/all (new) into the gallery folder. A service that dies is restarted
 with backoff (1 s, doubling per crash in a row up to 60 s; a child that
 stayed up a minute starts again at 1 s); one Ctrl-C (or SIGTERM) stops nomad
@@ -44,6 +45,7 @@ def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     s.add("--state-dir", type=Path, default=Path("state"), help="nomad state and launcher logs")
     s.add("--anti-sus-port", type=port, default=7777, help="loopback port of anti_sus")
     s.add("--gallery-port", type=port, default=7778, help="loopback port of gallery_bridge")
+    s.add("--web-port", type=port, default=8780, help="loopback port of the gallery's web app (gallery-bridge web)")
     s.switch("--skip-models", default=False, negatable=False,
              help="do not build missing models (anti_sus then refuses to start if any is missing)")
     s.add("--log-format", choices=["text", "json"], default="text", help="log format of every service")
@@ -58,7 +60,7 @@ PORT_FLAG = {"anti_sus": "--anti-sus-port", "gallery_bridge": "--gallery-port"}
 
 
 def services(args: argparse.Namespace, nomad_args: Sequence[str]) -> list[Service]:
-    """The three services, commanded exactly like docker-compose.yml does (on loopback)."""
+    """The four services, commanded like docker-compose.yml does (on loopback; the web app started third)."""
     a = f"tcp://127.0.0.1:{args.anti_sus_port}"
     g = f"tcp://127.0.0.1:{args.gallery_port}"
     fmt = ["--log-format", args.log_format]
@@ -66,6 +68,8 @@ def services(args: argparse.Namespace, nomad_args: Sequence[str]) -> list[Servic
         Service("anti_sus", python_module("anti_sus", "serve", "--models", str(args.models), "--bind", a, *fmt)),
         Service("gallery_bridge", python_module("gallery_bridge", "serve", "--bind", g, "--target", f"folder:{args.gallery}", *fmt)),
         Service("nomad", python_module("nomad", "run", "--anti-sus", a, "--gallery", g, "--state-dir", str(args.state_dir), *fmt, *nomad_args)),
+        Service("web", python_module("gallery_bridge", "web", "--gallery", str(args.gallery), "--bind",
+                                     f"127.0.0.1:{args.web_port}", "--connect", g, "--models", str(args.models), *fmt)),
     ]
 
 
@@ -238,8 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             if stop_flag[0]:
                 return 0
+        start(svcs[3])
         start(svcs[2])
-        log.info("mining into %s (index: %s); Ctrl-C stops everything", args.gallery, args.gallery / "index.html")
+        log.info("mining into %s; browse it on http://127.0.0.1:%d/ (Ctrl-C stops everything)", args.gallery, args.web_port)
         supervise(svcs, stop_flag)
         return 0
     finally:

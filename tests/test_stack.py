@@ -94,11 +94,12 @@ def test_missing_models_without_internet_fail_clearly(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
-def test_launcher_starts_three_services_and_one_ctrl_c_stops_them(tiny_models: Path, tmp_path: Path) -> None:
+def test_launcher_starts_four_services_and_one_ctrl_c_stops_them(tiny_models: Path, tmp_path: Path) -> None:
+    web_port = free_port()
     with Emulator() as emu:
         argv = python_module("stack.up", "--models", str(tiny_models), "--gallery", str(tmp_path / "gallery"),
                              "--state-dir", str(tmp_path / "state"), "--anti-sus-port", str(free_port()),
-                             "--gallery-port", str(free_port()), "--",
+                             "--gallery-port", str(free_port()), "--web-port", str(web_port), "--",
                              *emu.nomad_args(), "--interval", "3600", "--deadline", "3", "--http-retries", "0")
         up = Service("up", argv, tmp_path / "up.log", env=emu.nomad_env()).start()
         try:
@@ -107,16 +108,30 @@ def test_launcher_starts_three_services_and_one_ctrl_c_stops_them(tiny_models: P
                        "the first image to reach the gallery under the launcher")
             assert up.running, up.tail(60)
             assert (tmp_path / "gallery" / "index.html").is_file()
+            # The web app serves what the gallery holds (it starts before nomad; give it the same time).
+            api = f"http://127.0.0.1:{web_port}/api/images?limit=1"
+            wait_until(lambda: _total(api) > 0 or not up.running, 60, 0.5, "the web app to show the gallery")
             up.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
             assert up.proc.wait(timeout=120) == 0, up.tail(60)
         finally:
             up.stop()
     log = up.tail(400)
-    for name in ("anti_sus", "gallery_bridge", "nomad"):
+    for name in ("anti_sus", "gallery_bridge", "nomad", "web"):
         assert f"started {name}" in log
     # No child outlives the launcher.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path / "state") not in ps and str(tmp_path / "gallery") not in ps
+
+
+def _total(url: str) -> int:
+    """``total`` of the web app's /api/images, 0 while it does not answer."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return int(json.load(r)["total"])
+    except OSError:
+        return 0
 
 
 def test_offline_demo(tmp_path: Path) -> None:
@@ -128,3 +143,7 @@ def test_offline_demo(tmp_path: Path) -> None:
         assert re.search(rf"^  {name} +on .*last: ok at ", out.stdout, re.M), out.stdout[-3000:]
     index = tmp_path / "demo" / "gallery" / "index.html"
     assert index.as_uri() in out.stdout and index.is_file()
+    # The web app ran beside the services and saw every image the gallery holds.
+    shown = re.search(r"^browse the gallery: http://127\.0\.0\.1:\d+/  \((\d+) images", out.stdout, re.M)
+    assert shown, out.stdout[-2000:]
+    assert int(shown.group(1)) == len(list((tmp_path / "demo" / "gallery" / "images").iterdir())) > 0

@@ -75,7 +75,7 @@ def run(cfg: WebConfig, bind: str, threads: int = 8) -> None:
     except OSError as exc:
         raise UserError(f"cannot listen on {bind}: {exc}") from None
     shown = f"[{host}]" if ":" in host else host
-    log.info("gallery web app on http://%s:%d/ (gallery %s, labels via %s%s)", shown, server.effective_port,
+    log.info("gallery web app on http://%s:%s/ (gallery %s, labels via %s%s)", shown, server.effective_port,
              cfg.gallery, cfg.connect, ", token required" if cfg.token else "")
     print(f"gallery web app: http://{shown}:{server.effective_port}/", flush=True)
     try:
