@@ -38,6 +38,8 @@ LABELS_FILE = "labels.npz"
 MAX_LABELS = 1_000_000
 """Most rows a labels.npz may hold (checked from its header before anything is read)."""
 MAX_DIM = 4096
+MAX_ELEMENTS = 1 << 28
+"""Most feature values (rows x D) a labels.npz may hold: 1 GiB of float32, so a crafted file cannot exhaust memory."""
 TABLE_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 SEARCH_THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)
 
@@ -110,8 +112,9 @@ def load_npz(path: Path, dim: int, clip_sha256: str) -> Labelled:
         raise UserError(f"{path}: not a readable .npz file ({exc})") from None
     if len(fshape) != 2 or fdtype.kind != "f":
         raise UserError(f"{path}: features must be float[n, D], got {fdtype}{list(fshape)}")
-    if not 0 < fshape[0] <= MAX_LABELS or not 0 < fshape[1] <= MAX_DIM:
-        raise UserError(f"{path}: features {list(fshape)} outside 1..{MAX_LABELS} rows and 1..{MAX_DIM} columns")
+    if not 0 < fshape[0] <= MAX_LABELS or not 0 < fshape[1] <= MAX_DIM or fshape[0] * fshape[1] > MAX_ELEMENTS:
+        raise UserError(f"{path}: features {list(fshape)} outside 1..{MAX_LABELS} rows, 1..{MAX_DIM} columns and "
+                        f"{MAX_ELEMENTS} values")
     if fshape[1] != dim:
         raise UserError(f"{path}: features have dimension {fshape[1]} but the model directory's CLIP gives {dim}; "
                         "export the labels from a gallery filled through this model")

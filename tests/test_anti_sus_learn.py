@@ -86,6 +86,18 @@ def test_learn_from_labels_npz_file_and_folder(models: Path, tmp_path: Path, cap
     assert ProbeStage.load(models / "probe.npz").threshold == 0.7 and sha256_file(models / "probe.npz") != first
 
 
+def test_unreadable_images_are_skipped_and_named(models: Path, folders: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    labels = tmp_path / "labels"
+    shutil.copytree(folders, labels)
+    (labels / "good" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    assert main(["learn", "--labels", str(labels), "--models", str(models)]) == 0
+    out = capsys.readouterr().out
+    assert "labels: 24 good, 24 bad" in out and "note: skipped 1 unreadable image(s)" in out
+
+
 def test_refit_gmm_changes_the_gmm(models: Path, folders: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = sha256_file(models / "gmm.npz")
     assert main(["learn", "--labels", str(folders), "--models", str(models), "--refit-gmm", "--gmm-reg-covar", "1e-4"]) == 0
