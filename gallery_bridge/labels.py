@@ -219,8 +219,7 @@ class Labeller:
             # Flipped back to bad after a good label added it: the last label wins. An older
             # entry it merely duplicated is someone else's image and stays.
             removed = self._remove(int(row["entry_id"]), item)
-        self._store(item, row["key"], label, features, row["sha256"], "jpg", copy,
-                    [("UPDATE reviews SET entry_id=NULL, gallery_id=NULL WHERE id=?", (review_id,))] if removed else [])
+        self._store(item, row["key"], label, features, row["sha256"], "jpg", copy)
         return Labelled(item, label, None, removed=removed)
 
     def _entry(self, item: str, entry_id: int, label: str) -> Labelled:
@@ -295,6 +294,8 @@ class Labeller:
             self.db.execute("INSERT OR REPLACE INTO blocked (sha256, phash, item, at) VALUES (?, ?, ?, ?)",
                             (entry["sha256"], entry["phash"], item, now_iso()))
             self.db.execute("DELETE FROM entries WHERE id=?", (entry_id,))
+            # A review item whose good label made this entry no longer points into the gallery.
+            self.db.execute("UPDATE reviews SET entry_id=NULL, gallery_id=NULL WHERE entry_id=?", (entry_id,))
         self._crash("label_removed")
         self.ingester.dedup.remove(entry_id)
         self.ingester.reload_blocked()

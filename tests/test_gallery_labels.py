@@ -142,6 +142,8 @@ def test_the_last_label_wins(gallery: Gallery) -> None:
     # Back to bad: the entry the good label added leaves the gallery and is blocked.
     assert c.label(f"r{rid}", "bad")["removed"] is True
     assert gallery.entries() == 0 and c.ingest("k:other", {}, data).reason == "blocked"
+    with gallery.db() as conn:
+        assert reviews.get_item(conn, rid)["gallery_id"] is None  # no longer points into the gallery
     # And good again: in once more, the block lifted.
     again = c.label(f"r{rid}", "good")
     assert again["ingest"] == "added" and gallery.entries() == 1
@@ -302,6 +304,8 @@ def test_export_counts_an_image_once_with_the_label_given_last(tmp_path: Path) -
         other = g.client.ingest("k:other", {}, jpeg(81), feats(81)).gallery_id
         g.client.label(f"g{other}", "good")
         g.client.label(f"g{gid}", "bad")  # within the same second as the good label
+        with g.db() as conn:
+            assert reviews.get_item(conn, rid)["gallery_id"] is None  # its entry left the gallery
         assert gb_main(["labels", "export", str(tmp_path / "one"), "--gallery", str(g.root)]) == 0
         g.client.label(f"r{rid}", "good")  # and good again: in once more, and the export follows
         assert gb_main(["labels", "export", str(tmp_path / "two"), "--gallery", str(g.root)]) == 0
