@@ -25,8 +25,8 @@ Manifest layout::
 
 Artifact names the server knows (``ARTIFACTS``): ``clip``, ``clip_int8``,
 ``gmm``, ``gmm_meta``, ``watermark``, ``watermark_int8``, ``probe`` (``anti-sus learn``;
-:mod:`anti_sus.stages.probe`), ``clip_text`` and ``clip_vocab`` (CLIP's text tower and
-tokenizer vocabulary, :mod:`anti_sus.text`). ``clip``, ``gmm`` and
+:mod:`anti_sus.stages.probe`), ``clip_text``, ``clip_text_int8`` and ``clip_vocab`` (CLIP's text tower,
+its int8 variant and the tokenizer vocabulary, :mod:`anti_sus.text`). ``clip``, ``gmm`` and
 ``gmm_meta`` are required; the rest are optional. An int8 entry carries the
 report of the int8 gate (``provenance.gate``, written by ``models.quantize``);
 :func:`int8_unusable` says whether it may be served by default.
@@ -57,6 +57,7 @@ ARTIFACTS: dict[str, tuple[str, str]] = {
     # CLIP's text tower and its BPE vocabulary (anti_sus.text): text search and prompt stages.
     "clip_text": ("clip_text.onnx", "python -m models.export_clip --out DIR --pretrained openai"),
     "clip_vocab": ("bpe_simple_vocab_16e6.txt.gz", "python -m models.export_clip --out DIR --pretrained openai"),
+    "clip_text_int8": ("clip_text.int8.onnx", "python -m models.export_clip --out DIR --pretrained openai"),
 }
 REQUIRED = ("clip", "gmm", "gmm_meta")
 TINY_HINT = "python -m models.tiny --out DIR  (small random models for tests and the offline demo)"
