@@ -35,7 +35,7 @@ import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -44,7 +44,7 @@ from photocore.errors import UserError
 from photocore.protocol import ProtocolError
 
 from .catalogue import META_COLUMNS, now_iso
-from .ingest import Ingester, crash_hook
+from .ingest import Ingester, Outcome, crash_hook
 from .reviews import ReviewStore
 from .validate import Limits, Meta, check_image
 
@@ -159,7 +159,7 @@ class Labeller:
         fsync_dir(self.dir)
 
     def _store(self, item: str, key: str, label: str, features: bytes | None, sha: str, ext: str,
-               copy: str | None, extra: list[tuple[str, tuple[Any, ...]]] = ()) -> None:
+               copy: str | None, extra: Sequence[tuple[str, tuple[Any, ...]]] = ()) -> None:
         """The label row (last label wins) plus any other statements, in one transaction."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
@@ -252,7 +252,7 @@ class Labeller:
         self.ingester.reload_blocked()
         return Labelled(item, label, outcome.gallery_id, outcome.status, outcome.reason)
 
-    def _ingest(self, key: str, meta: Meta, data: bytes, features: bytes | None):  # -> Outcome
+    def _ingest(self, key: str, meta: Meta, data: bytes, features: bytes | None) -> Outcome:
         """The normal ingest path, minus the block list (a person just said this image is good)."""
         vec = None if features is None else np.frombuffer(features, dtype="<f4").astype(np.float32)
         outcome = self.ingester.known(key, data, blocked_ok=True)

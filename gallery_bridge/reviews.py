@@ -31,7 +31,7 @@ from photocore.atomic import atomic_write, fsync_dir
 from photocore.protocol import ProtocolError
 
 from .catalogue import META_COLUMNS, Catalogue, now_iso
-from .validate import Limits, Meta, check_image, clean_text
+from .validate import CheckedImage, Limits, Meta, check_image, clean_text
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def check_stage(value: Any) -> str:
     return text
 
 
-def check_review_image(data: bytes, limits: Limits):  # -> CheckedImage
+def check_review_image(data: bytes, limits: Limits) -> CheckedImage:
     """The ingest guards (magic bytes, pixel cap, full decode), then: a JPEG of at most ``MAX_SIDE`` px a side."""
     cap = min(MAX_BYTES, limits.max_image_bytes)
     if len(data) > cap:

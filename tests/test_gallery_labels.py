@@ -318,3 +318,15 @@ def test_export_counts_an_image_once_with_the_label_given_last(tmp_path: Path) -
             assert z["labels"][keys.index("k:shared")] == shared, name
         assert len(list((tmp_path / name / "good").iterdir())) == 1 + shared
         assert len(list((tmp_path / name / "bad").iterdir())) == 1 - shared
+
+
+def test_a_label_on_an_image_sent_without_features_exports_its_file_but_no_row(gallery: Gallery, tmp_path: Path) -> None:
+    c = gallery.client
+    plain = c.ingest("k:plain", {}, jpeg(85)).gallery_id  # no CLIP features came with it
+    withf = c.ingest("k:feats", {}, jpeg(86), feats(86)).gallery_id
+    c.label(f"g{plain}", "good")
+    c.label(f"g{withf}", "bad")
+    assert gb_main(["labels", "export", str(tmp_path / "out"), "--gallery", str(gallery.root)]) == 0
+    assert len(list((tmp_path / "out" / "good").iterdir())) == 1 and len(list((tmp_path / "out" / "bad").iterdir())) == 1
+    with np.load(tmp_path / "out" / "labels.npz", allow_pickle=False) as z:
+        assert z["keys"].tolist() == ["k:feats"] and z["labels"].tolist() == [0]
