@@ -161,6 +161,20 @@ def test_browse_detail_search_review_and_label_in_chromium(site: dict[str, Any],
     shoot(d, tmp_path, "3-search")
     no_console_errors(d)
 
+    # By example: "more like this" on a detail page puts the image itself first; an uploaded file gets results.
+    d.get(f"{url}/items/g{ids[CAPTIONS[2]]}")
+    d.find_element(By.ID, "more-like").click()
+    wait_for(d, lambda drv: drv.find_elements(By.CSS_SELECTOR, "#results .card"), "more-like-this results")
+    assert d.find_elements(By.CSS_SELECTOR, "#results .card")[0].get_attribute("data-item") == f"g{ids[CAPTIONS[2]]}"
+    upload = tmp_path / "query.jpg"
+    upload.write_bytes(T.encode(T.photo(200, (640, 480))))
+    d.find_element(By.ID, "upload").send_keys(str(upload))
+    d.find_element(By.CSS_SELECTOR, "form.upload button").click()
+    wait_for(d, lambda drv: drv.find_elements(By.CSS_SELECTOR, "#results .card"), "results for the uploaded file")
+    assert len(d.find_elements(By.CSS_SELECTOR, "#results .card")) == len(CAPTIONS)
+    shoot(d, tmp_path, "3b-search-upload")
+    no_console_errors(d)
+
     # Review: the rejected items, newest first; keyboard j then g flips the first one to good.
     d.find_element(By.ID, "nav-review").click()
     wait_for(d, lambda drv: drv.find_elements(By.CSS_SELECTOR, "#review-items .card"), "the review page")
@@ -195,5 +209,5 @@ def test_browse_detail_search_review_and_label_in_chromium(site: dict[str, Any],
     items = [c.get_attribute("data-item") for c in d.find_elements(By.CSS_SELECTOR, ".grid .card")]
     assert f"g{bad}" not in items and len(items) == len(CAPTIONS)
     shoot(d, tmp_path, "7-browse-after")
-    for name in ("1-browse", "2-detail", "3-search", "4-review", "5-review-labelled", "6-marked-bad", "7-browse-after"):
+    for name in ("1-browse", "2-detail", "3-search", "3b-search-upload", "4-review", "5-review-labelled", "6-marked-bad", "7-browse-after"):
         assert (tmp_path / f"{name}.png").is_file()
