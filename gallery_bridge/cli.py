@@ -287,7 +287,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 def cmd_labels(args: argparse.Namespace) -> int:
     """``labels export``: read-only on the catalogue, so it runs next to a live ``serve``."""
-    from .labels import export
+    from .label_export import export
 
     gallery: Path = args.gallery
     catalogue = gallery if gallery.is_file() else gallery / "catalogue.sqlite"
