@@ -217,9 +217,31 @@ def _choose_clip(d: Path, arts: dict[str, Artifact], int8: bool, fp32: bool) -> 
                          "features: re-check the threshold with `anti-sus tune`")
 
 
+def _choose_watermark(d: Path, arts: dict[str, Artifact], fp32: bool, threshold: float) -> tuple[str, str]:
+    """(artifact to serve, note): ``watermark_int8`` when its gate passed for this watermark model, else fp32.
+
+    ``--fp32`` refuses it as it refuses the int8 CLIP. A gate that checked another
+    threshold than the one served is noted (the agreement was measured elsewhere) but
+    does not block it: probabilities were also checked to stay within the gate's bound.
+    """
+    if "watermark_int8" not in arts:
+        return "watermark", ""
+    if fp32:
+        return "watermark", "fp32 watermark model served (--fp32)"
+    why = int8_unusable(arts, "watermark_int8", "watermark")
+    if why:
+        return "watermark", f"fp32 watermark model served: {why}; rerun the int8 gate: {build_hint('watermark_int8', d)}"
+    gate = (arts["watermark_int8"].entry.get("provenance") or {}).get("gate") or {}
+    checked = [x.get("threshold") for x in gate.get("decisions") or [] if isinstance(x, dict) and x.get("name") == "watermark"]
+    if checked and checked[0] != threshold:
+        return "watermark_int8", (f"int8 watermark model served; its gate checked decisions at {checked[0]}, "
+                                  f"the server's threshold is {threshold}")
+    return "watermark_int8", ""
+
+
 def _gate_summary(arts: dict[str, Artifact], name: str) -> dict[str, object] | None:
     """The int8 gate's headline figures for ``info`` (None when fp32 is served)."""
-    if name != "clip_int8":
+    if not name.endswith("_int8"):
         return None
     gate = (arts[name].entry.get("provenance") or {}).get("gate") or {}
     return {k: gate.get(k) for k in ("method", "speedup", "cosine_min", "agreement", "n_held_out")}
@@ -301,8 +323,11 @@ class Pipeline:
         elif "watermark" not in arts:
             notes.append(f"no watermark model in {d}: the watermark stage is off; build it with: {build_hint('watermark', d)}")
         else:
-            watermark = _load("watermark", d, lambda: WatermarkStage.from_entry(arts["watermark"].path, arts["watermark"].entry,
-                                                                                 threads, max_batch, memory_budget))
+            wm_name, wm_note = _choose_watermark(d, arts, fp32, watermark_threshold)
+            if wm_note:
+                notes.append(wm_note)
+            watermark = _load(wm_name, d, lambda: WatermarkStage.from_entry(arts[wm_name].path, arts[wm_name].entry,
+                                                                             threads, max_batch, memory_budget))
         details = {
             "models_dir": str(d.resolve()),
             "clip": {"artifact": clip_name, "variant": "int8" if clip_name == "clip_int8" else "fp32",
@@ -310,8 +335,9 @@ class Pipeline:
                      "dim": clip.dim, "input_size": clip.spec.size, "memory": clip.memory_info()},
             "gmm": {"file": arts["gmm"].path.name, "sha256": arts["gmm"].sha256, "dim": int(gmm.dim),
                     "fitted_on_clip_sha256": fitted_on, "suggested_threshold": suggested},
-            "watermark": None if watermark is None else {"file": arts["watermark"].path.name,
-                                                         "sha256": arts["watermark"].sha256, "input_size": watermark.spec.size,
+            "watermark": None if watermark is None else {"artifact": wm_name, "variant": "int8" if wm_name.endswith("_int8") else "fp32",
+                                                         "int8_gate": _gate_summary(arts, wm_name), "file": arts[wm_name].path.name,
+                                                         "sha256": arts[wm_name].sha256, "input_size": watermark.spec.size,
                                                          "memory": watermark.memory_info()},
             "probe": None if probe is None else {"file": arts["probe"].path.name, "sha256": arts["probe"].sha256,
                                                  "dim": probe.dim, "stored_threshold": probe.threshold,

@@ -189,6 +189,7 @@ def test_stack_ensure_models_runs_the_gate_after_the_gmm_and_can_skip_it(int8_mo
     with pytest.raises(ensure_models.EnsureError, match="STACK_INT8"):
         ensure_models.ensure_int8(args)
     monkeypatch.delenv("STACK_INT8")
+    monkeypatch.setattr(quantize, "MIN_SPEEDUP", 0.0)  # int8 is slower than fp32 on the tiny CLIP; this tests the order
     ensure_models.ensure_int8(args)  # default: on
     arts = read_manifest(d)["artifacts"]
     gate = arts["clip_int8"]["provenance"]["gate"]
@@ -201,7 +202,7 @@ def test_watermark_export_builds_its_int8_variant_through_the_same_gate(int8_mod
 
     d = tmp_path / "m"
     shutil.copytree(int8_models, d)
-    report = gate_int8(d, None)
+    report = gate_int8(d, None, min_speedup=0.0)  # int8 is slower than fp32 on the tiny watermark net
     arts = read_manifest(d)["artifacts"]
     assert report.to_dict()["decisions_checked"] == ["watermark"]
     assert report.passed, report.summary()
@@ -217,3 +218,100 @@ def test_manifest_show_prints_the_int8_gate(int8_models: Path, capsys: pytest.Ca
     assert manifest.main(["show", str(int8_models)]) == 0
     [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("clip_int8")]
     assert "int8 gate passed" in line and "cosine min" in line and '"gmm"' in line
+
+
+def scaled(factor: float) -> quantize.Quantizer:
+    """A fake quantizer: the fp32 graph with its output multiplied by ``factor`` (logits stretched)."""
+    def write(fp32: Path, out: Path, _calibration: quantize.CalibrationFactory) -> None:
+        m = onnx.load(str(fp32))
+        name = m.graph.output[0].name
+        for node in m.graph.node:
+            node.output[:] = [o + "_pre" if o == name else o for o in node.output]
+        m.graph.initializer.append(numpy_helper.from_array(np.array([factor], np.float32), "stretch"))
+        m.graph.node.append(helper.make_node("Mul", [name + "_pre", "stretch"], [name]))
+        onnx.save(m, str(out))
+    return write
+
+
+@pytest.fixture(scope="module")
+def wm_inputs(int8_models: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, held-out) watermark inputs of procedural images."""
+    spec = PreprocessSpec.from_dict(read_manifest(int8_models)["artifacts"]["watermark"]["preprocess"])
+    x = model_input(stack_wire(synth.backgrounds(18, seed=9, size=128)), spec)
+    calib, held = quantize.split(list(range(len(x))))
+    return x[calib], x[held]
+
+
+def test_watermark_gate_refuses_a_variant_whose_scores_drift_although_decisions_and_cosine_hold(
+        int8_models: Path, wm_inputs, tmp_path: Path):
+    calib, held = wm_inputs
+    fp32 = int8_models / "watermark.onnx"
+    logits = quantize.run_model(fp32, held)[:, 0]
+    # Stretch the logits so the largest probability moves by > 0.05: the sign (the decision at 0.5) and the
+    # one-column cosine stay exactly the same, only the scores drift.
+    factor = 1.0 + 0.5 / max(float(np.abs(logits).max()), 1e-3) * 2
+    decision = quantize.watermark_decision(0.5)
+    report = quantize.gate(fp32, tmp_path / "wm.onnx", calib, held, [decision], quantizers={"stretched": scaled(factor)},
+                           min_speedup=0.0)
+    [c] = report.candidates
+    assert c.cosine_min >= quantize.MIN_COSINE and c.agreement["watermark"] == 1.0
+    assert c.prob_diff_max > quantize.MAX_PROB_DIFF and "probability differs" in c.reason
+    assert not report.passed and not (tmp_path / "wm.onnx").exists()
+    # The same fake with a tiny stretch passes: the check is about closeness, not about any change at all.
+    ok = quantize.gate(fp32, tmp_path / "wm.onnx", calib, held, [decision], quantizers={"near": scaled(1.001)}, min_speedup=0.0)
+    assert ok.passed and ok.to_dict()["prob_diff_max"] <= quantize.MAX_PROB_DIFF
+
+
+def test_watermark_gate_refuses_a_variant_that_flips_decisions(int8_models: Path, wm_inputs, tmp_path: Path):
+    calib, held = wm_inputs
+    fp32 = int8_models / "watermark.onnx"
+    logits = np.sort(quantize.run_model(fp32, held)[:, 0])
+    t = float(1 / (1 + np.exp(-(logits[len(logits) // 2] + 1e-4))))  # a threshold just above the median image's P
+    report = quantize.gate(fp32, tmp_path / "wm.onnx", calib, held, [quantize.watermark_decision(t)],
+                           quantizers={"nudged": shifted(np.array([2e-4]))}, min_speedup=0.0)
+    [c] = report.candidates
+    assert not report.passed and "watermark agreement" in c.reason
+
+
+def test_gate_refuses_a_variant_slower_than_fp32(int8_models: Path, inputs, tmp_path: Path):
+    calib, held = inputs
+    speeds = {"fp32": 1.0, "slower": 1.25}
+
+    def timer(path: Path, _x: np.ndarray) -> float:
+        return speeds.get(path.stem, 1.0)
+
+    out = tmp_path / "int8.onnx"
+    report = quantize.gate(int8_models / "clip_visual.onnx", out, calib, held, [], quantizers={"slower": copy_fp32},
+                           timer=timer)
+    [c] = report.candidates
+    assert c.cosine_min >= quantize.MIN_COSINE  # parity holds: only the speed rule rejects it
+    assert not report.passed and "not faster than fp32" in c.reason and not out.exists()
+    assert report.to_dict()["min_speedup"] == quantize.MIN_SPEEDUP
+    assert quantize.gate(int8_models / "clip_visual.onnx", out, calib, held, [], quantizers={"slower": copy_fp32},
+                         timer=timer, min_speedup=0.5).passed
+
+
+def test_anti_sus_serves_the_int8_watermark_by_default_and_fp32_refuses_it(int8_models: Path, tmp_path: Path):
+    arts = read_manifest(int8_models)["artifacts"]
+    assert int8_unusable(arts, "watermark_int8", "watermark") == ""
+    wm = Pipeline.load(int8_models).info()["models"]["watermark"]
+    assert wm["variant"] == "int8" and wm["artifact"] == "watermark_int8" and wm["file"] == "watermark.int8.onnx"
+    assert wm["int8_gate"]["method"] in quantize.QUANTIZERS
+    p = Pipeline.load(int8_models, fp32=True)
+    assert p.info()["models"]["watermark"]["variant"] == "fp32"
+    assert "fp32 watermark model served (--fp32)" in p.info()["models"]["notes"]
+    # int8 and fp32 watermark probabilities on the same images stay within the gate's bound.
+    images = stack_wire(synth.backgrounds(4, seed=11, size=512))
+    p8 = Pipeline.load(int8_models)
+    a = p8.watermark_prob(p8.watermark_input(images))
+    b = p.watermark_prob(p.watermark_input(images))
+    assert np.abs(a - b).max() <= quantize.MAX_PROB_DIFF
+    # A watermark model re-exported since the gate makes its int8 stale: fp32 is served, with the fix.
+    d = tmp_path / "m"
+    shutil.copytree(int8_models, d)
+    arts = read_manifest(d)["artifacts"]
+    arts["watermark_int8"]["provenance"]["fp32_sha256"] = "0" * 64
+    write_manifest(d, arts, merge=False)
+    p = Pipeline.load(d)
+    assert p.info()["models"]["watermark"]["variant"] == "fp32"
+    assert any("another watermark" in n and "--target watermark" in n for n in p.info()["models"]["notes"])

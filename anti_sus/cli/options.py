@@ -90,7 +90,8 @@ def add_models(p: argparse.ArgumentParser) -> None:
           "with one warning")
     s.switch("--int8", help="require the int8 CLIP (clip_int8): fail without one, serve it even when its gate report "
              "is stale; without --int8/--fp32 it is served when its gate passed for this CLIP and GMM")
-    s.switch("--fp32", negatable=False, help="refuse the int8 CLIP and serve fp32")
+    s.switch("--fp32", negatable=False, help="refuse the int8 models (clip_int8, watermark_int8) and serve fp32; "
+             "without it the int8 watermark model is served when its gate passed for this watermark model")
     s.switch("--no-watermark", negatable=False, help="run without the watermark stage")
     s.add("--memory-budget", default=DEFAULT_MEMORY_BUDGET, type=byte_size, shown="192M",
           help="bytes of activations one model call may use, e.g. 128M or 1G; each model runs its images in "
