@@ -342,6 +342,17 @@ class ReviewSampler:
                 pass
 
 
+def server_thresholds(info: Callable[[], dict[str, Any]], overrides: dict[str, float | None]) -> Callable[[], dict[str, float]]:
+    """``thresholds`` for an anti_sus whose replies lack them: its ``info`` thresholds, this crawler's overrides on top."""
+
+    def ask() -> dict[str, float]:
+        got = dict(info().get("thresholds") or {})
+        got.update({k: v for k, v in overrides.items() if v is not None})
+        return got
+
+    return ask
+
+
 def gallery_sender(endpoint: str, *, timeout: float, curve: Any = None) -> Callable[[], ReviewSender]:
     """``connect`` for gallery_bridge: one ``IngestClient`` (one try, no resend: it is only a sample)."""
 
