@@ -98,3 +98,28 @@ def test_export_refuses_a_non_clip_text_tower() -> None:
     tower = build_text("tiny", None, {**TINY_TEXT_CFG, "pool_type": "last"}, TINY_EMBED_DIM)
     with pytest.raises(UserError, match="pools 'last'"):
         normalized_text(tower)
+
+
+def test_int8_text_tower_is_gated_and_preferred(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from models.export_clip import export_clip
+    from models.tiny import TINY_EMBED_DIM, TINY_TEXT_CFG, TINY_VISION_CFG
+
+    # min_speedup 0: int8 is not faster on a tower this small; the gate's cosine check still applies.
+    export_clip(tmp_path, arch="tiny", vision_cfg={**TINY_VISION_CFG, "layers": 1}, text_cfg=TINY_TEXT_CFG,
+                embed_dim=TINY_EMBED_DIM, seed=5, int8=True, text_int8_min_speedup=0.0)
+    arts = read_manifest(tmp_path)["artifacts"]
+    gate = arts["clip_text_int8"]["provenance"]["gate"]
+    assert gate["passed"] and gate["cosine_min"] >= 0.99 and gate["prompts"] == 48
+    assert arts["clip_text_int8"]["provenance"]["fp32_sha256"] == arts["clip_text"]["sha256"]
+    auto, fp32 = TextEncoder.from_dir(tmp_path), TextEncoder.from_dir(tmp_path, variant="fp32")
+    assert (auto.variant, fp32.variant) == ("clip_text_int8", "clip_text")
+    cos = (auto.encode(PROMPTS) * fp32.encode(PROMPTS)).sum(axis=1)
+    assert cos.min() >= 0.99
+    # Re-exported without int8: the old int8 entry and file go, so nothing stale is served.
+    export_clip(tmp_path, arch="tiny", vision_cfg={**TINY_VISION_CFG, "layers": 1}, text_cfg=TINY_TEXT_CFG,
+                embed_dim=TINY_EMBED_DIM, seed=6, int8=False)
+    assert "clip_text_int8" not in read_manifest(tmp_path)["artifacts"] and verify(tmp_path, required=()) == []
+    assert TextEncoder.from_dir(tmp_path).variant == "clip_text"
+    with pytest.raises(ModelDirError, match="clip_text_int8"):
+        TextEncoder.from_dir(tmp_path, variant="int8")

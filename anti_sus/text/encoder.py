@@ -23,7 +23,15 @@ import numpy as np
 from ..modeldir import ModelDirError, build_hint, read_manifest, sha256_file
 from .tokenizer import Tokenizer, VocabError
 
-TEXT, VOCAB = "clip_text", "clip_vocab"
+TEXT, VOCAB, TEXT_INT8 = "clip_text", "clip_vocab", "clip_text_int8"
+
+
+def int8_usable(arts: Mapping[str, Any]) -> bool:
+    """Whether ``clip_text_int8`` passed its gate and was quantized from the ``clip_text`` now in the directory."""
+    e = arts.get(TEXT_INT8)
+    prov = (e or {}).get("provenance") or {} if isinstance(e, dict) else {}
+    gate = prov.get("gate") if isinstance(prov.get("gate"), dict) else {}
+    return bool(gate.get("passed") is True and prov.get("fp32_sha256") == (arts.get(TEXT) or {}).get("sha256"))
 
 
 def text_entries(directory: str | os.PathLike[str]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
@@ -69,16 +77,29 @@ class TextEncoder:
         # A graph whose sequence axis is fixed takes the full context; a symbolic one may be cut.
         self.cut = cut_after_eot and len(inp.shape) == 2 and not isinstance(inp.shape[1], int)
         self._lock = threading.Lock()  # the tokenizer's cache is a plain dict
+        self.variant = TEXT
 
     @classmethod
-    def from_dir(cls, directory: str | os.PathLike[str], threads: int = 1) -> "TextEncoder":
-        """The text tower of a model directory, its files checked against the manifest."""
+    def from_dir(cls, directory: str | os.PathLike[str], threads: int = 1, variant: str = "auto") -> "TextEncoder":
+        """The text tower of a model directory, its files checked against the manifest.
+
+        ``variant``: ``auto`` runs ``clip_text_int8`` when it passed its gate
+        against the ``clip_text`` in the directory (about 5x faster for a short
+        query, cosine >= 0.99 to fp32), else fp32; ``fp32``/``int8`` insist.
+        """
         d = Path(directory)
         text, vocab = text_entries(d)
+        arts = read_manifest(d)["artifacts"]
+        use_int8 = variant == "int8" or (variant == "auto" and int8_usable(arts))
+        if variant == "int8" and not int8_usable(arts):
+            raise ModelDirError(f"{TEXT_INT8}: none in {d} that passed its gate against the current {TEXT}; "
+                                f"build it with: {build_hint(TEXT_INT8, d)}")
+        name, entry = (TEXT_INT8, arts[TEXT_INT8]) if use_int8 else (TEXT, text)
         tok = text.get("tokenizer") or {}
-        enc = cls(_checked_file(d, TEXT, text), _checked_file(d, VOCAB, vocab),
+        enc = cls(_checked_file(d, name, entry), _checked_file(d, VOCAB, vocab),
                   context_length=int(tok.get("context_length", 77)), cut_after_eot=bool(tok.get("cut_after_eot", False)),
                   threads=threads)
+        enc.variant = name
         want = (text.get("output") or {}).get("dim")
         if enc.dim is not None and want is not None and int(want) != enc.dim:
             raise ModelDirError(f"{TEXT}: the graph gives {enc.dim} features, the manifest says {want}")
