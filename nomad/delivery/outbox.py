@@ -7,11 +7,18 @@ file cannot be read backs off alone while the others are delivered; after
 retry-dead`` puts it back), and so does an item refused for good
 (:class:`DeliveryRefused`). When the destination itself does not answer
 (:class:`DeliveryUnavailable`) nothing is counted against the items.
+
+:class:`DeliveryWorker` runs the drain in a background thread while the crawler
+downloads and filters the next batches, so the gallery's ingest overlaps with
+them instead of waiting for the end of the cycle. It is the only caller of the
+deliverer while it runs (the crawler drains in its own thread only before
+starting it and after joining it), so no image is sent twice at once.
 """
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from typing import Any, Callable, Protocol
 
@@ -79,6 +86,7 @@ def drain_outbox(
     on_delivered: Callable[[str], None] | None = None,
     clock: Callable[[], float] = time.time,
     rng: random.Random | None = None,
+    halt: Callable[[], bool] | None = None,
 ) -> tuple[int, int]:
     """Deliver the outbox; returns (delivered, left).
 
@@ -86,7 +94,9 @@ def drain_outbox(
     wall-clock time (``next_attempt_at`` is stored and survives restarts).
     ``wait``: keep going until the outbox is empty (``nomad once``), sleeping
     until the next item is due or while the destination is down; otherwise one
-    pass over the items that are due.
+    pass over the items that are due. ``halt() -> True`` ends the pass before the
+    next item (a stop, or a :class:`DeliveryWorker` asked to finish): an item is
+    never left half-delivered, the rest simply stays in the outbox.
     """
     delivered = 0
     patience = Patience(sleep, cap=backoff_max, rng=rng)
@@ -103,6 +113,8 @@ def drain_outbox(
     while True:
         unavailable = False
         for item in store.outbox_due(clock()):
+            if halt is not None and halt():
+                return delivered, store.outbox_size()
             try:
                 status, gallery_id = deliverer.deliver(item)
             except DeliveryDeferred as exc:
@@ -141,3 +153,61 @@ def drain_outbox(
         except Stopped:
             break
     return delivered, store.outbox_size()
+
+
+class DeliveryWorker:
+    """Drains the outbox in a background thread, one pass each time new items arrive (:meth:`kick`).
+
+    ``drain(halt)`` is one non-waiting pass of :func:`drain_outbox` with that
+    ``halt``. Between passes the thread sleeps until kicked, or ``idle`` seconds
+    (items in backoff become due by the clock, not by a kick). ``stop`` (the
+    crawler's stop flag) and :meth:`finish` end it between two items. An
+    exception in a pass ends the thread and is raised again by :meth:`finish`,
+    as it would have been by the crawler's own drain.
+    """
+
+    def __init__(self, drain: Callable[[Callable[[], bool]], Any], stop: threading.Event, *, idle: float = 1.0,
+                 name: str = "nomad-deliver") -> None:
+        self._drain = drain
+        self._stop = stop
+        self._done = threading.Event()
+        self._kick = threading.Event()
+        self._idle = idle
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def _halted(self) -> bool:
+        return self._stop.is_set() or self._done.is_set()
+
+    def _loop(self) -> None:
+        self._kick.set()  # the first pass at once: what an earlier run left in the outbox
+        while not self._halted():
+            self._kick.wait(self._idle)
+            if self._halted():
+                break
+            self._kick.clear()
+            try:
+                self._drain(self._halted)
+            except Stopped:
+                break
+            except BaseException as exc:  # noqa: BLE001 - handed to the crawler's thread by finish()
+                self._error = exc
+                break
+
+    def start(self) -> "DeliveryWorker":
+        self._thread.start()
+        return self
+
+    def kick(self) -> None:
+        """New items are in the outbox: start a pass now."""
+        self._kick.set()
+
+    def finish(self) -> None:
+        """End after the item being delivered now, wait for the thread, raise what a pass raised."""
+        self._done.set()
+        self._kick.set()
+        if self._thread.ident is not None:  # started
+            self._thread.join()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
