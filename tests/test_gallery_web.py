@@ -404,3 +404,27 @@ def test_uploads_are_capped_and_checked_like_ingest(gallery: Gallery) -> None:
     assert r.status_code == 400
     ok = upload(T.encode(T.photo(7, (300, 200))))
     assert ok.status_code in (200, 503), ok.json  # 503 only when search is not available: the checks passed
+
+
+def test_the_web_apps_reads_never_block_ingest_and_cannot_write(gallery: Gallery) -> None:
+    """WAL: a reader mid-transaction (a slow page) does not stop serve from committing; the connection is read-only."""
+    import time
+
+    from gallery_bridge.web import queries
+
+    gallery.add(1)
+    conn = queries.connect(gallery.root / "catalogue.sqlite")
+    assert conn is not None
+    try:
+        conn.execute("BEGIN")
+        assert queries.count(conn) == 1  # holds a read snapshot open
+        t0 = time.monotonic()
+        gallery.add(2)  # serve's write commits while the snapshot is open
+        assert time.monotonic() - t0 < 10
+        assert queries.count(conn) == 1  # the open snapshot still sees the old state ...
+        conn.execute("COMMIT")
+        assert queries.count(conn) == 2  # ... and the next read sees the new entry
+        with pytest.raises(sqlite3.OperationalError, match="readonly|read-only|query_only"):
+            conn.execute("DELETE FROM entries")
+    finally:
+        conn.close()
