@@ -77,6 +77,7 @@ class Searcher:
         self._read_upto_mark = 0  # how many complete entries with an id <= mark were read
         self._above: set[int] = set()  # ids read above the mark (read while a lower entry was still pending)
         self._dim: int | None = None
+        self._version: int | None = None
         self._text: Any = None
         self._visual: Any = None
         self._unavailable: dict[str, str] = {}
@@ -95,8 +96,13 @@ class Searcher:
         """Read entries added since the last call, drop deleted ones; returns how many are searchable."""
         with self._lock:
             try:
+                # SQLite bumps data_version whenever another connection commits: nothing new costs one pragma.
+                version = self._db.execute("PRAGMA data_version").fetchone()[0]
+                if version == self._version:
+                    return len(self)
                 self._read_new()
                 self._drop_deleted()
+                self._version = version
             except sqlite3.Error as exc:
                 raise SearchUnavailable(f"cannot read the catalogue {self.catalogue_path}: {exc}") from None
             return len(self)
