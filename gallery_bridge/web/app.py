@@ -345,7 +345,8 @@ def create_app(cfg: WebConfig) -> Flask:
         try:
             reply = services.send_label(cfg.connect, f"{kind}{num}", label, cfg.timeout, zctx)
         except IngestError as exc:
-            status = 404 if exc.code in ("not_found", "unknown_item") else 400
+            # serve names a missing item "no gallery entry g12" / "no review item r7" (code bad_header).
+            status = 404 if exc.code == "not_found" or exc.message.startswith("no ") else 400
             return api_error(status, exc.code, exc.message)
         return jsonify(item=f"{kind}{num}", label=label, **{k: v for k, v in reply.items() if k not in ("item", "label")})
 
