@@ -42,6 +42,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+DEMO_GMM_PERCENTILE = "p50"
+"""The GMM threshold the demo runs anti_sus with: its fit's median, not the usual 5th percentile. With
+random-weight models almost every emulated photo passes the 5th, so nothing would be rejected and the
+review page (what anti_sus threw away, to be labelled) would stay empty; this way a good part is."""
+
+
+def demo_gmm_threshold(models: Path) -> list[str]:
+    """``--gmm-threshold`` at the tiny GMM's ``DEMO_GMM_PERCENTILE``, or nothing when the fit does not say."""
+    try:
+        value = json.loads((models / "gmm.json").read_text("utf-8"))["score_percentiles"][DEMO_GMM_PERCENTILE]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return ["--gmm-threshold", f"{float(value):.4f}"]
+
+
 def web_port(wanted: int) -> int:
     """``wanted`` when it is free on loopback, else any free port (a second demo, or `make up` running)."""
     with socket.socket() as s:
@@ -104,8 +119,9 @@ KEYLESS_SOURCES = ("reddit", "commons", "flickr", "bluesky")
 def nomad_command(emu: Any, anti_sus: str, gallery: str, state: Path) -> list[str]:
     """``nomad once`` over the emulator with every key-less source."""
     sources = [a for name in KEYLESS_SOURCES for a in ("--source", name)]
+    # Every anti_sus rejection goes to the review queue (--review-rate 1): a demo is small, the page should show them all.
     return python_module("nomad", "once", "--anti-sus", anti_sus, "--gallery", gallery, "--state-dir", str(state),
-                         "--deadline", "8", "--batch-timeout", "2", *sources, *emu.nomad_args())
+                         "--deadline", "8", "--batch-timeout", "2", "--review-rate", "1", *sources, *emu.nomad_args())
 
 
 def nomad_environment(emu: Any) -> dict[str, str]:
@@ -172,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("3/4 anti_sus, gallery_bridge and the web app")
         url = f"http://127.0.0.1:{web_port(args.web_port)}/"
         svcs = [
-            Service("anti_sus", python_module("anti_sus", "serve", "--models", str(models), "--bind", a), logs / "anti_sus.log").start(),
+            Service("anti_sus", python_module("anti_sus", "serve", "--models", str(models), "--bind", a,
+                                              *demo_gmm_threshold(models)), logs / "anti_sus.log").start(),
             Service("gallery_bridge", python_module("gallery_bridge", "serve", "--bind", g, "--target", f"folder:{gallery}"), logs / "gallery_bridge.log").start(),
             Service("web", python_module("gallery_bridge", "web", "--gallery", str(gallery), "--connect", g, "--models",
                                          str(models), "--bind", url[7:-1]), logs / "web.log").start(),

@@ -144,6 +144,8 @@ def test_offline_demo(tmp_path: Path) -> None:
     index = tmp_path / "demo" / "gallery" / "index.html"
     assert index.as_uri() in out.stdout and index.is_file()
     # The web app ran beside the services and saw every image the gallery holds.
-    shown = re.search(r"^browse the gallery: http://127\.0\.0\.1:\d+/  \((\d+) images", out.stdout, re.M)
+    shown = re.search(r"^browse the gallery: http://127\.0\.0\.1:\d+/  \((\d+) images, (\d+) rejected images to review",
+                      out.stdout, re.M)
     assert shown, out.stdout[-2000:]
     assert int(shown.group(1)) == len(list((tmp_path / "demo" / "gallery" / "images").iterdir())) > 0
+    assert int(shown.group(2)) > 0, "the demo's review page is empty: anti_sus rejected nothing nomad could send"
