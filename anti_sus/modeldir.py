@@ -55,9 +55,9 @@ ARTIFACTS: dict[str, tuple[str, str]] = {
     "watermark_int8": ("watermark.int8.onnx", "python -m models.quantize --models DIR --images IMAGES --target watermark"),
     "probe": ("probe.npz", "anti-sus learn --labels LABELS --models DIR"),
     # CLIP's text tower and its BPE vocabulary (anti_sus.text): text search and prompt stages.
-    "clip_text": ("clip_text.onnx", "python -m models.export_clip --out DIR --pretrained openai"),
-    "clip_vocab": ("bpe_simple_vocab_16e6.txt.gz", "python -m models.export_clip --out DIR --pretrained openai"),
-    "clip_text_int8": ("clip_text.int8.onnx", "python -m models.export_clip --out DIR --pretrained openai"),
+    "clip_text": ("clip_text.onnx", "python -m models.export_clip --out DIR --pretrained openai --only-text"),
+    "clip_vocab": ("bpe_simple_vocab_16e6.txt.gz", "python -m models.export_clip --out DIR --pretrained openai --only-text"),
+    "clip_text_int8": ("clip_text.int8.onnx", "python -m models.export_clip --out DIR --pretrained openai --only-text"),
 }
 REQUIRED = ("clip", "gmm", "gmm_meta")
 TINY_HINT = "python -m models.tiny --out DIR  (small random models for tests and the offline demo)"

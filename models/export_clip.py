@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from anti_sus.modeldir import ARTIFACTS, MANIFEST, artifact_entry, read_manifest, write_manifest
+from anti_sus.modeldir import ARTIFACTS, MANIFEST, ModelDirError, artifact_entry, read_manifest, write_manifest
 from anti_sus.preprocess import CLIP_SPEC, PreprocessSpec
 
 from ._cli import EnvParser, UserError, run_main
@@ -375,6 +375,71 @@ def gate_int8(out: Path, spec: PreprocessSpec, images: Path | None = None, threa
     return quantize.build_int8(out, "clip", cx, hx, decisions, images=what, threads=threads, write=write)
 
 
+def text_tower_entries(out: Path, *, arch: str, pretrained: str | None, model: Any, text_cfg: dict[str, Any] | None,
+                       embed_dim: int | None, seed: int, provenance: dict[str, Any], visual_sha256: str | None,
+                       visual_dim: int, int8: bool, opset: int = OPSET, min_cosine: float = MIN_COSINE,
+                       max_abs: float = MAX_ABS, threads: int = 1,
+                       text_int8_min_speedup: float = TEXT_INT8_MIN_SPEEDUP) -> dict[str, dict[str, Any]]:
+    """Export the text tower (and its gated int8 variant), copy the vocabulary; their manifest entries."""
+    source = build_text(arch, pretrained, text_cfg, embed_dim, seed, model=model)
+    fields = export_text(out, source, opset=opset, min_cosine=min_cosine, max_abs=max_abs, threads=threads)
+    prov_t = {**provenance, "parity": fields["clip_text"].pop("parity"), "seed": None if pretrained else seed + 1,
+              "arch": arch if text_cfg is None else f"{arch} (custom text: {text_cfg}, embed_dim {embed_dim})",
+              "visual_sha256": visual_sha256}  # the visual tower whose space it shares
+    if fields["clip_text"]["output"]["dim"] != visual_dim:
+        raise UserError(f"text features have {fields['clip_text']['output']['dim']} dimensions, visual {visual_dim}")
+    entries = {"clip_text": artifact_entry(out, TEXT_FILE, **fields["clip_text"], provenance=prov_t),
+               "clip_vocab": artifact_entry(out, VOCAB_FILE, **fields["clip_vocab"])}
+    (out / TEXT_INT8_FILE).unlink(missing_ok=True)  # one quantized from an older text tower must not survive
+    if int8:
+        q = gate_text_int8(out, entries["clip_text"]["sha256"], threads=threads, min_speedup=text_int8_min_speedup)
+        if q is not None:
+            entries["clip_text_int8"] = artifact_entry(
+                out, TEXT_INT8_FILE, **{k: v for k, v in fields["clip_text"].items() if k != "kind"}, kind="onnx",
+                provenance={**prov_t, **q, "tool": "models.export_clip (onnxruntime quantize_dynamic)"})
+    return entries
+
+
+def _write_entries(out: Path, entries: dict[str, dict[str, Any]]) -> None:
+    """Merge ``entries`` into the manifest; a text export without int8 drops the old ``clip_text_int8`` entry."""
+    if "clip_text" in entries and "clip_text_int8" not in entries and (out / MANIFEST).is_file():
+        # An int8 text entry from an earlier export would name a file that is gone (or another tower's).
+        kept = {k: v for k, v in read_manifest(out)["artifacts"].items() if k != "clip_text_int8"}
+        write_manifest(out, {**kept, **entries}, merge=False)
+    else:
+        write_manifest(out, entries)
+
+
+def export_text_only(out: Path, *, arch: str = DEFAULT_ARCH, pretrained: str | None = None, int8: bool = True,
+                     opset: int = OPSET, min_cosine: float = MIN_COSINE, max_abs: float = MAX_ABS, threads: int = 1,
+                     seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Add the text tower to a model directory whose ``clip`` is already there (and stays, with its GMM).
+
+    The text tower must come from the model the visual tower came from: the
+    manifest's ``clip`` provenance (arch, pretrained tag, seed) must match, else one line says so.
+    """
+    try:
+        clip = read_manifest(out)["artifacts"]["clip"]
+    except (ModelDirError, KeyError):
+        raise UserError(f"{out} has no clip entry to pair a text tower with; export both: "
+                        f"python -m models.export_clip --out {out} --pretrained {pretrained or 'none'}") from None
+    prov = clip.get("provenance") or {}
+    want = {"arch": arch, "pretrained": pretrained or "none"}
+    have = {"arch": prov.get("arch"), "pretrained": prov.get("pretrained")}
+    if have != want or (not pretrained and prov.get("seed") != seed):
+        raise UserError(f"the clip in {out} was exported from {have['arch']} / {have['pretrained']} (seed "
+                        f"{prov.get('seed')}); its text tower must come from the same model: pass those flags")
+    model = load_pretrained(arch, pretrained) if pretrained else None
+    provenance = {"arch": arch, "pretrained": pretrained or "none", "tool": "models.export_clip --only-text",
+                  "versions": versions(), "opset": opset, "created": utc_now()}
+    entries = text_tower_entries(out, arch=arch, pretrained=pretrained, model=model, text_cfg=None, embed_dim=None,
+                                 seed=seed, provenance=provenance, visual_sha256=clip.get("sha256"),
+                                 visual_dim=int((clip.get("output") or {}).get("dim", 0)), int8=int8, opset=opset,
+                                 min_cosine=min_cosine, max_abs=max_abs, threads=threads)
+    _write_entries(out, entries)
+    return entries
+
+
 def export_clip(out: Path, *, arch: str = DEFAULT_ARCH, pretrained: str | None = None, int8: bool = False,
                 images: Path | None = None,
                 opset: int = OPSET, min_cosine: float = MIN_COSINE, max_abs: float = MAX_ABS, threads: int = 1,
@@ -412,31 +477,12 @@ def export_clip(out: Path, *, arch: str = DEFAULT_ARCH, pretrained: str | None =
         # A custom visual architecture says nothing about its text tower: export one only when told its shape.
         log.info("custom vision_cfg without text_cfg: no text tower exported")
     elif text:
-        source = build_text(arch, pretrained, text_cfg, embed_dim, seed, model=model)
-        fields = export_text(out, source, opset=opset, min_cosine=min_cosine, max_abs=max_abs, threads=threads)
-        parity_t = fields["clip_text"].pop("parity")
-        prov_t = {**provenance, "parity": parity_t, "seed": None if pretrained else seed + 1,
-                  "arch": arch if text_cfg is None else f"{arch} (custom text: {text_cfg}, embed_dim {embed_dim})",
-                  "visual_sha256": entries["clip"]["sha256"]}  # the visual tower whose space it shares
-        if fields["clip_text"]["output"]["dim"] != dim:
-            raise UserError(f"text features have {fields['clip_text']['output']['dim']} dimensions, visual {dim}")
-        entries["clip_text"] = artifact_entry(out, TEXT_FILE, **fields["clip_text"], provenance=prov_t)
-        entries["clip_vocab"] = artifact_entry(out, VOCAB_FILE, **fields["clip_vocab"])
-        (out / TEXT_INT8_FILE).unlink(missing_ok=True)  # one quantized from an older text tower must not survive
-        if int8:
-            q = gate_text_int8(out, entries["clip_text"]["sha256"], threads=threads, min_speedup=text_int8_min_speedup)
-            if q is not None:
-                entries["clip_text_int8"] = artifact_entry(
-                    out, TEXT_INT8_FILE, **{k: v for k, v in fields["clip_text"].items() if k != "kind"}, kind="onnx",
-                    provenance={**prov_t, **q, "tool": "models.export_clip (onnxruntime quantize_dynamic)"})
+        entries.update(text_tower_entries(
+            out, arch=arch, pretrained=pretrained, model=model, text_cfg=text_cfg, embed_dim=embed_dim, seed=seed,
+            provenance=provenance, visual_sha256=entries["clip"]["sha256"], visual_dim=dim, int8=int8, opset=opset,
+            min_cosine=min_cosine, max_abs=max_abs, threads=threads, text_int8_min_speedup=text_int8_min_speedup))
     if write:
-        stale = "clip_text" in entries and "clip_text_int8" not in entries and (out / MANIFEST).is_file()
-        if stale:
-            # An int8 text entry from an earlier export would name a file that is gone (or another tower's).
-            kept = {k: v for k, v in read_manifest(out)["artifacts"].items() if k != "clip_text_int8"}
-            write_manifest(out, {**kept, **entries}, merge=False)
-        else:
-            write_manifest(out, entries)
+        _write_entries(out, entries)
     if int8:
         # The gate reads the manifest's clip entry, so it runs after the fp32 entry is written.
         report, entry = gate_int8(out, spec, images, threads, write)
@@ -459,6 +505,9 @@ def parser() -> EnvParser:
     p.add_env("--text", action="store_true", default=True,
               help="also export the text tower (clip_text.onnx) and copy open_clip's BPE vocabulary next to it "
                    "(text search, prompt stages); --no-text skips both")
+    p.add_env("--only-text", action="store_true", default=False,
+              help="add only the text tower (and vocabulary) to a directory whose clip came from the same "
+                   "--arch/--pretrained/--seed: clip and the GMM fitted on it stay as they are")
     p.add_env("--images", type=Path, default=None,
               help="real images (e.g. the taste images) that calibrate and judge the int8 variants (default: procedural images)")
     p.add_export()
@@ -468,6 +517,13 @@ def parser() -> EnvParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_export(argv)
     pretrained = None if args.pretrained.lower() in ("", "none", "random") else args.pretrained
+    if args.only_text:
+        entries = export_text_only(args.out, arch=args.arch, pretrained=pretrained, int8=args.int8, opset=args.opset,
+                                   min_cosine=args.min_cosine, max_abs=args.max_abs, threads=args.threads, seed=args.seed)
+        t = entries["clip_text"]["provenance"]["parity"]
+        print(f"wrote {args.out / TEXT_FILE} and {args.out / VOCAB_FILE}: parity cosine {t['cosine']}, max-abs {t['max_abs']}"
+              f"{'; int8 variant kept' if 'clip_text_int8' in entries else ''}")
+        return 0
     entries = export_clip(args.out, arch=args.arch, pretrained=pretrained, int8=args.int8, images=args.images, opset=args.opset,
                           min_cosine=args.min_cosine, max_abs=args.max_abs, threads=args.threads, seed=args.seed,
                           text=args.text)

@@ -123,3 +123,32 @@ def test_int8_text_tower_is_gated_and_preferred(tmp_path: Path) -> None:
     assert TextEncoder.from_dir(tmp_path).variant == "clip_text"
     with pytest.raises(ModelDirError, match="clip_text_int8"):
         TextEncoder.from_dir(tmp_path, variant="int8")
+
+
+TINY_NAMED = {"embed_dim": 32,
+              "vision_cfg": {"image_size": 224, "patch_size": 32, "width": 64, "layers": 1, "head_width": 32},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def test_only_text_adds_the_tower_and_keeps_clip_and_its_gmm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator's directory from before the text tower: --only-text adds it, clip (and the GMM fitted on it) stay."""
+    pytest.importorskip("torch")
+    open_clip = pytest.importorskip("open_clip")
+    from models import export_clip as E
+    from models._cli import UserError
+
+    real = open_clip.get_model_config
+    monkeypatch.setattr(open_clip, "get_model_config", lambda name: TINY_NAMED if name == "tiny-named" else real(name))
+    E.export_clip(tmp_path, arch="tiny-named", seed=4, text=False)
+    before = read_manifest(tmp_path)["artifacts"]["clip"]
+    assert "clip_text" not in read_manifest(tmp_path)["artifacts"]
+    with pytest.raises(UserError, match="same model"):
+        E.export_text_only(tmp_path, arch="tiny-named", seed=5)  # another random model
+    with pytest.raises(UserError, match="same model"):
+        E.export_text_only(tmp_path, arch="ViT-B-16", seed=4)
+    assert E.main(["--out", str(tmp_path), "--arch", "tiny-named", "--seed", "4", "--only-text", "--no-int8"]) == 0
+    arts = read_manifest(tmp_path)["artifacts"]
+    assert arts["clip"] == before and arts["clip_text"]["provenance"]["visual_sha256"] == before["sha256"]
+    assert verify(tmp_path, required=()) == [] and TextEncoder.from_dir(tmp_path).encode(["a cat"]).shape == (1, 32)
+    with pytest.raises(UserError, match="no clip entry"):
+        E.export_text_only(tmp_path / "empty", arch="tiny-named")
