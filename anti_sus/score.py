@@ -62,10 +62,13 @@ def local_scorer(stages: Stages, *, gmm_threshold: float | None = None, watermar
     return run
 
 
-def remote_scorer(client: Any, *, gmm_threshold: float | None = None, watermark_threshold: float | None = None) -> Scorer:
+def remote_scorer(client: Any, *, gmm_threshold: float | None = None, watermark_threshold: float | None = None,
+                  probe_threshold: float | None = None) -> Scorer:
     """Score through a running server."""
     def run(batch: np.ndarray) -> list[tuple[float, float | None, str]]:
-        res = client.filter(batch, gmm_threshold=gmm_threshold, watermark_threshold=watermark_threshold)
+        # The probe option only when given: a server older than the probe stage refuses it.
+        extra = {} if probe_threshold is None else {"probe_threshold": probe_threshold}
+        res = client.filter(batch, gmm_threshold=gmm_threshold, watermark_threshold=watermark_threshold, **extra)
         return [(r.gmm, r.watermark, r.verdict) for r in res.results]
     return run
 

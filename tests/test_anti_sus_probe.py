@@ -102,3 +102,33 @@ def ctx() -> zmq.Context:
     c = zmq.Context()
     yield c
     c.term()
+
+
+def test_serve_and_score_take_a_probe_threshold(learnt: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``--probe-threshold`` / ``ANTI_SUS_PROBE_THRESHOLD`` replace the stored threshold for a whole server or score run."""
+    from anti_sus.cli import build_parser, options
+
+    models, _, labels = learnt
+    args = build_parser().parse_args(["serve", "--models", str(models), "--probe-threshold", "0.99", "--threads", "1"])
+    pipeline = options.load_pipeline(args, KEEP_ALL_GMM, args.watermark_threshold)
+    assert pipeline.probe_threshold == 0.99 and pipeline.info()["thresholds"]["probe"] == 0.99
+    monkeypatch.setenv("ANTI_SUS_PROBE_THRESHOLD", "0.2")
+    assert build_parser().parse_args(["serve"]).probe_threshold == 0.2
+    monkeypatch.delenv("ANTI_SUS_PROBE_THRESHOLD")
+
+    bad = sorted((labels / "bad").iterdir())[:2]
+    common = ["score", *map(str, bad), "--models", str(models), "--gmm-threshold=-1e30", "--format", "json", "--threads", "1"]
+    assert main(common) == 0
+    assert [r["verdict"] for r in json.loads(capsys.readouterr().out)] == ["probe", "probe"]
+    assert main([*common, "--probe-threshold", "0"]) == 0
+    assert [r["verdict"] for r in json.loads(capsys.readouterr().out)] == ["good", "good"]
+
+
+def test_remote_score_passes_the_probe_threshold(learnt: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    models, _, labels = learnt
+    bad = [str(p) for p in sorted((labels / "bad").iterdir())[:2]]
+    with running(serve(models)) as ep:
+        for extra, verdict in (([], "probe"), (["--probe-threshold", "0"], "good")):
+            assert main(["score", *bad, "--server", ep, "--format", "json", *extra]) == 0
+            assert [r["verdict"] for r in json.loads(capsys.readouterr().out)] == [verdict] * 2

@@ -99,7 +99,7 @@ def add_models(p: argparse.ArgumentParser) -> None:
 
 
 def add_thresholds(p: argparse.ArgumentParser, server_defaults: bool) -> None:
-    """The two thresholds; the server owns the defaults, ``score`` defers to the model (or the server)."""
+    """The thresholds; the server owns the defaults, ``score`` defers to the model (or the server)."""
     s = settings(p)
     s.add("--gmm-threshold", type=finite_float, default=None,
           help="keep images whose GMM log-likelihood is >= this (none: the suggested threshold in gmm.json"
@@ -107,6 +107,9 @@ def add_thresholds(p: argparse.ArgumentParser, server_defaults: bool) -> None:
     s.add("--watermark-threshold", type=probability, default=DEFAULT_WATERMARK_THRESHOLD if server_defaults else None,
           help="drop images whose P(watermark) is >= this"
           + ("" if server_defaults else f" (none: {DEFAULT_WATERMARK_THRESHOLD}, or the server's)"))
+    s.add("--probe-threshold", type=probability, default=None,
+          help="with a learnt probe (anti-sus learn): drop images whose P(good) is below this (none: the threshold "
+          "stored with the probe" + ("" if server_defaults else ", or the server's") + "; ignored without a probe)")
 
 
 def add_limits(p: argparse.ArgumentParser) -> None:
@@ -144,7 +147,8 @@ def load_pipeline(args: argparse.Namespace, gmm_threshold: float | None = None, 
     # models_dir: the default var/models, or the old models/ folder with a notice to move it.
     return Pipeline.load(models_dir(args.models), int8=args.int8, fp32=args.fp32, no_watermark=args.no_watermark, threads=args.threads,
                          max_batch=max_batch, memory_budget=args.memory_budget, gmm_threshold=gmm_threshold,
-                         watermark_threshold=DEFAULT_WATERMARK_THRESHOLD if watermark_threshold is None else watermark_threshold)
+                         watermark_threshold=DEFAULT_WATERMARK_THRESHOLD if watermark_threshold is None else watermark_threshold,
+                         probe_threshold=getattr(args, "probe_threshold", None))  # tune has no such flag
 
 
 def on_signals(stop: Callable[[], None]) -> None:

@@ -40,7 +40,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise UserError(f"no image files in {' '.join(args.paths)}")
     if args.server:
         client = client_from(args, args.server, args.timeout, 1)
-        scorer = remote_scorer(client, gmm_threshold=args.gmm_threshold, watermark_threshold=args.watermark_threshold)
+        scorer = remote_scorer(client, gmm_threshold=args.gmm_threshold, watermark_threshold=args.watermark_threshold,
+                               probe_threshold=args.probe_threshold)
     else:
         client = None
         scorer = local_scorer(options.load_pipeline(args, args.gmm_threshold, args.watermark_threshold, args.batch_size))
