@@ -275,8 +275,9 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, target_precision: float, expl
         top = max((r["recall"], r["precision"]) for r in reaching)
         tied = [r for r in reaching if (r["recall"], r["precision"]) == top]
         best = tied[len(tied) // 2]
+        tie = f", middle of {len(tied)} tied" if len(tied) > 1 else ""
         return best["threshold"], (f"best cross-validated recall among thresholds whose precision reaches "
-                                   f"--target-precision {target_precision:g}, middle of {len(tied)} tied "
+                                   f"--target-precision {target_precision:g}{tie} "
                                    f"(precision {best['precision']:.3f}, recall {best['recall']:.3f})")
     best = max(rows, key=lambda r: (r["f1"], -r["threshold"]))
     return best["threshold"], (f"no threshold reaches --target-precision {target_precision:g}: best cross-validated F1 "
