@@ -19,7 +19,7 @@ import logging
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -153,14 +153,21 @@ def _image_files(folder: Path, flag: str) -> list[Path]:
 
 
 def embed_folders(labels_dir: Path, models: Path, *, batch_size: int = 16, threads: int = 0,
-                  max_pixels: int = 89_478_485) -> Labelled:
-    """``good/`` and ``bad/`` under ``labels_dir`` -> CLIP features through the server's own preprocessing + ONNX stage."""
+                  max_pixels: int = 89_478_485, arts: dict[str, Any] | None = None,
+                  counts_check: Callable[[int, int], None] | None = None) -> Labelled:
+    """``good/`` and ``bad/`` under ``labels_dir`` -> CLIP features through the server's own preprocessing + ONNX stage.
+
+    ``arts``: the model directory already opened (else it is verified here);
+    ``counts_check(n_good_files, n_bad_files)`` may refuse before anything is embedded.
+    """
     from .preprocess import load_image, to_wire
     from .stages.clip import ClipStage
 
     good = _image_files(labels_dir / "good", "good")
     bad = _image_files(labels_dir / "bad", "bad")
-    arts = open_model_dir(models)
+    if counts_check is not None:
+        counts_check(len(good), len(bad))
+    arts = arts if arts is not None else _model_dir(models)
     # fp32 CLIP, as models.fit_gmm uses: the probe and the GMM see the same features.
     clip = ClipStage.from_entry(arts["clip"].path, arts["clip"].entry, threads, batch_size)
     feats: list[np.ndarray] = []
@@ -185,8 +192,12 @@ def embed_folders(labels_dir: Path, models: Path, *, batch_size: int = 16, threa
                     f"{len(good)} good + {len(bad)} bad images under {labels_dir}", arts["clip"].sha256, skipped)
 
 
-def load_labels(labels: Path, models: Path, *, batch_size: int = 16, threads: int = 0) -> Labelled:
-    """Folders or a labels.npz, whichever ``labels`` is (a directory may also hold a labels.npz)."""
+def load_labels(labels: Path, models: Path, *, batch_size: int = 16, threads: int = 0,
+                counts_check: Callable[[int, int], None] | None = None) -> Labelled:
+    """Folders or a labels.npz, whichever ``labels`` is (a directory may also hold a labels.npz).
+
+    ``counts_check``: see :func:`embed_folders` (folders only: a labels.npz is counted once read).
+    """
     arts = _model_dir(models)
     clip = arts["clip"]
     dim = (clip.entry.get("output") or {}).get("dim")
@@ -200,7 +211,7 @@ def load_labels(labels: Path, models: Path, *, batch_size: int = 16, threads: in
         raise UserError(f"--labels {labels} does not exist")
     if not (labels / "good").exists() and not (labels / "bad").exists() and (labels / LABELS_FILE).is_file():
         return load_npz(labels / LABELS_FILE, dim, clip.sha256)
-    out = embed_folders(labels, models, batch_size=batch_size, threads=threads)
+    out = embed_folders(labels, models, batch_size=batch_size, threads=threads, arts=arts, counts_check=counts_check)
     if out.features.shape[1] != dim:
         raise UserError(f"the CLIP model gives {out.features.shape[1]} features but its manifest says {dim}")
     return out
@@ -214,13 +225,13 @@ def _model_dir(models: Path) -> dict[str, Any]:
         raise UserError(str(exc).replace("\n ", "").replace("\n", " ")) from None
 
 
-def check_counts(data: Labelled, min_per_class: int, folds: int) -> None:
+def check_counts(n_good: int, n_bad: int, min_per_class: int, folds: int) -> None:
     """Refuse too few labels (one line, exit 2) before anything is fitted or written."""
     if folds < 2:
         raise UserError(f"--folds must be at least 2, got {folds}")
     need = max(min_per_class, folds)
-    if data.n_good < need or data.n_bad < need:
-        raise UserError(f"too few labels: {data.n_good} good and {data.n_bad} bad, need at least {need} of each "
+    if n_good < need or n_bad < need:
+        raise UserError(f"too few labels: {n_good} good and {n_bad} bad, need at least {need} of each "
                         f"(--min-per-class {min_per_class}, --folds {folds}); label more images")
 
 
@@ -413,8 +424,12 @@ def run(labels: Path, models: Path, *, refit: bool = False, min_per_class: int =
         gmm_reg_covar: float = 1e-6, report_path: Path | None = None, plot_path: Path | None = None,
         batch_size: int = 16, threads: int = 0) -> tuple[Report, list[Path]]:
     """The whole command: load and check labels, learn, optionally refit the GMM, write; returns the report and files."""
-    data = load_labels(labels, models, batch_size=batch_size, threads=threads)
-    check_counts(data, min_per_class, folds)
+    def counts(n_good: int, n_bad: int) -> None:
+        check_counts(n_good, n_bad, min_per_class, folds)
+
+    counts(min_per_class, min_per_class)  # --folds < 2 is refused before any image is read
+    data = load_labels(labels, models, batch_size=batch_size, threads=threads, counts_check=counts)
+    counts(data.n_good, data.n_bad)  # again: unreadable images do not count
     probe, rep = learn(data, folds=folds, c=c, seed=seed, target_precision=target_precision, threshold=threshold)
     written: list[Path] = []
     if refit:

@@ -119,6 +119,10 @@ def test_refuses_below_the_minimum_per_class(models: Path, tmp_path: Path, capsy
     assert main(["learn", "--labels", str(npz), "--models", str(models), "--min-per-class", "10"]) == 0
     capsys.readouterr()
     assert "need at least 30" in refused(capsys, ["learn", "--labels", str(npz), "--models", str(models), "--folds", "30"])
+    assert "--folds must be at least 2" in refused(capsys, ["learn", "--labels", str(npz), "--models", str(models), "--folds", "1"])
+    # Folders are counted before anything is embedded.
+    few = make_folders(tmp_path / "few", 3, 25)
+    assert "too few labels: 3 good and 25 bad" in refused(capsys, ["learn", "--labels", str(few), "--models", str(models)])
 
 
 def test_refuses_wrong_dimension_other_clip_pickles_and_empty_folders(models: Path, tmp_path: Path,
