@@ -131,6 +131,27 @@ def ensure_clip(models: Path, pretrained: str) -> None:
                           "model hub once; without it, try the offline demo: make demo") from exc
 
 
+def ensure_text(models: Path) -> None:
+    """Add CLIP's text tower (text search) to a directory made before it existed; never fatal (search is optional)."""
+    if _have(models, ["clip_text", "clip_vocab"]):
+        return
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        log.warning("no CLIP text tower in %s: text search is off (adding it needs torch: pip install -e '.[models]')", models)
+        return
+    from models.export_clip import export_text_only
+
+    prov = read_manifest(models)["artifacts"]["clip"].get("provenance") or {}
+    pretrained = prov.get("pretrained")
+    log.info("adding CLIP's text tower to %s (same weights as its clip: %s / %s)", models, prov.get("arch"), pretrained)
+    try:
+        export_text_only(models, arch=str(prov.get("arch")), pretrained=None if pretrained in (None, "", "none") else pretrained,
+                         seed=int(prov.get("seed") or 0))
+    except Exception as exc:  # a download or gate failure leaves search without text, not the stack without filter
+        log.warning("could not add the CLIP text tower to %s (%s): text search stays off", models, exc)
+
+
 def taste_name(args: argparse.Namespace) -> str:
     """Where the taste images come from, for log lines and messages."""
     if args.taste_source == "reddit":
@@ -313,6 +334,7 @@ def ensure(args: argparse.Namespace) -> None:
     models: Path = args.models
     models.mkdir(parents=True, exist_ok=True)
     ensure_clip(models, args.pretrained)
+    ensure_text(models)
     ensure_gmm(args)
     ensure_int8(args)
     if not _have(models, ["watermark"]):

@@ -152,3 +152,25 @@ def test_only_text_adds_the_tower_and_keeps_clip_and_its_gmm(tmp_path: Path, mon
     assert verify(tmp_path, required=()) == [] and TextEncoder.from_dir(tmp_path).encode(["a cat"]).shape == (1, 32)
     with pytest.raises(UserError, match="no clip entry"):
         E.export_text_only(tmp_path / "empty", arch="tiny-named")
+
+
+def test_ensure_models_adds_the_text_tower_to_an_old_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """`make up` on a model directory from before the text tower: it gains one; where it cannot, a warning, not a failure."""
+    pytest.importorskip("torch")
+    open_clip = pytest.importorskip("open_clip")
+    from models.export_clip import export_clip
+    from models.tiny import TINY_VISION_CFG
+    from stack.ensure_models import ensure_text
+
+    real = open_clip.get_model_config
+    monkeypatch.setattr(open_clip, "get_model_config", lambda name: TINY_NAMED if name == "tiny-named" else real(name))
+    old = tmp_path / "old"
+    export_clip(old, arch="tiny-named", seed=2, text=False)
+    ensure_text(old)
+    assert {"clip_text", "clip_vocab"} <= set(read_manifest(old)["artifacts"]) and verify(old, required=()) == []
+    custom = tmp_path / "custom"
+    export_clip(custom, arch="x", vision_cfg=TINY_VISION_CFG, embed_dim=32)
+    with caplog.at_level("WARNING"):
+        ensure_text(custom)
+    assert "text search stays off" in caplog.text and "clip_text" not in read_manifest(custom)["artifacts"]
