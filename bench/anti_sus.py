@@ -198,10 +198,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # upstream runs fp32, as the upstream approach does.
     served = "clip" if int8_unusable(arts) else "clip_int8"
     clip = open_session(arts[served].path, args.threads)
-    clip_fp32 = open_session(arts["clip"].path, args.threads)
-    wm_fp32 = open_session(arts["watermark"].path, args.threads)
+    # upstream: a plain ORT session (its threads spin, ORT's default), as the upstream code opens it.
+    clip_fp32 = open_session(arts["clip"].path, args.threads, spin=True)
+    wm_fp32 = open_session(arts["watermark"].path, args.threads, spin=True)
     wm_served = "watermark" if int8_unusable(arts, "watermark_int8", "watermark") else "watermark_int8"
-    wm = open_session(arts[wm_served].path, args.threads) if wm_served != "watermark" else wm_fp32
+    wm = open_session(arts[wm_served].path, args.threads)
     gmm = GmmScorer.load(arts["gmm"].path)
     threshold = float(json.loads(arts["gmm_meta"].path.read_text())["suggested_threshold"])
 
