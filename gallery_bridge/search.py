@@ -184,7 +184,9 @@ class Searcher:
     # ---- queries ---------------------------------------------------------------
     def by_entry(self, entry_id: int, limit: int) -> list[Hit]:
         """Entries like gallery entry ``entry_id`` (itself first), by its stored features."""
-        row = self._db.execute("SELECT features FROM entries WHERE id=? AND state='complete'", (int(entry_id),)).fetchone()
+        with self._lock:  # one connection, shared by the threads of the web app's server
+            row = self._db.execute("SELECT features FROM entries WHERE id=? AND state='complete'",
+                                   (int(entry_id),)).fetchone()
         if row is None:
             raise SearchUnavailable(f"gallery entry {entry_id} does not exist")
         if row[0] is None:
@@ -239,11 +241,9 @@ class Searcher:
                 raise SearchUnavailable(self._unavailable[key])
             cached = getattr(self, key)
             if cached is None:
-                from anti_sus.modeldir import ModelDirError
-
                 try:
                     cached = loader()
-                except (ModelDirError, OSError, ValueError) as exc:
+                except Exception as exc:  # manifest problems, unreadable files, ONNX Runtime's own error types
                     reason = " ".join(str(exc).split())  # one line, even for multi-line manifest problems
                     self._unavailable[key] = f"search is unavailable: {reason}"
                     raise SearchUnavailable(self._unavailable[key]) from None

@@ -184,12 +184,12 @@ def learn_merges(texts: Sequence[str] = CAPTIONS, count: int = TEXT_MERGES) -> l
     """
     from collections import Counter
 
-    from anti_sus.text.tokenizer import _PIECES, END_OF_WORD, byte_symbols, clean
+    from anti_sus.text.tokenizer import END_OF_WORD, byte_symbols, pre_tokenize
 
     table = byte_symbols()
     words: Counter[tuple[str, ...]] = Counter()
     for text in texts:
-        for piece in _PIECES.findall(clean(text)):
+        for piece in pre_tokenize(text):
             sym = [table[b] for b in piece.encode("utf-8")]
             words[tuple(sym[:-1] + [sym[-1] + END_OF_WORD])] += 1
     merges: list[tuple[str, str]] = []

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from anti_sus.modeldir import read_manifest, write_manifest
+from anti_sus.modeldir import artifact_entry, read_manifest, write_manifest
 from anti_sus.stages.clip import ClipStage
 from anti_sus.text.encoder import TextEncoder
 from gallery_bridge.catalogue import Catalogue
@@ -156,6 +156,21 @@ def test_unavailable_says_why_in_one_line(gallery: Gallery, models: Path, tmp_pa
     assert s.by_image(next(iter(gallery.images.values())), 1)  # the visual tower is still there
     with pytest.raises(SearchUnavailable, match="does not exist"):
         s.by_entry(10_000, 5)
+
+
+def test_a_broken_text_tower_is_one_line_not_a_traceback(gallery: Gallery, models: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(models, broken)
+    (broken / "clip_text.onnx").write_bytes(b"not an onnx graph")
+    arts = read_manifest(broken)["artifacts"]
+    arts["clip_text"] = artifact_entry(broken, "clip_text.onnx", **{k: v for k, v in arts["clip_text"].items()
+                                                                     if k not in ("file", "sha256", "bytes")})
+    write_manifest(broken, arts, merge=False)  # the manifest agrees: only ONNX Runtime can tell
+    s = Searcher(gallery.target.catalogue_path, broken)
+    assert not s.text_available()
+    with pytest.raises(SearchUnavailable, match="search is unavailable") as info:
+        s.by_text("cat", 5)
+    assert "\n" not in str(info.value)
 
 
 def test_bad_queries_are_refused(gallery: Gallery, models: Path) -> None:

@@ -110,6 +110,11 @@ def clean(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
+def pre_tokenize(text: str) -> list[str]:
+    """``text`` cleaned and split into CLIP's pieces (before byte symbols and merges)."""
+    return _PIECES.findall(clean(text))
+
+
 class Tokenizer:
     """Text -> CLIP token ids, from a vocabulary file in open_clip's format."""
 
@@ -161,7 +166,7 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Ids of ``text`` without the special tokens around it and without truncation."""
         out: list[int] = []
-        for piece in _PIECES.findall(clean(text)):
+        for piece in pre_tokenize(text):
             if piece in (SOT, EOT):  # open_clip maps the literal special tokens to their ids
                 out.append(self.ids[piece])
                 continue
