@@ -174,3 +174,22 @@ def test_ensure_models_adds_the_text_tower_to_an_old_directory(tmp_path: Path, m
     with caplog.at_level("WARNING"):
         ensure_text(custom)
     assert "text search stays off" in caplog.text and "clip_text" not in read_manifest(custom)["artifacts"]
+
+
+def test_tokenizer_encoder_and_search_run_without_torch(onnx_dir: Path, tmp_path: Path) -> None:
+    """What the web app and prompt stages import: no torch anywhere (it is blocked from importing here)."""
+    import subprocess
+    import sys
+
+    from tests.test_models_tiny_onnx import no_torch_env
+
+    code = ("import sys\n"
+            "from anti_sus.text.encoder import TextEncoder\n"
+            "import gallery_bridge.search\n"
+            "f = TextEncoder.from_dir(sys.argv[1]).encode(['a photo of a mountain lake'])\n"
+            "assert f.shape == (1, 32), f.shape\n"
+            "assert 'torch' not in sys.modules\n"
+            "print('ok')\n")
+    run = subprocess.run([sys.executable, "-c", code, str(onnx_dir)], cwd=tmp_path, env=no_torch_env(tmp_path),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
