@@ -196,5 +196,6 @@ class Broker:
             self._sent[worker] += 1
             self.free.move_to_end(worker)
             self.forwarded[worker] = self.forwarded.get(worker, 0) + 1
+            log.debug("request to worker %s", worker.hex())
             return
         log.warning("no worker left for a request; the client will retry")
