@@ -41,6 +41,10 @@ import zmq
 
 from . import __version__
 from .broker import BYE, READY
+
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+"""What a worker watches on its connection to the broker, to say why it is not taken."""
 from .fairqueue import FairQueue
 from .metrics import BATCH_IMAGES, ERRORS, IMAGES, QUEUE_BYTES, QUEUE_DEPTH, REQUESTS, STAGE_SECONDS
 from .pipeline import Outcome, Stages, Task, Timings, evaluate
@@ -110,6 +114,8 @@ class FilterServer:
         self._outbox: queue.SimpleQueue[tuple[list[bytes], list[Any]]] = queue.SimpleQueue()
         self._auth = None
         self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None  # worker mode: the connection's handshake events
+        self._handshake_said = False  # a refusal was logged (once, until a handshake succeeds)
         self._wake_addr = f"inproc://anti-sus-wake-{id(self)}"
         self.processed = 0
         self._in_flight = 0
@@ -143,6 +149,8 @@ class FilterServer:
 
                 secure_client(sock, cfg.curve_server_key, cfg.curve_client_key)
             if cfg.connect:
+                # Watched before connecting, so the first handshake's outcome is seen too.
+                self._monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
                 sock.connect(cfg.connect)
                 self.endpoints = [cfg.connect]
             else:
@@ -150,6 +158,9 @@ class FilterServer:
                     sock.bind(ep)
                     self.endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
         except Exception:
+            if self._monitor is not None:
+                self._monitor.close(0)
+                self._monitor = None
             sock.close(0)
             self._stop_auth()
             raise
@@ -178,6 +189,8 @@ class FilterServer:
         poller.register(wake, zmq.POLLIN)
         # Always read: requests beyond the queue bounds are answered busy (see the module docstring).
         poller.register(sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
                 if not compute.is_alive():
@@ -189,6 +202,8 @@ class FilterServer:
                 events = dict(poller.poll(100))
                 if wake in events:
                     self._flush_wake(wake)
+                if self._monitor is not None and self._monitor in events:
+                    self._handshake_event()
                 if sock in events:
                     for _ in range(64):  # bounded drain, then look at replies again
                         try:
@@ -197,7 +212,42 @@ class FilterServer:
                             break
                         self._handle(frames)
         finally:
+            if self._monitor is not None:
+                sock.disable_monitor()
+                self._monitor.close(0)
+                self._monitor = None
             self._shutdown(compute, wake)
+
+    def _handshake_event(self) -> None:
+        """Worker mode: say (once, until a handshake succeeds) why the broker does not take this worker.
+
+        A refused worker is otherwise silent: its connection retries forever and it never gets work.
+        """
+        from zmq.utils.monitor import recv_monitor_message
+
+        assert self._monitor is not None
+        try:
+            event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+        except zmq.Again:
+            return
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            if self._handshake_said:
+                log.info("connected to the broker at %s", self.config.connect)
+            self._handshake_said = False
+            return
+        if self._handshake_said:  # one line, not one per reconnect (and one failure can raise two events)
+            return
+        self._handshake_said = True
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            why = ("it refused this worker's CURVE key: add this worker's public .key to the broker's "
+                   "--backend-curve-allow directory")
+        elif self.config.curve_server_key is None:
+            why = ("the handshake failed: the broker's backend may need CURVE (--curve-server-key and "
+                   "--curve-client-key on this worker)")
+        else:
+            why = ("the CURVE handshake failed: is --curve-server-key the public key of the broker's "
+                   "--backend-curve-secret-key, and is CURVE on for its backend?")
+        log.warning("broker at %s does not take this worker: %s (retrying)", self.config.connect, why)
 
     def _beat(self) -> None:
         """Worker mode: tell the broker how many more requests we can take (also our heartbeat)."""

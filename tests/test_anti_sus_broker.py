@@ -180,20 +180,25 @@ def backend_keys(tmp_path: Path) -> dict[str, Path]:
     return {"public": pub, "secret": secret, "allow": allowed, "worker": worker_secret, "stranger": stranger_secret}
 
 
-def test_backend_curve_allowed_worker_serves(backend_keys: dict[str, Path]):
+def test_backend_curve_allowed_worker_serves(backend_keys: dict[str, Path], caplog: pytest.LogCaptureFixture):
     k = backend_keys
     stages = FakeStages()
     with broker_running(backend_curve_secret_key=k["secret"], backend_curve_allow=k["allow"]) as b, \
             curve_worker(b.backend_endpoints[0], stages, k["public"], k["worker"]):
         wait_for(lambda: b.capacity == 1)
+        assert not [r for r in caplog.records if r.name == "anti_sus.server" and r.levelname == "WARNING"]
         with FilterClient(b.frontend_endpoints[0], timeout=5) as c:  # the frontend stays plain: only the backend is CURVE
             assert c.filter(np.stack([image(150, 0)])).good == [0]
         assert stages.batches == [1]
 
 
-@pytest.mark.parametrize("who", ["stranger", "no key", "no CURVE"])
-def test_backend_curve_refuses_unknown_and_missing_keys(backend_keys: dict[str, Path], who: str):
-    """An unlisted key, a throwaway key (server key but no client key) and a plain worker never join."""
+@pytest.mark.parametrize("who, said", [("stranger", "add this worker's public .key"), ("no key", "add this worker's public .key"),
+                                       ("no CURVE", "may need CURVE")])
+def test_backend_curve_refuses_unknown_and_missing_keys(backend_keys: dict[str, Path], who: str, said: str,
+                                                        caplog: pytest.LogCaptureFixture):
+    """An unlisted key, a throwaway key (server key but no client key) and a plain worker never join,
+    and each refused worker says why in one warning (not one per reconnect)."""
+    caplog.set_level("INFO", logger="anti_sus.server")
     k = backend_keys
     server_key = None if who == "no CURVE" else k["public"]
     client_key = k["stranger"] if who == "stranger" else None
@@ -206,6 +211,8 @@ def test_backend_curve_refuses_unknown_and_missing_keys(backend_keys: dict[str, 
             with pytest.raises(AntiSusUnavailable):
                 c.ping()
         assert stages.batches == []
+    warnings = [r.getMessage() for r in caplog.records if r.name == "anti_sus.server" and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and said in warnings[0] and "does not take this worker" in warnings[0], warnings
 
 
 def test_backend_curve_needs_an_allow_list(backend_keys: dict[str, Path]):
