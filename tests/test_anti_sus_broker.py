@@ -256,3 +256,24 @@ def test_cli_curve_flag_mistakes_are_one_line(argv: list[str], message: str, cap
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_worker_key_files_are_checked_before_loading_models(backend_keys: dict[str, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]):
+    """The broker's secret where its public key belongs, or a public key as the worker's own: one line, exit 2.
+
+    The keys come from the environment here (ANTI_SUS_CURVE_SERVER_KEY / _CLIENT_KEY), as in a container.
+    """
+    from anti_sus.cli import main
+
+    k = backend_keys
+    monkeypatch.setenv("ANTI_SUS_CONNECT", "tcp://127.0.0.1:7779")
+    monkeypatch.setenv("ANTI_SUS_MODELS", str(tmp_path / "no-models-here"))
+    for server_key, client_key, message in ((k["secret"], k["worker"], "holds a secret key"),
+                                            (k["public"], k["allow"] / "worker.key", "holds no secret key")):
+        monkeypatch.setenv("ANTI_SUS_CURVE_SERVER_KEY", str(server_key))
+        monkeypatch.setenv("ANTI_SUS_CURVE_CLIENT_KEY", str(client_key))
+        assert main(["serve"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
