@@ -125,6 +125,17 @@ def no_console_errors(driver: Any) -> None:
 
 
 def test_browse_detail_search_review_and_label_in_chromium(site: dict[str, Any], browser: Any, tmp_path: Path) -> None:
+    try:
+        _walk(site, browser, tmp_path)
+    except BaseException:
+        # What the browser showed when it went wrong: a screenshot, the page and its console.
+        shoot(browser, tmp_path, "failure")
+        (tmp_path / "failure.html").write_text(browser.page_source, encoding="utf-8")
+        print("failed at", browser.current_url, "console:", browser.get_log("browser"))
+        raise
+
+
+def _walk(site: dict[str, Any], browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
