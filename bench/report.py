@@ -106,6 +106,9 @@ GOALS = (
     Goal("anti_sus_memory", r"^peak_rss_mb_fp32_batch(?P<batch>\d+)_budget$", "<= 1000 MB", _at_most(1000)),
     Goal("anti_sus_memory", r"^peak_rss_mb_int8_batch(?P<batch>\d+)_budget$", "<= 600 MB", _at_most(600)),
     Goal("anti_sus_memory", r"^throughput_budgeted_vs_unbudgeted$", ">= 0.95 (at most 5% slower)", _at_least(0.95)),
+    # The duplicate skip: reposts of what the gallery holds never reach CLIP, and no new photo is lost to it.
+    Goal("dupskip", r"^repost_skip_rate$", ">= 0.9 of the reposts skipped before anti_sus", _at_least(0.9)),
+    Goal("dupskip", r"^new_photos_skipped$", "0 (no new photo dropped)", _at_most(0)),
 )
 
 

@@ -111,10 +111,15 @@ def build_crawler(args: argparse.Namespace, stop: threading.Event, environ: Mapp
     )
     filter_stage = FilterStage(filter_client, **cfg.pick(args, cfg.FILTER),
                                on_unavailable=lambda: metrics.error("anti_sus_unavailable"))
+    dupskip = None
     if args.save_dir:
         deliverer: Any = SaveDirDeliverer(args.save_dir)
     else:
         deliverer = GalleryDeliverer(args.gallery, timeout=args.gallery_timeout, curve=gallery_curve)
+        if args.dupskip:  # only a gallery can say what it holds
+            from nomad.delivery.dupskip import DupSkip
+
+            dupskip = DupSkip.for_gallery(args.gallery, timeout=args.dupskip_timeout, curve=gallery_curve)
     return Crawler(
         CrawlerConfig(**cfg.pick(args, cfg.CRAWLER)),
         store=store,
@@ -127,6 +132,7 @@ def build_crawler(args: argparse.Namespace, stop: threading.Event, environ: Mapp
         deliverer=deliverer,
         stop=stop,
         metrics=metrics,
+        dupskip=dupskip,
     )
 
 

@@ -131,6 +131,10 @@ def add_crawl_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str] 
     d.add("--gallery-timeout", type=positive_float, default=30.0, help="seconds to wait for one gallery_bridge acknowledgement")
     d.add("--gallery-server-key", default=None, help="gallery_bridge's CURVE public key file (enables CURVE)")
     d.add("--gallery-client-key", default=None, help="nomad's CURVE secret key file (with --gallery-server-key)")
+    d.switch("--dupskip", default=True, help="before anti_sus, ask the gallery (have op) and drop images it already holds, "
+             "exact or near copies (never with --save-dir; a gallery that does not answer skips the check)")
+    d.add("--dupskip-timeout", type=positive_float, default=2.0,
+          help="seconds to wait for the gallery's have answer before sending the batch to anti_sus unchecked")
     d.add("--max-delivery-attempts", type=positive_int, default=10,
           help="failed deliveries of one image before it moves to the dead letters (see 'nomad retry-dead')")
     d.add("--save-dir", default=None, help="standalone mode: write accepted images + JSON sidecars here instead of gallery_bridge")

@@ -31,6 +31,7 @@ import numpy as np
 from anti_sus.client import AntiSusError
 from nomad import images
 from nomad.delivery import Batcher, Deliverer, Downloaded, FilterStage, Stopped, drain_outbox, ingest_meta
+from nomad.delivery.dupskip import DupSkip
 from nomad.http import FetchError, HttpClient, reject_removed_placeholder
 from nomad.outcomes import PERMANENT_FETCH, CycleStats, Metrics, classify_fetch
 from nomad.rules import Rules
@@ -97,8 +98,11 @@ class Crawler:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        dupskip: DupSkip | None = None,
     ) -> None:
         self.cfg = config
+        self.dupskip = dupskip
+        """Drops what the gallery already holds before anti_sus (nomad.delivery.dupskip; None: off)."""
         self.store = store
         self.rules = rules
         self.http = http
@@ -146,6 +150,8 @@ class Crawler:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.dupskip is not None:
+            self.dupskip.close()
         self.http.close()
 
     # --- every outcome: store, stats and metrics together ----------------------------
@@ -358,6 +364,10 @@ class Crawler:
         stats = stats or self._stats
         while self.batcher.items and (force or self.batcher.due()):
             items = self.batcher.take()
+            if self.dupskip is not None:  # reposts the gallery holds: decided here, no CLIP spent on them
+                items = self.dupskip.drop_known(items, lambda it, why: self._decide(stats, "rejected", why, key=it.ref.key))
+                if not items:
+                    continue
             try:
                 result = self.filter_stage.filter(np.stack([i.wire for i in items]))
             except Stopped:
