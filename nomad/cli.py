@@ -109,7 +109,18 @@ def build_crawler(args: argparse.Namespace, stop: threading.Event, environ: Mapp
         curve_server_key=anti_curve[0] if anti_curve else None,
         curve_client_keys=(anti_curve[1], anti_curve[2]) if anti_curve else None,
     )
-    filter_stage = FilterStage(filter_client, **cfg.pick(args, cfg.FILTER),
+    review = None
+    if args.review and not args.save_dir:
+        from nomad.delivery.review import ReviewConfig, ReviewSampler, gallery_sender, server_thresholds
+
+        review = ReviewSampler(
+            gallery_sender(args.gallery, timeout=args.gallery_timeout, curve=gallery_curve),
+            ReviewConfig(**cfg.pick(args, cfg.REVIEW)),
+            # Asked only if anti_sus predates thresholds in its replies.
+            thresholds=server_thresholds(filter_client.info, {"gmm": args.gmm_threshold, "watermark": args.watermark_threshold}),
+            on_count=metrics.review,
+        )
+    filter_stage = FilterStage(filter_client, **cfg.pick(args, cfg.FILTER), features="all" if review else True,
                                on_unavailable=lambda: metrics.error("anti_sus_unavailable"))
     dupskip = None
     if args.save_dir:
@@ -132,6 +143,7 @@ def build_crawler(args: argparse.Namespace, stop: threading.Event, environ: Mapp
         deliverer=deliverer,
         stop=stop,
         metrics=metrics,
+        review=review,
         dupskip=dupskip,
     )
 

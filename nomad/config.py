@@ -35,7 +35,7 @@ from photocore.settings import (
 )
 
 __all__ = ["DEFAULT_USER_AGENT", "VERSION", "PREFIX", "Flags", "add_crawl_flags", "add_common_flags", "many", "secret",
-           "positive", "non_negative", "pick", "HTTP", "RULES", "CRAWLER", "FILTER", "UserError"]
+           "positive", "non_negative", "pick", "HTTP", "RULES", "CRAWLER", "FILTER", "REVIEW", "UserError"]
 
 PREFIX = "NOMAD_"
 
@@ -141,6 +141,13 @@ def add_crawl_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str] 
     d.add("--max-retries", type=non_negative_int, default=3, help="times a failed download or expansion is retried (across cycles and restarts)")
     d.add("--backoff-max", type=positive_float, default=30.0, help="longest wait between retries to anti_sus/gallery_bridge")
 
+    v = Flags(parser.add_argument_group("review sample (rejected images sent to the gallery's review queue)"), environ)
+    v.switch("--review", default=True, help="send a sample of what anti_sus rejected, nearest the thresholds first, "
+             "to gallery_bridge's review queue (never with --save-dir; only a sample: failures drop it)")
+    v.add("--review-per-cycle", type=positive_int, default=20, help="most review items sent per poll cycle")
+    v.add("--review-rate", type=probability, default=0.1, help="fraction of the rejected images sampled, within [0, 1]")
+    v.add("--review-queue", type=positive_int, default=16, help="review items waiting to be sent; more are dropped")
+
 
 def add_common_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
     """State and logging flags every command has."""
@@ -180,6 +187,10 @@ CRAWLER: dict[str, str] = _same("workers", "batch_size", "batch_timeout", "max_r
 
 FILTER: dict[str, str] = _same("gmm_threshold", "watermark_threshold", "backoff_max")
 """``nomad.delivery.FilterStage`` keyword arguments from flags."""
+
+REVIEW: dict[str, str] = {"per_cycle": "review_per_cycle", "rate": "review_rate", "queue": "review_queue",
+                          "max_pixels": "max_pixels"}
+"""``nomad.delivery.review.ReviewConfig`` fields from flags."""
 
 
 def pick(args: argparse.Namespace, table: Mapping[str, str]) -> dict[str, Any]:

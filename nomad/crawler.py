@@ -32,6 +32,7 @@ from anti_sus.client import AntiSusError
 from nomad import images
 from nomad.delivery import Batcher, Deliverer, Downloaded, FilterStage, Stopped, drain_outbox, ingest_meta
 from nomad.delivery.dupskip import DupSkip
+from nomad.delivery.review import ReviewSampler
 from nomad.http import FetchError, HttpClient, reject_removed_placeholder
 from nomad.outcomes import PERMANENT_FETCH, CycleStats, Metrics, classify_fetch
 from nomad.rules import Rules
@@ -98,11 +99,14 @@ class Crawler:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        review: ReviewSampler | None = None,
         dupskip: DupSkip | None = None,
     ) -> None:
         self.cfg = config
         self.dupskip = dupskip
         """Drops what the gallery already holds before anti_sus (nomad.delivery.dupskip; None: off)."""
+        self.review = review
+        """Sends a sample of the rejected images to the gallery's review queue (None: off)."""
         self.store = store
         self.rules = rules
         self.http = http
@@ -150,6 +154,8 @@ class Crawler:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.review is not None:
+            self.review.close()
         if self.dupskip is not None:
             self.dupskip.close()
         self.http.close()
@@ -384,7 +390,8 @@ class Crawler:
             self._record_verdicts(items, result, stats)
 
     def _record_verdicts(self, items: list[Downloaded], result: Any, stats: CycleStats) -> None:
-        rows = {idx: row for row, idx in enumerate(result.good)}
+        if self.review is not None:
+            self.review.offer(items, result, stats)  # takes over the picked spool files; never raises
         answered: set[int] = set()
         for r in result.results:
             if not 0 <= r.index < len(items):
@@ -393,9 +400,7 @@ class Crawler:
             it = items[r.index]
             scores = {"gmm": r.gmm, "watermark": r.watermark}
             if r.verdict == "good":
-                features = None
-                if result.features is not None and r.index in rows:
-                    features = result.features[rows[r.index]]
+                features = result.feature_of(r.index)
                 meta = ingest_meta(it.ref, it.width, it.height, it.format, scores)
                 self._decide(stats, "accepted", key=it.ref.key, scores=scores, accepted=(it.spool, meta, features))
             else:
