@@ -16,7 +16,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -28,7 +27,6 @@ from gallery_bridge.targets.folder import FolderTarget
 from gallery_bridge.web import WebConfig, create_app
 from gallery_bridge.web import security, services
 from tests import gallery_helpers as T
-from tests.conftest import REPO
 
 pytestmark = pytest.mark.timeout(300)
 
