@@ -56,8 +56,9 @@ def _target_flags(p: argparse.ArgumentParser) -> None:
     d.add("--crop-threshold", default=0.94, type=finite_float, help="band-pass correlation above which a border-cropped copy is a duplicate")
     d.add("--max-crop", default=0.04, type=non_negative_float, help="largest border crop (fraction per axis) the crop check tries; 0 disables it")
     d.add("--clip-threshold", type=_opt_float, help="cosine of CLIP features above which an image is a duplicate (off by default)")
-    d.add("--have-threshold", default=6, type=non_negative_int,
-          help="the have op answers 'near' within this Hamming distance on the 64-bit pHash (max 16)")
+    d.add("--have-threshold", default=3, type=non_negative_int,
+          help="the have op answers 'near' within this Hamming distance on the 64-bit pHash, for items "
+               "without the 576-bit phash (max 16)")
     lim = _settings(p).group("limits")
     lim.add("--max-image-bytes", default=50 * 1024 * 1024, type=positive_int, help="largest encoded image accepted")
     lim.add("--max-pixels", default=100_000_000, type=positive_int, help="largest image (width*height) decoded")

@@ -10,7 +10,7 @@ server started with ``--curve-secret-file`` (and ``--curve-allow``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import zmq
@@ -76,17 +76,19 @@ class IngestClient(ReqClient):
             raw=reply,
         )
 
-    def have(self, items: list[tuple[str, str]]) -> list[str]:
+    def have(self, items: Sequence[tuple[str, ...]]) -> list[str]:
         """Does the gallery hold these images? (sha256 hex, 64-bit pHash hex) -> "exact" | "near" | "new".
 
-        Sent in requests of at most ``MAX_HAVE_ITEMS``. An old server raises
+        An item may carry the 576-bit phash hex as a third element
+        (``gallery_bridge.dedup.have_hashes``): "near" is then ingest's own
+        phash rule. Sent in requests of at most ``MAX_HAVE_ITEMS``. An old server raises
         :class:`IngestError` with code ``unknown_op``: callers treat that as
         "no answer" and carry on without the check.
         """
         from .dedup.have import ANSWERS, MAX_HAVE_ITEMS
 
         out: list[str] = []
-        pairs = [[str(sha), str(ph)] for sha, ph in items]
+        pairs = [[str(x) for x in item] for item in items]
         for start in range(0, len(pairs), MAX_HAVE_ITEMS):
             chunk = pairs[start:start + MAX_HAVE_ITEMS]
             answers = self.request({"op": "have", "items": chunk}).get("answers")

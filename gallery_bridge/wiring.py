@@ -68,7 +68,7 @@ def open_ingester(args: argparse.Namespace):  # -> Ingester
                       have_threshold=args.have_threshold)
     if not 0 <= cfg.max_crop <= 0.2:
         raise UserError("--max-crop must be between 0 and 0.2")
-    if cfg.have_threshold > 16:  # a quarter of the bits: unrelated photos start to answer "near"
+    if cfg.have_threshold > 16:  # a quarter of the bits: photos of one scene, even unrelated ones, answer "near"
         raise UserError("--have-threshold must be between 0 and 16")
     if kind == "folder":
         from .targets.folder import FolderTarget

@@ -194,3 +194,38 @@ def test_any_within_matches_brute_force() -> None:
         brute = np.array([(np.bitwise_count(stored ^ q) <= threshold).any() for q in queries])
         assert (ix.any_within(queries.reshape(-1, 1), threshold) == brute).all()
     assert not HashIndex(1).any_within(queries.reshape(-1, 1), 64).any()  # empty index
+
+
+def _wire_hashes(data: bytes) -> tuple[str, str]:
+    from gallery_bridge.dedup import have_hashes
+
+    return have_hashes(Image.fromarray(images.decode(data).wire))
+
+
+def test_the_576_bit_phash_makes_near_ingests_own_rule(tmp_path: Path) -> None:
+    """64 bits cannot tell a copy from another photo of the scene; with the 576-bit phash, near is what ingest would say."""
+    target = FolderTarget(tmp_path / "gallery")
+    ing = Ingester(Catalogue(target.catalogue_path), target, DedupConfig(have_threshold=10))  # loose on purpose
+    server = Server(ing, ServerConfig(bind="tcp://127.0.0.1:*")).start()
+    try:
+        scene = T.scene_view(0, size=(900, 600))
+        data = T.encode(scene, quality=92)
+        moved = T.encode(T.scene_view(0, camera_x=0.05, size=(900, 600)))  # another photo of the place
+        copy = T.encode(scene.resize((450, 300), Image.Resampling.LANCZOS), quality=60)
+        with IngestClient(server.endpoint, timeout=20, retries=0) as client:
+            assert client.ingest("t:scene", {}, data).status == "added"
+            p64, p576 = _wire_hashes(moved)
+            stored64 = phash64(Image.open(io.BytesIO(data)))
+            assert bin(int(p64, 16) ^ int(stored64, 16)).count("1") <= 10  # the coarse hash alone would drop it
+            assert client.have([(_sha(moved), p64)]) == ["near"]
+            assert client.have([(_sha(moved), p64, p576)]) == ["new"]
+            assert client.have([(_sha(copy), *_wire_hashes(copy))]) == ["near"]
+            assert client.have([(_sha(data), "0" * 16, "0" * 144)]) == ["exact"]
+            # and ingest agrees: the moved camera is a new photo, the copy a duplicate
+            assert client.ingest("t:moved", {}, moved).status == "added"
+            assert client.ingest("t:copy", {}, copy).status == "duplicate"
+        reply = _raw(server.endpoint, {"v": 1, "op": "have", "items": [["a" * 64, "0" * 16, "0" * 143]]})
+        assert reply["error"]["code"] == "bad_header" and "144 hex digits" in reply["error"]["message"]
+    finally:
+        server.close()
+        ing.close()

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from .crop import coarse_correlation, crop_correlation
 from .fingerprint import COARSE_SIZE, PHASH_SIZE, PHASH_WORDS, SIG_SIDE, Fingerprint, fingerprint, grey_signature
-from .fingerprint import pack_bits_hex, phash64, words_from_hex
+from .fingerprint import have_hashes, pack_bits_hex, phash64, words_from_hex
 from .index import FeatureIndex, HashIndex, normalise
 from .policy import DedupConfig, Deduplicator, Match
 
 __all__ = [
     "COARSE_SIZE", "PHASH_SIZE", "PHASH_WORDS", "SIG_SIDE", "Fingerprint", "fingerprint", "grey_signature",
-    "pack_bits_hex", "phash64", "words_from_hex", "FeatureIndex", "HashIndex", "normalise", "coarse_correlation",
+    "have_hashes", "pack_bits_hex", "phash64", "words_from_hex", "FeatureIndex", "HashIndex", "normalise", "coarse_correlation",
     "crop_correlation", "DedupConfig", "Deduplicator", "Match",
 ]

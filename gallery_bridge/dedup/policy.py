@@ -47,13 +47,16 @@ class DedupConfig:
     """Cosine of CLIP features above which an image is a duplicate; None disables it (``--clip-threshold``)."""
     max_candidates: int = 8
     """Coarse-hash candidates verified per query (and per mirror)."""
-    have_threshold: int = 6
-    """Hamming distance on the 64-bit coarse hash within which the ``have`` op answers "near".
+    have_threshold: int = 3
+    """Hamming distance on the 64-bit coarse hash within which the ``have`` op answers "near"
+    for an item that carries no 576-bit phash.
 
     Far stricter than ``coarse_threshold`` (a candidate there is verified; a
     "near" here makes nomad drop the image unseen): resized and recompressed
-    copies measured 0-2 bits apart, unrelated photos 18 or more. 6 of 64 is
-    about the 64 of 576 of ``phash_threshold``.
+    copies measured 0-2 bits apart from nomad's wire image, but another photo of
+    the same scene (camera moved 5 %) already 4-10, unrelated photos 18 or more.
+    Items with the 576-bit phash (nomad sends it) are judged by ``phash_threshold``
+    instead, ingest's own rule.
     """
 
 
@@ -86,6 +89,10 @@ class Deduplicator:
         For the ``have`` op; the whole batch in one pass over the index.
         """
         return self.coarse.any_within(np.asarray(hashes, dtype=np.uint64).reshape(-1, 1), self.config.have_threshold)
+
+    def near_phash(self, words: np.ndarray) -> bool:
+        """Is a stored 576-bit phash within ``phash_threshold`` of ``words``? Ingest's phash rule, for ``have``."""
+        return bool(self.phash.search([words], self.config.phash_threshold, limit=1))
 
     def find(self, fp: Fingerprint, features: np.ndarray | None = None) -> Match | None:
         """The existing entry this image duplicates, or None."""

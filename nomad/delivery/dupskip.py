@@ -3,8 +3,8 @@
 Reposts are common: the same file, or a recompressed or resized copy, comes back
 under new posts. The gallery would answer ``duplicate`` for them anyway, after
 anti_sus spent CLIP (and the watermark model) on each. Here nomad sends the
-gallery's ``have`` op one (sha256 of the downloaded original, 64-bit pHash of
-the decoded image) pair per item and drops what it answers ``exact`` or
+gallery's ``have`` op, per item, the sha256 of the downloaded original and the
+64-bit and 576-bit pHashes of the decoded image, and drops what it answers ``exact`` or
 ``near``: those are decided as ``rejected`` with reason ``duplicate_exact`` /
 ``duplicate_near`` (the store, the cycle line and ``nomad_images_total``, next
 to ``duplicate_url``), never fetched again, and never reach anti_sus.
@@ -44,7 +44,7 @@ OLD_SERVER_RETRY = 600.0
 class Asker(Protocol):
     """What the stage needs of a gallery client: :meth:`gallery_bridge.client.IngestClient.have`."""
 
-    def have(self, items: list[tuple[str, str]]) -> list[str]: ...
+    def have(self, items: list[tuple[str, ...]]) -> list[str]: ...
 
     def close(self) -> None: ...
 
@@ -53,18 +53,20 @@ Decide = Callable[[Downloaded, str], None]
 """Records one dropped item as decided, given the item and its reason (the crawler's ``_decide``)."""
 
 
-def item_hashes(item: Downloaded) -> tuple[str, str]:
-    """(sha256 hex of the original bytes on disk, 64-bit pHash hex of the decoded wire image).
+def item_hashes(item: Downloaded) -> tuple[str, str, str]:
+    """(sha256 hex of the original bytes on disk, 64-bit and 576-bit pHash hex of the decoded wire image).
 
-    The pHash is the gallery's own definition (its ``coarse`` hash, computed
-    from a 96x96 grey squash of the whole image); the 512x512 wire image is
-    such a squash already, so nothing is decoded a second time.
+    The pHashes are the gallery's own definitions (its ``coarse`` and
+    ``phash``, both from a 96x96 grey squash of the whole image); the 512x512
+    wire image is such a squash already, so nothing is decoded a second time.
+    With the 576-bit one the gallery answers ``near`` by its ingest rule: what
+    is dropped here is what ingest would have called a duplicate.
     """
-    from gallery_bridge.dedup.fingerprint import phash64
+    from gallery_bridge.dedup.fingerprint import have_hashes
 
     with open(item.spool, "rb") as fh:
         sha = hashlib.file_digest(fh, "sha256").hexdigest()
-    return sha, phash64(Image.fromarray(item.wire))
+    return (sha, *have_hashes(Image.fromarray(item.wire)))
 
 
 class DupSkip:
@@ -105,7 +107,7 @@ class DupSkip:
         if self._resting_until is not None and self.clock() < self._resting_until:
             self.counts["unchecked"] += len(items)
             return ["new"] * len(items)
-        pairs: list[tuple[str, str] | None] = []
+        pairs: list[tuple[str, str, str] | None] = []
         for it in items:
             try:
                 pairs.append(item_hashes(it))
