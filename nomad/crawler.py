@@ -21,10 +21,11 @@ import logging
 import random
 import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -32,6 +33,7 @@ from anti_sus.client import AntiSusError
 from nomad import images
 from nomad.delivery import Batcher, Deliverer, Downloaded, FilterStage, Stopped, drain_outbox, ingest_meta
 from nomad.delivery.dupskip import DupSkip
+from nomad.delivery.outbox import DeliveryWorker
 from nomad.delivery.review import ReviewSampler
 from nomad.http import FetchError, HttpClient, reject_removed_placeholder
 from nomad.outcomes import PERMANENT_FETCH, CycleStats, Metrics, classify_fetch
@@ -66,6 +68,9 @@ class CrawlerConfig:
     """Longest wait between retries to anti_sus and the gallery (``--backoff-max``)."""
     max_delivery_attempts: int = 10
     """Failed deliveries of one image before it becomes a dead letter (``--max-delivery-attempts``)."""
+    background_delivery: bool = True
+    """Deliver the outbox in a background thread during the cycle (``--background-delivery``): the gallery's
+    ingest of one batch overlaps with downloading and filtering the next, instead of all waiting for the end."""
 
 
 class Crawler:
@@ -127,6 +132,8 @@ class Crawler:
         self.batcher = Batcher(size=config.batch_size, timeout=config.batch_timeout, clock=clock)
         self._pool = ThreadPoolExecutor(max_workers=max(1, config.workers), thread_name_prefix="nomad-dl")
         self._stats = CycleStats()
+        self._worker: DeliveryWorker | None = None
+        """The background outbox drain while a cycle runs (``background_delivery``), else None."""
         filter_stage.sleep = self.sleep
         cleared = store.clear_spool()
         if cleared:
@@ -210,6 +217,8 @@ class Crawler:
             self.metrics.error(reason)
         elif outcome == "accepted":
             stats.accepted += 1
+            if self._worker is not None:
+                self._worker.kick()  # in the outbox now: the background drain takes it while the next batch is filtered
         elif outcome == "delivered":
             stats.delivered += 1
 
@@ -411,14 +420,33 @@ class Crawler:
                 self._decide(stats, "failed", "anti_sus_no_result", key=it.ref.key)
                 it.spool.unlink(missing_ok=True)
 
-    def deliver(self, stats: CycleStats, *, wait: bool) -> None:
+    def deliver(self, stats: CycleStats, *, wait: bool, halt: Callable[[], bool] | None = None) -> None:
         def counted(status: str) -> None:
             self._decide(stats, "delivered", status)
 
         _, stats.outbox = drain_outbox(
             self.store, self.deliverer, sleep=self.sleep, wait=wait, backoff_max=self.cfg.backoff_max, on_delivered=counted,
-            max_attempts=self.cfg.max_delivery_attempts, rng=self.rng,
+            max_attempts=self.cfg.max_delivery_attempts, rng=self.rng, halt=halt,
         )
+
+    @contextmanager
+    def _delivering(self, stats: CycleStats) -> Iterator[None]:
+        """Drain the outbox in a background thread for the duration of the block (or here first, when off).
+
+        The worker is the deliverer's only user while it runs; leaving the block
+        ends it between two items and joins it, so the crawler's own drain after
+        the block never overlaps with it.
+        """
+        if not self.cfg.background_delivery:
+            self.deliver(stats, wait=False)  # redeliver what a previous run left
+            yield
+            return
+        self._worker = DeliveryWorker(lambda halt: self.deliver(stats, wait=False, halt=halt), self.stop).start()
+        try:
+            yield
+        finally:
+            worker, self._worker = self._worker, None
+            worker.finish()
 
     # --- cycles --------------------------------------------------------------------------
     def cycle(self, *, final: bool = False) -> CycleStats:
@@ -426,10 +454,10 @@ class Crawler:
         t0 = self.clock()
         stats = self._stats = CycleStats()
         try:
-            self.deliver(stats, wait=False)  # redeliver what a previous run left
-            self.read_listings(stats)
-            self.download(stats)
-            self.flush(stats, force=final or self.stop.is_set())
+            with self._delivering(stats):  # its first pass redelivers what a previous run left
+                self.read_listings(stats)
+                self.download(stats)
+                self.flush(stats, force=final or self.stop.is_set())
             self.deliver(stats, wait=final)
         except Stopped:
             pass
