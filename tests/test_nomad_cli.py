@@ -261,10 +261,10 @@ def test_flags_reach_the_crawler_parts_through_one_table_each(tmp_path: Path) ->
     # Every crawl flag is used: by a table, by the command line module itself, or by the source registry.
     from nomad.sources import registry
 
-    tables = {d for t in (cfg.HTTP, cfg.RULES, cfg.CRAWLER, cfg.FILTER) for d in t.values()}
+    tables = {d for t in (cfg.HTTP, cfg.RULES, cfg.CRAWLER, cfg.FILTER, cfg.REVIEW) for d in t.values()}
     cli_own = {"command", "help", "wait_limit", "anti_sus", "anti_sus_timeout", "anti_sus_server_key", "anti_sus_client_key",
                "gallery", "gallery_timeout", "gallery_server_key", "gallery_client_key", "save_dir", "state_dir",
-               "log_format", "log_level", "metrics_port", "user_agent", "dupskip", "dupskip_timeout"}
+               "log_format", "log_level", "metrics_port", "user_agent", "dupskip", "dupskip_timeout", "review"}
     registry_own = {"source", "listing", "backfill", "reddit_url", "reddit_oauth_url", "imgur_api_url", "flickr_api_url",
                     "reddit_retries", "ratelimit_reserve"}
     sources = tuple(f"{name}_" for name in registry.LISTING_MODULES)
