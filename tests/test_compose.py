@@ -55,9 +55,25 @@ def service_env(svc: dict) -> dict[str, str]:
     return env
 
 
+def _web_status(port: int, path: str, token: str | None = None) -> int | None:
+    """The HTTP status of GET ``path`` on the local web app, None when nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
 def test_compose_shape(compose: dict) -> None:
     svcs = compose["services"]
-    assert set(svcs) == {"models", "anti_sus", "gallery_bridge", "nomad"}
+    assert set(svcs) == {"models", "anti_sus", "gallery_bridge", "nomad", "web"}
     for name in ("anti_sus", "gallery_bridge"):
         # Reachable only inside the compose network unless published on purpose.
         assert "ports" not in svcs[name], f"{name} must not be published by default"
@@ -66,7 +82,16 @@ def test_compose_shape(compose: dict) -> None:
     assert svcs["models"]["restart"] == "no"
     assert svcs["anti_sus"]["depends_on"]["models"]["condition"] == "service_completed_successfully"
     assert svcs["nomad"]["depends_on"]["anti_sus"]["condition"] == "service_healthy"
-    assert set(compose["volumes"]) == {"models", "gallery", "state"}
+    assert set(compose["volumes"]) == {"models", "gallery", "state", "web"}
+    # The web app: the one published port, on the host's loopback only, and never without a token.
+    web = svcs["web"]
+    assert web["ports"] == ["127.0.0.1:8780:8780"]
+    assert web["environment"]["GALLERY_BRIDGE_WEB_TOKEN_FILE"] == "/web/token"
+    assert web["environment"]["GALLERY_BRIDGE_WEB_CREATE_TOKEN"] == "1"
+    from gallery_bridge.cli import build_parser as gallery_parser
+
+    w = gallery_parser().parse_args(web["command"][1:])
+    assert (w.command, w.bind, w.connect) == ("web", "0.0.0.0:8780", "tcp://gallery_bridge:7778")
     # Every console script named in the compose file is one this project installs.
     for name, svc in svcs.items():
         cmds = [svc["command"]] + ([svc["healthcheck"]["test"][1:]] if "healthcheck" in svc else [])
@@ -165,9 +190,24 @@ def test_compose_commands_start_locally(compose: dict, tiny_models: Path, tmp_pa
             wait_until(lambda: subprocess.run(health, capture_output=True, timeout=30).returncode == 0 or not svc.running,
                        90, 0.5, f"{name} health check")
             assert svc.running, svc.tail()
+        # The web app: bound to loopback here (tests never listen elsewhere); it still makes and asks for its token.
+        w_port = free_port()
+        web_cmd = [c.replace("0.0.0.0:8780", f"127.0.0.1:{w_port}") for c in local(svcs["web"]["command"])]
+        web_env = {k: v.replace("/web/", f"{tmp_path}/web/") for k, v in service_env(svcs["web"]).items()}
+        web = Service("web", web_cmd, tmp_path / "web.log", env=web_env).start()
+        started.append(web)
+        token_file = tmp_path / "web" / "token"
+        wait_until(lambda: _web_status(w_port, "/healthz") == 200 or not web.running, 90, 0.5, "the web app")
+        assert web.running, web.tail()
+        assert _web_status(w_port, "/api/images") == 401
+        assert _web_status(w_port, "/api/images", token_file.read_text().strip()) == 200
         with Emulator() as emu:
             argv = local(svcs["nomad"]["command"]) + ["--interval", "3600", *emu.nomad_args()]
-            nomad = Service("nomad", argv, tmp_path / "nomad.log", env={**service_env(svcs["nomad"]), **emu.nomad_env()}).start()
+            # nomad's endpoints come from the environment too (NOMAD_ANTI_SUS): container host names -> local ports.
+            nomad_env = {k: v.replace("tcp://anti_sus:7777", f"tcp://127.0.0.1:{a_port}")
+                         .replace("tcp://gallery_bridge:7778", f"tcp://127.0.0.1:{g_port}")
+                         for k, v in service_env(svcs["nomad"]).items()}
+            nomad = Service("nomad", argv, tmp_path / "nomad.log", env={**nomad_env, **emu.nomad_env()}).start()
             started.append(nomad)
             wait_until(lambda: "cycle:" in nomad.tail(200) or not nomad.running, 240, 1.0, "nomad's first cycle")
             assert nomad.running, nomad.tail()
