@@ -55,6 +55,11 @@ def service_env(svc: dict) -> dict[str, str]:
     return env
 
 
+def default_services(compose: dict) -> dict[str, dict]:
+    """The services `docker compose up` starts (those in no profile)."""
+    return {n: s for n, s in compose["services"].items() if not s.get("profiles")}
+
+
 def _web_status(port: int, path: str, token: str | None = None) -> int | None:
     """The HTTP status of GET ``path`` on the local web app, None when nothing answers."""
     import urllib.error
@@ -73,7 +78,8 @@ def _web_status(port: int, path: str, token: str | None = None) -> int | None:
 
 def test_compose_shape(compose: dict) -> None:
     svcs = compose["services"]
-    assert set(svcs) == {"models", "anti_sus", "gallery_bridge", "nomad", "web"}
+    assert set(default_services(compose)) == {"models", "anti_sus", "gallery_bridge", "nomad", "web"}
+    assert {n for n, s in svcs.items() if "scale" in (s.get("profiles") or [])} == {"broker", "anti_sus_worker"}
     for name in ("anti_sus", "gallery_bridge"):
         # Reachable only inside the compose network unless published on purpose.
         assert "ports" not in svcs[name], f"{name} must not be published by default"
@@ -213,6 +219,115 @@ def test_compose_commands_start_locally(compose: dict, tiny_models: Path, tmp_pa
             assert nomad.running, nomad.tail()
             nomad.proc.send_signal(signal.SIGTERM)
             assert nomad.proc.wait(timeout=90) == 0, nomad.tail()
+    finally:
+        for svc in reversed(started):
+            svc.stop()
+
+
+# -- the `scale` profile: broker + N workers, nomad pointed at the broker by NOMAD_ANTI_SUS --------------
+
+def parse_command(cmd: list[str]):
+    """A compose command through this project's own parser (so every flag in it exists)."""
+    cmd = [interpolate(c, {}) for c in cmd]
+    if cmd[0] == "anti-sus":
+        from anti_sus.cli import build_parser
+        return build_parser().parse_args(cmd[1:])
+    if cmd[0] == "nomad":
+        from nomad.cli import build_parser as nomad_parser
+        return nomad_parser({}).parse_args(cmd[1:])
+    raise AssertionError(f"unexpected command {cmd}")
+
+
+def test_scale_profile_shape(compose: dict) -> None:
+    svcs = compose["services"]
+    broker, worker, nomad = svcs["broker"], svcs["anti_sus_worker"], svcs["nomad"]
+    # Scalable: `--scale anti_sus_worker=N` fails on a fixed container name or a host port.
+    for name in ("broker", "anti_sus_worker"):
+        assert "container_name" not in svcs[name] and "ports" not in svcs[name], name
+    b = parse_command(broker["command"])
+    w = parse_command(worker["command"])
+    assert b.command == "broker" and w.command == "serve"
+    assert b.frontend == ["tcp://0.0.0.0:7777"] and b.backend == ["tcp://0.0.0.0:7779"]
+    assert w.connect == "tcp://broker:7779", "workers must connect to the broker's backend port"
+    assert set(broker["expose"]) == {"7777", "7779"}
+    assert worker["depends_on"]["broker"]["condition"] == "service_started"
+    # `--scale anti_sus=0` must not leave nomad with a missing dependency.
+    assert nomad["depends_on"]["anti_sus"] == {"condition": "service_healthy", "required": False}
+    assert worker["depends_on"]["models"]["condition"] == "service_completed_successfully"
+    assert "models:/models:ro" in worker["volumes"]
+    # The broker's health check goes through a worker, on the broker's own frontend.
+    assert broker["healthcheck"]["test"][1:3] == ["anti-sus", "ping"]
+    # nomad: no --anti-sus on its command line (a flag would beat the variable), the single server by default,
+    # the broker when NOMAD_ANTI_SUS says so.
+    n = parse_command(nomad["command"])
+    assert "--anti-sus" not in nomad["command"]
+    env = nomad["environment"]
+    assert interpolate(env["NOMAD_ANTI_SUS"], {}) == "tcp://anti_sus:7777"
+    assert interpolate(env["NOMAD_ANTI_SUS"], {"NOMAD_ANTI_SUS": "tcp://broker:7777"}) == "tcp://broker:7777"
+    from nomad.cli import build_parser as nomad_parser
+    assert nomad_parser({"NOMAD_ANTI_SUS": interpolate(env["NOMAD_ANTI_SUS"], {})}).parse_args(
+        nomad["command"][1:]).anti_sus == "tcp://anti_sus:7777"
+    assert n.command == "run"
+    # Worker CURVE keys and the backend's allow-list pass through, unset by default.
+    for var in ("ANTI_SUS_CURVE_SERVER_KEY", "ANTI_SUS_CURVE_CLIENT_KEY"):
+        assert interpolate(worker["environment"][var], {}) == ""
+    for var in ("ANTI_SUS_BACKEND_CURVE_SECRET_KEY", "ANTI_SUS_BACKEND_CURVE_ALLOW"):
+        assert interpolate(broker["environment"][var], {}) == ""
+    assert "NOMAD_ANTI_SUS=tcp://broker:7777" in COMPOSE.read_text()  # the documented command line
+    assert "--profile scale" in (REPO / "docs" / "scaling.md").read_text()
+
+
+@pytest.mark.e2e  # a broker, two workers, gallery_bridge and nomad as real processes
+def test_compose_scale_profile_starts_locally(compose: dict, tiny_models: Path, tmp_path: Path) -> None:
+    """The scale profile's commands: both workers join the broker, its health check passes, nomad's cycle filters through it."""
+    from stack.emulator import Emulator
+
+    svcs = compose["services"]
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    (tmp_path / "gallery").mkdir()
+    ports = {"7777": free_port(), "7778": free_port(), "7779": free_port()}
+
+    def local(cmd: list[str]) -> list[str]:
+        out = []
+        for c in to_local_argv(cmd):
+            c = re.sub(r"(^|:)/(models|gallery|state)\b", lambda m: m.group(1) + str(tmp_path / m.group(2)), c)
+            c = re.sub(r"tcp://(0\.0\.0\.0|127\.0\.0\.1|broker|gallery_bridge|anti_sus):(777[789])",
+                       lambda m: f"tcp://127.0.0.1:{ports[m.group(2)]}", c)
+            out.append(c)
+        return out
+
+    started: list[Service] = []
+    try:
+        broker = Service("broker", local(svcs["broker"]["command"]), tmp_path / "broker.log", env=service_env(svcs["broker"])).start()
+        started.append(broker)
+        workers = []
+        for k in range(2):  # what `--scale anti_sus_worker=2` starts: the same command twice
+            w = Service(f"worker{k}", local(svcs["anti_sus_worker"]["command"]) + ["--threads", "1"], tmp_path / f"worker{k}.log",
+                        env=service_env(svcs["anti_sus_worker"])).start()
+            started.append(w)
+            workers.append(w)
+        wait_until(lambda: broker.tail(200).count("joined with capacity") >= 2 or not broker.running, 120, 0.5, "two workers join")
+        assert broker.running and all(w.running for w in workers), broker.tail()
+        health = local(svcs["broker"]["healthcheck"]["test"][1:])
+        assert subprocess.run(health, capture_output=True, timeout=30).returncode == 0, broker.tail()
+        gb = Service("gallery_bridge", local(svcs["gallery_bridge"]["command"]), tmp_path / "gb.log",
+                     env=service_env(svcs["gallery_bridge"])).start()
+        started.append(gb)
+        gb_health = local(svcs["gallery_bridge"]["healthcheck"]["test"][1:])
+        wait_until(lambda: subprocess.run(gb_health, capture_output=True, timeout=30).returncode == 0 or not gb.running,
+                   90, 0.5, "gallery_bridge health check")
+        nomad_env = {**service_env(svcs["nomad"]), "NOMAD_ANTI_SUS": f"tcp://127.0.0.1:{ports['7777']}"}
+        with Emulator() as emu:
+            argv = local(svcs["nomad"]["command"]) + ["--interval", "3600", *emu.nomad_args()]
+            nomad = Service("nomad", argv, tmp_path / "nomad.log", env={**nomad_env, **emu.nomad_env()}).start()
+            started.append(nomad)
+            wait_until(lambda: "cycle:" in nomad.tail(200) or not nomad.running, 240, 1.0, "nomad's first cycle")
+            assert nomad.running, nomad.tail()
+            nomad.proc.send_signal(signal.SIGTERM)
+            assert nomad.proc.wait(timeout=90) == 0, nomad.tail()
+        served = sum(w.tail(500).count("filter id=") for w in workers)
+        assert served >= 1, "no filter request went through the broker to a worker"
     finally:
         for svc in reversed(started):
             svc.stop()
