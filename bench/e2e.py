@@ -130,8 +130,10 @@ def measure(images: int, rounds: int, size: tuple[int, int], threads: int, model
                             raise RuntimeError(f"round {r}: nomad delivered {got} of {images} images; see {work}")
                         return images / took
 
+                    if sequential and r % 2:  # alternate which goes first: neither always gets the warmer machine
+                        seq_rates.append(whole_path("seq", "--no-background-delivery"))
                     e2e_rates.append(whole_path(""))
-                    if sequential:
+                    if sequential and not r % 2:
                         seq_rates.append(whole_path("seq", "--no-background-delivery"))
                     print(f"round {r + 1}: anti_sus alone {alone_rates[-1]:.2f} img/s, e2e {e2e_rates[-1]:.2f} img/s"
                           + (f", e2e sequential {seq_rates[-1]:.2f} img/s" if seq_rates else ""), flush=True)
