@@ -68,9 +68,12 @@ class CrawlerConfig:
     """Longest wait between retries to anti_sus and the gallery (``--backoff-max``)."""
     max_delivery_attempts: int = 10
     """Failed deliveries of one image before it becomes a dead letter (``--max-delivery-attempts``)."""
-    background_delivery: bool = True
+    background_delivery: bool = False
     """Deliver the outbox in a background thread during the cycle (``--background-delivery``): the gallery's
-    ingest of one batch overlaps with downloading and filtering the next, instead of all waiting for the end."""
+    ingest of one batch overlaps with downloading and filtering the next, instead of all waiting for the end.
+    Off by default: on the 2-core benchmark machine, where anti_sus uses every core, the overlap made end to end
+    no faster (bench/e2e.py --background: -39% to +8% in four side-by-side runs); it pays where the gallery has
+    cores of its own."""
 
 
 class Crawler:
