@@ -1,6 +1,7 @@
-"""A load generator for the scale-out tests, run as its own process (inside a network namespace):
+"""A load generator for bench/scale.py and tests/test_scale_netns.py, run as its own process (inside a
+network namespace):
 
-    python -m tests.netns_load --server tcp://10.77.3.1:7777 --seconds 8 --clients 4 --batch 8
+    python -m bench.netns_load --server tcp://10.77.3.1:7777 --seconds 8 --clients 4 --batch 8
 
 Each client thread sends filter requests of ``--batch`` random ``--size``² images back to back for
 ``--seconds`` (after ``--warmup`` seconds that are not counted) and the totals are printed as one
