@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -206,6 +207,7 @@ def collect(quick: bool) -> dict[str, float | str]:
     errors = one_a["errors"] + two["errors"] + one_b["errors"]
     if errors:
         raise RuntimeError(f"{errors} requests failed during the runs (logs in {tmp})")
+    shutil.rmtree(tmp, ignore_errors=True)  # ~30 MB of models per run; kept when a run failed (its logs are there)
     one = (one_a["rate"] + one_b["rate"]) / 2
     shares = two["core_share"]
     return {
