@@ -103,7 +103,7 @@ def export_watermark(model: Any, out: Path, *, arch: str, spec: PreprocessSpec =
         output={"name": "logit", "shape": ["N", 1], "activation": "sigmoid", "positive": "watermark"},
         preprocess=spec.to_dict(),
         provenance={"arch": arch, "tool": "models.export_watermark", "versions": versions(), "opset": opset,
-                    "parity": parity.to_dict(), "created": utc_now(), **(provenance or {})},
+                    "parity": parity.to_dict(), "created": utc_now(), "static_same_pads": static, **(provenance or {})},
     )
     if write:
         write_manifest(out, {"watermark": entry})
