@@ -72,7 +72,7 @@ class CrawlerConfig:
     """Deliver the outbox in a background thread during the cycle (``--background-delivery``): the gallery's
     ingest of one batch overlaps with downloading and filtering the next, instead of all waiting for the end.
     Off by default: on the 2-core benchmark machine, where anti_sus uses every core, the overlap made end to end
-    no faster (bench/e2e.py --background: -39% to +8% in four side-by-side runs); it pays where the gallery has
+    no faster (bench/e2e.py --background: -39% to +8% in five side-by-side runs); it pays where the gallery has
     cores of its own."""
 
 
