@@ -27,7 +27,9 @@ Artifact names the server knows (``ARTIFACTS``): ``clip``, ``clip_int8``,
 ``gmm``, ``gmm_meta``, ``watermark``, ``watermark_int8``, ``probe`` (``anti-sus learn``;
 :mod:`anti_sus.stages.probe`), ``clip_text``, ``clip_text_int8`` and ``clip_vocab`` (CLIP's text tower,
 its int8 variant and the tokenizer vocabulary, :mod:`anti_sus.text`). ``clip``, ``gmm`` and
-``gmm_meta`` are required; the rest are optional. An int8 entry carries the
+``gmm_meta`` are required; the rest are optional. An optional ``"pipeline"`` list names the
+stages in the order they judge (:data:`STAGES`, :func:`pipeline_of`): with it only ``clip`` and the
+listed stages' artifacts are required and only those stages run. An int8 entry carries the
 report of the int8 gate (``provenance.gate``, written by ``models.quantize``);
 :func:`int8_unusable` says whether it may be served by default.
 """
@@ -38,7 +40,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from photocore.atomic import atomic_write
 
@@ -60,6 +62,60 @@ ARTIFACTS: dict[str, tuple[str, str]] = {
     "clip_text_int8": ("clip_text.int8.onnx", "python -m models.export_clip --out DIR --pretrained openai --only-text"),
 }
 REQUIRED = ("clip", "gmm", "gmm_meta")
+
+# Pipeline stages a manifest's ``"pipeline"`` list may name, in the order they run by default, each with the
+# artifacts it needs. A stage module adds itself with :func:`register_stage` (so a new stage plugs in by name).
+STAGES: dict[str, tuple[str, ...]] = {
+    "clip": ("clip",),
+    "gmm": ("gmm", "gmm_meta"),
+    "probe": ("probe",),
+    "prompts": ("prompts",),
+    "watermark": ("watermark",),
+}
+DEFAULT_PIPELINE = ("clip", "gmm", "probe", "prompts", "watermark")
+"""The order of a manifest without a ``"pipeline"`` list (optional stages run when their artifacts are there)."""
+
+
+def register_stage(name: str, artifacts: Sequence[str] = ()) -> None:
+    """Make ``name`` a stage a manifest's ``"pipeline"`` list may name; ``artifacts``: what it needs in the directory."""
+    if not name or not name.replace("_", "").isalnum():
+        raise ValueError(f"stage name {name!r} must be letters, digits and underscores")
+    STAGES[name] = tuple(artifacts)
+
+
+def pipeline_of(manifest: Mapping[str, Any], directory: str | os.PathLike[str] = "") -> list[str] | None:
+    """The manifest's ordered stage list (None when it has none: the default order); refuses a bad one.
+
+    ``clip`` must be there and first (every other stage reads its features or its
+    survivors), names must be known (:data:`STAGES`) and not repeated.
+    """
+    if "pipeline" not in manifest:
+        return None
+    where = f"{Path(directory) / MANIFEST}" if directory else MANIFEST
+    order = manifest["pipeline"]
+    if not isinstance(order, list) or not all(isinstance(x, str) for x in order):
+        raise ModelDirError(f"{where}: \"pipeline\" must be a list of stage names, got {order!r}")
+    unknown = [x for x in order if x not in STAGES]
+    if unknown:
+        raise ModelDirError(f"{where}: unknown pipeline stage(s) {', '.join(map(repr, unknown))}; "
+                            f"known stages: {', '.join(STAGES)}")
+    if len(set(order)) != len(order):
+        raise ModelDirError(f"{where}: a stage is listed twice in \"pipeline\": {order}")
+    if not order or order[0] != "clip":
+        raise ModelDirError(f"{where}: \"pipeline\" must start with \"clip\" (every other stage uses its features), got {order}")
+    return list(order)
+
+
+def pipeline_required(order: Sequence[str] | None) -> tuple[str, ...]:
+    """Artifacts a stage list needs (the default order: :data:`REQUIRED`)."""
+    if order is None:
+        return REQUIRED
+    return tuple(a for stage in order for a in STAGES[stage])
+
+
+def manifest_hash(directory: str | os.PathLike[str]) -> str:
+    """sha256 of ``manifest.json`` (which names every artifact's sha256): what a reload swapped to."""
+    return sha256_file(Path(directory) / MANIFEST)
 TINY_HINT = "python -m models.tiny --out DIR  (small random models for tests and the offline demo)"
 
 
@@ -170,11 +226,34 @@ def write_manifest(directory: str | os.PathLike[str], artifacts: Mapping[str, Ma
     """Write ``manifest.json`` atomically; with ``merge`` existing entries not named are kept."""
     d = Path(directory)
     current: dict[str, Any] = {}
-    if merge and (d / MANIFEST).is_file():
-        current = dict(read_manifest(d)["artifacts"])
+    extra: dict[str, Any] = {}
+    if (d / MANIFEST).is_file():
+        try:
+            old = read_manifest(d)
+        except ModelDirError:
+            if merge:
+                raise
+            old = {}
+        if merge:
+            current = dict(old["artifacts"])
+        extra = {k: v for k, v in old.items() if k == "pipeline"}  # the stage list survives tools that rewrite artifacts
     current.update({k: dict(v) for k, v in artifacts.items()})
-    data = json.dumps({"format": FORMAT, "artifacts": current}, indent=2, sort_keys=True) + "\n"
+    data = json.dumps({"format": FORMAT, "artifacts": current, **extra}, indent=2, sort_keys=True) + "\n"
     # 0644: the server may run as another user (containers).
+    atomic_write(d / MANIFEST, data.encode("utf-8"), mode=0o644)
+    return d / MANIFEST
+
+
+def write_pipeline(directory: str | os.PathLike[str], order: Sequence[str] | None) -> Path:
+    """Set (or, with None, remove) the manifest's ordered stage list, atomically; a bad list is refused first."""
+    d = Path(directory)
+    manifest = read_manifest(d)
+    if order is None:
+        manifest.pop("pipeline", None)
+    else:
+        manifest["pipeline"] = list(order)
+        pipeline_of(manifest, d)
+    data = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     atomic_write(d / MANIFEST, data.encode("utf-8"), mode=0o644)
     return d / MANIFEST
 

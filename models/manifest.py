@@ -3,6 +3,7 @@
     python -m models.manifest verify models      # exit 1 and name every missing/tampered file
     python -m models.manifest write models       # re-hash the files of the existing entries
     python -m models.manifest show models        # one line per artifact
+    python -m models.manifest pipeline models clip gmm watermark   # the ordered stages (no args: print; 'default': reset)
 
 ``write`` keeps every entry's input/preprocess/provenance and refreshes
 ``sha256``/``bytes`` from the files on disk; it adds entries for known artifact
@@ -18,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from anti_sus.modeldir import ARTIFACTS, MANIFEST, REQUIRED, ModelDirError, artifact_entry, read_manifest, verify, write_manifest
+from anti_sus.modeldir import (ARTIFACTS, DEFAULT_PIPELINE, MANIFEST, REQUIRED, ModelDirError, artifact_entry, pipeline_of,
+                              read_manifest, verify, write_manifest, write_pipeline)
 
 from ._cli import EnvParser, UserError, run_main, setup
 
@@ -46,7 +48,8 @@ def _describe_new(directory: Path, name: str, file: str) -> dict[str, Any]:
         fields.update(kind="onnx", input={"name": inp.name, "shape": dims, "dtype": dtype},
                       output={"name": out.name, "shape": odims})
     elif file.endswith(".npz"):
-        fields["kind"] = "probe" if name == "probe" else "gmm"  # anti-sus learn's probe.npz vs fit_gmm's gmm.npz
+        # anti-sus learn's probe.npz, the prompt checks' prompts.npz, fit_gmm's gmm.npz
+        fields["kind"] = name if name in ("probe", "prompts") else "gmm"
     elif file.endswith(".txt.gz"):
         fields["kind"] = "bpe"  # clip_vocab: open_clip's merge list (anti_sus.text.tokenizer)
     return fields
@@ -76,10 +79,26 @@ def write(directory: Path, required: Sequence[str] = REQUIRED) -> list[str]:
     return sorted(entries)
 
 
+def _pipeline(directory: Path, stages: Sequence[str]) -> int:
+    """Print the stage list, set it (checked: known names, clip first) or remove it (``default``)."""
+    try:
+        if stages:
+            write_pipeline(directory, None if list(stages) == ["default"] else stages)
+        order = pipeline_of(read_manifest(directory), directory)
+    except ModelDirError as exc:
+        print(f"error: {exc}")
+        return 1
+    print(" ".join(order) if order else f"default order: {' '.join(DEFAULT_PIPELINE)} (optional stages when built)")
+    return 0
+
+
 def parser() -> EnvParser:
     p = EnvParser("manifest", description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=["verify", "write", "show"], help="what to do")
+    p.add_argument("action", choices=["verify", "write", "show", "pipeline"],
+                   help="what to do (pipeline: print, set or reset the ordered stage list)")
     p.add_argument("directory", type=Path, help="model directory")
+    p.add_argument("stages", nargs="*",
+                   help="with pipeline: the stages in order, e.g. clip gmm probe watermark ('default': remove the list)")
     p.add_env("--required", default=",".join(REQUIRED), help="comma-separated artifacts that must be present")
     p.add_common()
     return p
@@ -89,6 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup(args, torch_threads=False)
     required = [r for r in args.required.split(",") if r]
+    if args.stages and args.action != "pipeline":
+        print(f"error: stage names are only for the pipeline action, not {args.action}")
+        return 2
+    if args.action == "pipeline":
+        return _pipeline(args.directory, args.stages)
     if args.action == "write":
         names = write(args.directory, required)
         print(f"wrote {args.directory / MANIFEST}: {', '.join(names)}")
