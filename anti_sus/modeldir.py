@@ -56,6 +56,8 @@ ARTIFACTS: dict[str, tuple[str, str]] = {
     "watermark": ("watermark.onnx", "python -m models.export_watermark --weights WEIGHTS --out DIR"),
     "watermark_int8": ("watermark.int8.onnx", "python -m models.quantize --models DIR --images IMAGES --target watermark"),
     "probe": ("probe.npz", "anti-sus learn --labels LABELS --models DIR"),
+    # Zero-shot prompt checks encoded with the text tower (anti_sus.stages.prompts); export writes the defaults.
+    "prompts": ("prompts.npz", "anti-sus prompts add NAME --reject TEXT --accept TEXT --models DIR"),
     # CLIP's text tower and its BPE vocabulary (anti_sus.text): text search and prompt stages.
     "clip_text": ("clip_text.onnx", "python -m models.export_clip --out DIR --pretrained openai --only-text"),
     "clip_vocab": ("bpe_simple_vocab_16e6.txt.gz", "python -m models.export_clip --out DIR --pretrained openai --only-text"),

@@ -1,4 +1,5 @@
-"""The filter pipeline: CLIP features -> GMM score -> probe (when learnt) -> watermark on the survivors.
+"""The filter pipeline: CLIP features -> GMM score -> probe (when learnt) -> prompt checks (when the model
+directory has ``prompts.npz``) -> watermark on the survivors.
 
 ``Stages`` is the small interface the server needs (tests fake it); ``Pipeline``
 is the real one built from a verified model directory. ``evaluate`` scores several
@@ -25,13 +26,16 @@ log = logging.getLogger(__name__)
 GOOD, OUTLIER, WATERMARK = "good", "outlier", "watermark"
 PROBE = "probe"
 """Verdict of an image the learnt probe (``anti-sus learn``) scores below its threshold."""
+PROMPT_PREFIX = "prompt:"
+"""Verdicts ``prompt:<check>``: an enabled prompt check (:mod:`anti_sus.stages.prompts`) scored P(reject) >= its threshold."""
 
 
 class Stages(Protocol):
     """What the server needs from a pipeline.
 
     Optional (read with ``getattr``, so older fakes keep working): ``has_probe``,
-    ``probe_threshold`` and ``probe_prob(features) -> P(good)``.
+    ``probe_threshold`` and ``probe_prob(features) -> P(good)``; ``prompt_checks``
+    (a :class:`~anti_sus.stages.prompts.PromptChecks` or None).
     """
 
     gmm_threshold: float
@@ -55,6 +59,8 @@ class Task:
     watermark_threshold: float
     probe_threshold: float | None = None
     """None: the pipeline's own (the probe's stored threshold)."""
+    prompt_thresholds: dict[str, float | None] | None = None
+    """Per-check overrides of the prompt thresholds (a number turns a check on for this task, None off)."""
 
 
 @dataclass
@@ -69,6 +75,8 @@ class Outcome:
     """Non-empty when a stage gave a non-finite score for one of this task's images (the server answers an error)."""
     probe: np.ndarray | None = None
     """P(good) from the probe stage, NaN (or None) where there is no probe."""
+    prompts: dict[str, np.ndarray] | None = None
+    """P(reject) per prompt check (every check, on or off); None without prompt checks."""
 
     @property
     def good(self) -> list[int]:
@@ -83,6 +91,7 @@ class Outcome:
                 "watermark": None if np.isnan(self.watermark[i]) else float(self.watermark[i]),
                 "probe": None if self.probe is None or np.isnan(self.probe[i]) else float(self.probe[i]),
                 "verdict": v,
+                **({} if self.prompts is None else {"prompts": {k: float(s[i]) for k, s in self.prompts.items()}}),
             }
             for i, v in enumerate(self.verdicts)
         ]
@@ -130,12 +139,27 @@ def evaluate(stages: Stages, tasks: Sequence[Task], *, watermark_all: bool = Fal
     if has_probe:
         probe = np.asarray(stages.probe_prob(feats), dtype=np.float64)  # type: ignore[attr-defined]
         timings.add("probe", time.perf_counter() - t3)
+    checks = getattr(stages, "prompt_checks", None)  # optional: fakes and pipelines without prompts.npz have none
+    prompt_scores: dict[str, np.ndarray] | None = None
+    if checks is not None:
+        t4 = time.perf_counter()
+        prompt_scores = {k: np.asarray(v, dtype=np.float64) for k, v in checks.scores(feats).items()}
+        timings.add("prompts", time.perf_counter() - t4)
 
     bounds = np.cumsum([0] + [len(t.images) for t in tasks])
     gmm_keep = [scores[a:b] >= t.gmm_threshold for t, a, b in zip(tasks, bounds[:-1], bounds[1:])]
     probe_keep = [probe[a:b] >= (stages.probe_threshold if t.probe_threshold is None else t.probe_threshold)  # type: ignore[attr-defined]
                   if has_probe else np.ones(b - a, bool) for t, a, b in zip(tasks, bounds[:-1], bounds[1:])]
-    keep = [g & q for g, q in zip(gmm_keep, probe_keep)]
+    # Per image: the first enabled prompt check it fails ("" when none), checks in the manifest's order.
+    prompt_fail = [np.full(b - a, "", dtype=object) for a, b in zip(bounds[:-1], bounds[1:])]
+    if checks is not None and prompt_scores is not None:
+        from .stages.prompts import merged_thresholds
+
+        for t, a, b, fail in zip(tasks, bounds[:-1], bounds[1:], prompt_fail):
+            for name, thr in merged_thresholds(checks.threshold_of(), t.prompt_thresholds).items():
+                if thr is not None:
+                    fail[(fail == "") & (prompt_scores[name][a:b] >= thr)] = PROMPT_PREFIX + name
+    keep = [g & q & (f == "") for g, q, f in zip(gmm_keep, probe_keep, prompt_fail)]
     probs = [np.full(len(t.images), np.nan) for t in tasks]
     ran_on = [np.zeros(len(t.images), bool) for t in tasks]
     if stages.has_watermark:
@@ -155,18 +179,21 @@ def evaluate(stages: Stages, tasks: Sequence[Task], *, watermark_all: bool = Fal
         timings.add("watermark", time.perf_counter() - t5)
 
     outcomes = []
-    for t, a, b, g, q, p, ran in zip(tasks, bounds[:-1], bounds[1:], gmm_keep, probe_keep, probs, ran_on):
+    for t, a, b, g, q, f, p, ran in zip(tasks, bounds[:-1], bounds[1:], gmm_keep, probe_keep, prompt_fail, probs, ran_on):
         verdicts = [
-            OUTLIER if not g_ok else PROBE if not q_ok else
+            OUTLIER if not g_ok else PROBE if not q_ok else f_name if f_name else
             (WATERMARK if stages.has_watermark and pr >= t.watermark_threshold else GOOD)
-            for g_ok, q_ok, pr in zip(g.tolist(), q.tolist(), p.tolist())
+            for g_ok, q_ok, f_name, pr in zip(g.tolist(), q.tolist(), f.tolist(), p.tolist())
         ]
-        outcomes.append(Outcome(scores[a:b], p, verdicts, feats[a:b], _non_finite(scores[a:b], p, ran, probe[a:b] if has_probe else None),
-                                probe[a:b] if has_probe else None))
+        mine = None if prompt_scores is None else {k: v[a:b] for k, v in prompt_scores.items()}
+        outcomes.append(Outcome(scores[a:b], p, verdicts, feats[a:b],
+                                _non_finite(scores[a:b], p, ran, probe[a:b] if has_probe else None, mine),
+                                probe[a:b] if has_probe else None, mine))
     return outcomes
 
 
-def _non_finite(gmm: np.ndarray, watermark: np.ndarray, ran: np.ndarray, probe: np.ndarray | None = None) -> str:
+def _non_finite(gmm: np.ndarray, watermark: np.ndarray, ran: np.ndarray, probe: np.ndarray | None = None,
+                prompts: dict[str, np.ndarray] | None = None) -> str:
     """Why these scores cannot be trusted, or "" when they are all finite.
 
     A NaN GMM score would silently compare as "outlier" and a NaN probability
@@ -182,6 +209,10 @@ def _non_finite(gmm: np.ndarray, watermark: np.ndarray, ran: np.ndarray, probe: 
         bad = np.flatnonzero(~np.isfinite(probe))
         if len(bad):
             return f"probe produced a non-finite probability ({probe[bad[0]]}) for image {int(bad[0])}"
+    for name, s in (prompts or {}).items():
+        bad = np.flatnonzero(~np.isfinite(s))
+        if len(bad):
+            return f"prompt check {name} produced a non-finite score ({s[bad[0]]}) for image {int(bad[0])}"
     return ""
 
 
@@ -252,7 +283,7 @@ class Pipeline:
 
     def __init__(self, clip: Any, gmm: Any, watermark: Any | None, gmm_threshold: float,
                  watermark_threshold: float, details: dict[str, Any], probe: Any | None = None,
-                 probe_threshold: float | None = None) -> None:
+                 probe_threshold: float | None = None, prompt_checks: Any | None = None) -> None:
         self.clip = clip
         self.gmm = gmm
         self.watermark = watermark
@@ -263,15 +294,20 @@ class Pipeline:
         self.probe = probe
         self.has_probe = probe is not None
         self.probe_threshold = float(probe.threshold if probe_threshold is None else probe_threshold) if probe is not None else float("nan")
+        self.prompt_checks = prompt_checks
+        """:class:`~anti_sus.stages.prompts.PromptChecks` from ``prompts.npz``, or None."""
 
     @classmethod
     def load(cls, models: str | Path, *, int8: bool = False, fp32: bool = False, no_watermark: bool = False, threads: int = 0,
              max_batch: int = 32, gmm_threshold: float | None = None,
              watermark_threshold: float = DEFAULT_WATERMARK_THRESHOLD,
-             memory_budget: int | None = DEFAULT_MEMORY_BUDGET, probe_threshold: float | None = None) -> "Pipeline":
+             memory_budget: int | None = DEFAULT_MEMORY_BUDGET, probe_threshold: float | None = None,
+             prompt_thresholds: dict[str, float | None] | None = None) -> "Pipeline":
         """Verify ``models`` and load every stage; raises :class:`ModelDirError` with the fix.
 
         ``probe_threshold``: overrides the threshold stored with the probe (when the manifest lists one).
+        ``prompt_thresholds``: overrides stored prompt-check thresholds (a number turns a check on, None off);
+        a name the directory's ``prompts.npz`` lacks is a ModelDirError.
 
         ``memory_budget``: bytes of activations one model call may use; each stage runs
         its images in sub-batches that fit it (None: ``max_batch`` at a time).
@@ -317,6 +353,7 @@ class Pipeline:
             if probe.feature_model_sha256 and probe.feature_model_sha256 != arts["clip"].sha256:
                 raise ModelDirError(f"the probe in {d} was learnt on features of another CLIP model; "
                                     f"relearn it with: {build_hint('probe', d)}")
+        prompts = _load_prompts(d, arts, int(gmm.dim), prompt_thresholds)
         watermark = None
         if no_watermark:
             notes.append("watermark stage disabled by --no-watermark")
@@ -342,11 +379,13 @@ class Pipeline:
             "probe": None if probe is None else {"file": arts["probe"].path.name, "sha256": arts["probe"].sha256,
                                                  "dim": probe.dim, "stored_threshold": probe.threshold,
                                                  "checksum": probe.checksum},
+            "prompts": None if prompts is None else {"file": arts["prompts"].path.name, "sha256": arts["prompts"].sha256,
+                                                     "logit_scale": prompts.logit_scale, "checks": _describe_checks(prompts)},
             "notes": notes,
         }
         for note in notes:
             log.warning(note)
-        return cls(clip, gmm, watermark, gmm_threshold, watermark_threshold, details, probe, probe_threshold)
+        return cls(clip, gmm, watermark, gmm_threshold, watermark_threshold, details, probe, probe_threshold, prompts)
 
     def clip_input(self, batch: np.ndarray) -> np.ndarray:
         return self.clip.preprocess(batch)
@@ -376,5 +415,48 @@ class Pipeline:
         thresholds = {"gmm": self.gmm_threshold, "watermark": self.watermark_threshold}
         if self.has_probe:
             thresholds["probe"] = self.probe_threshold
-        return {"version": __version__, "models": self.details, "thresholds": thresholds,
-                "watermark_stage": self.has_watermark, "probe_stage": self.has_probe}
+        out = {"version": __version__, "models": self.details, "thresholds": thresholds,
+               "watermark_stage": self.has_watermark, "probe_stage": self.has_probe,
+               "prompt_stage": self.prompt_checks is not None}
+        if self.prompt_checks is not None:
+            # Every check, on or off, with the threshold it is judged by (None: off unless a request sets one).
+            thresholds["prompts"] = self.prompt_checks.threshold_of()
+            out["prompt_checks"] = _describe_checks(self.prompt_checks)
+        return out
+
+
+def _describe_checks(checks: Any) -> list[dict[str, Any]]:
+    """``info``'s view of the prompt checks: name, on/off, threshold, prompt counts."""
+    return [{"name": s.name, "enabled": s.enabled, "threshold": s.threshold, "reject_prompts": len(s.reject),
+             "accept_prompts": len(s.accept), "verdict": PROMPT_PREFIX + s.name} for s in checks.specs()]
+
+
+def _load_prompts(d: Path, arts: dict[str, Artifact], dim: int,
+                  overrides: dict[str, float | None] | None) -> Any | None:
+    """The directory's prompt checks (None without ``prompts``), checked against its CLIP; overrides applied."""
+    from .stages.prompts import PromptChecks
+
+    if "prompts" not in arts:
+        if overrides:
+            raise ModelDirError(f"prompt thresholds given, but {d} has no prompt checks; add one with: {build_hint('prompts', d)}")
+        return None
+    checks = _load("prompts", d, lambda: PromptChecks.load(arts["prompts"].path))
+    if checks.dim != dim:
+        raise ModelDirError(f"prompt embeddings have {checks.dim} dimensions, the CLIP features {dim}; "
+                            f"re-encode them with: {build_hint('prompts', d)}")
+    if checks.feature_model_sha256 and checks.feature_model_sha256 != arts["clip"].sha256:
+        raise ModelDirError(f"the prompt checks in {d} were encoded for another CLIP model; "
+                            f"re-encode them with: {build_hint('prompts', d)}")
+    unknown = sorted(set(overrides or {}) - set(checks.names))
+    if unknown:
+        raise ModelDirError(f"unknown prompt check(s) {', '.join(unknown)}; {d} has: {', '.join(checks.names) or 'none'}")
+    if overrides:
+        thr = checks.thresholds.copy()
+        on = checks.enabled.copy()
+        for i, n in enumerate(checks.names):
+            if n in overrides:
+                on[i] = overrides[n] is not None
+                thr[i] = thr[i] if overrides[n] is None else float(overrides[n])  # type: ignore[arg-type]
+        checks = PromptChecks(checks.names, thr, on, checks.embeddings, checks.check, checks.reject, checks.texts,
+                              checks.logit_scale, checks.feature_model_sha256, checks.text_model_sha256)
+    return checks

@@ -19,6 +19,13 @@ batch may be cut after its longest sequence's end-of-text token (what
 own ``encode_text``. open_clip's BPE vocabulary (``bpe_simple_vocab_16e6.txt.gz``,
 shipped inside the open_clip package) is copied next to it as ``clip_vocab``
 for :mod:`anti_sus.text.tokenizer`.
+
+With the text tower, the default prompt checks (``nsfw``, ``screenshot``,
+``text-meme``, ``illustration``: :mod:`anti_sus.stages.prompts`) are encoded with
+the exported ONNX tower into ``prompts.npz`` (manifest entry ``prompts``, tied to
+the ``clip`` it was exported with). ``nsfw`` is on for a pretrained CLIP; with
+random weights every check is written but off (its scores mean nothing).
+Checks already in the directory (``anti-sus prompts add``) are kept and re-encoded.
 """
 from __future__ import annotations
 
@@ -437,7 +444,18 @@ def export_text_only(out: Path, *, arch: str = DEFAULT_ARCH, pretrained: str | N
                                  visual_dim=int((clip.get("output") or {}).get("dim", 0)), int8=int8, opset=opset,
                                  min_cosine=min_cosine, max_abs=max_abs, threads=threads)
     _write_entries(out, entries)
+    entries["prompts"] = export_prompts(out, pretrained=pretrained, model=model)
     return entries
+
+
+def export_prompts(out: Path, *, pretrained: str | None, model: Any) -> dict[str, Any]:
+    """Encode the default prompt checks (and those already in ``out``) with the fresh text tower; their entry."""
+    from anti_sus.stages.prompts import DEFAULT_LOGIT_SCALE, write_defaults
+
+    scale = DEFAULT_LOGIT_SCALE
+    if model is not None and getattr(model, "logit_scale", None) is not None:
+        scale = float(model.logit_scale.detach().exp().reshape(-1)[0])  # the model's own zero-shot temperature
+    return write_defaults(out, enable=bool(pretrained), logit_scale=scale, tool="models.export_clip")
 
 
 def export_clip(out: Path, *, arch: str = DEFAULT_ARCH, pretrained: str | None = None, int8: bool = False,
@@ -483,6 +501,8 @@ def export_clip(out: Path, *, arch: str = DEFAULT_ARCH, pretrained: str | None =
             min_cosine=min_cosine, max_abs=max_abs, threads=threads, text_int8_min_speedup=text_int8_min_speedup))
     if write:
         _write_entries(out, entries)
+        if "clip_text" in entries:
+            entries["prompts"] = export_prompts(out, pretrained=pretrained, model=model)
     if int8:
         # The gate reads the manifest's clip entry, so it runs after the fp32 entry is written.
         report, entry = gate_int8(out, spec, images, threads, write)
