@@ -54,6 +54,8 @@ class ImageResult:
     watermark: float | None
     verdict: str
     probe: float | None = None
+    prompts: dict[str, float] | None = None
+    """P(reject) per prompt check (``prompt:<check>`` verdicts); None when the server has no prompt checks."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,8 @@ class FilterClient(ReqClient):
     # -- public API ------------------------------------------------------------
     def filter(self, images: np.ndarray, *, gmm_threshold: float | None = None,
                watermark_threshold: float | None = None, return_features: bool | str = False,
-               probe_threshold: float | None = None) -> FilterResult:
+               probe_threshold: float | None = None,
+               prompt_thresholds: dict[str, float | None] | None = None) -> FilterResult:
         """Filter ``uint8[N, H, W, 3]`` RGB images; thresholds override the server's for this request.
 
         ``return_features``: False, True (the good images' features) or ``"all"``
@@ -132,6 +135,8 @@ class FilterClient(ReqClient):
             options["watermark_threshold"] = float(watermark_threshold)
         if probe_threshold is not None:  # only when asked: a server older than the probe stage refuses the option
             options["probe_threshold"] = float(probe_threshold)
+        if prompt_thresholds:  # {check: P(reject) threshold, or None to turn it off}; only when asked, as above
+            options["prompt_thresholds"] = {str(k): None if v is None else float(v) for k, v in prompt_thresholds.items()}
         header = {"op": "filter", "shape": list(arr.shape), "dtype": "uint8", "options": options}
         try:
             reply, extra = self.call(header, [arr.data])
@@ -145,7 +150,8 @@ class FilterClient(ReqClient):
         if want_all and reply.get("features_of") == "all":
             self.all_features_supported = True
         results = [ImageResult(int(r["index"]), float(r["gmm"]), None if r.get("watermark") is None else float(r["watermark"]),
-                               str(r["verdict"]), None if r.get("probe") is None else float(r["probe"]))
+                               str(r["verdict"]), None if r.get("probe") is None else float(r["probe"]),
+                               None if r.get("prompts") is None else {str(k): float(v) for k, v in r["prompts"].items()})
                    for r in reply["results"]]
         good = [int(i) for i in reply["good"]]
         features = index = None

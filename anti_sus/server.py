@@ -312,6 +312,8 @@ class FilterServer:
         elif isinstance(req, Info):
             REQUESTS.labels("info", "ok").inc()
             self._send(envelope, [ok_reply(req.id, **self.info())])
+        elif req.prompt_thresholds and (bad := _unknown_checks(self.pipeline, req.prompt_thresholds)):
+            self._reply_error(envelope, ProtocolError("bad_header", bad, req.id))
         else:
             self._enqueue(Job(envelope, req, received, frames))
 
@@ -406,7 +408,7 @@ class FilterServer:
         tasks = [Task(j.request.images,
                       p.gmm_threshold if j.request.gmm_threshold is None else j.request.gmm_threshold,
                       p.watermark_threshold if j.request.watermark_threshold is None else j.request.watermark_threshold,
-                      j.request.probe_threshold)
+                      j.request.probe_threshold, j.request.prompt_thresholds)
                  for j in jobs]
         timings = Timings()
         n = sum(len(t.images) for t in tasks)
@@ -453,6 +455,11 @@ class FilterServer:
                           "watermark": p.watermark_threshold if req.watermark_threshold is None else req.watermark_threshold}
             if getattr(p, "has_probe", False):
                 thresholds["probe"] = p.probe_threshold if req.probe_threshold is None else req.probe_threshold
+            checks = getattr(p, "prompt_checks", None)
+            if checks is not None:  # None: that check was off for this request
+                from .stages.prompts import merged_thresholds
+
+                thresholds["prompts"] = merged_thresholds(checks.threshold_of(), req.prompt_thresholds)
             fields: dict[str, Any] = {"good": good, "results": oc.results(), "elapsed_ms": round(elapsed, 3),
                                       "thresholds": thresholds}
             extra: list[Any] = []
@@ -501,3 +508,13 @@ class FilterServer:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+
+
+def _unknown_checks(pipeline: Any, asked: dict[str, Any]) -> str:
+    """Why a request's ``prompt_thresholds`` name checks this server lacks ("" when all are known)."""
+    checks = getattr(pipeline, "prompt_checks", None)
+    names = set(checks.names) if checks is not None else set()
+    unknown = sorted(set(asked) - names)
+    if not unknown:
+        return ""
+    return f"unknown prompt check(s) {', '.join(unknown)}; this server has: {', '.join(sorted(names)) or 'none'}"

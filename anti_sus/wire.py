@@ -18,7 +18,8 @@ from photocore.protocol import MAX_HEADER_BYTES, ProtocolError, option_float, pa
 LEGACY_IMAGE_BYTES = WIRE_SIZE * WIRE_SIZE * 3
 """One upstream-format image: 512x512x3 uint8."""
 
-OPTIONS = {"gmm_threshold", "watermark_threshold", "probe_threshold", "return_features"}
+OPTIONS = {"gmm_threshold", "watermark_threshold", "probe_threshold", "return_features", "prompt_thresholds"}
+MAX_PROMPT_OPTIONS = 64
 OPS = ("filter", "info", "ping")
 
 
@@ -59,6 +60,8 @@ class Filter:
     legacy: bool = False
     probe_threshold: float | None = None
     """Overrides the learnt probe's threshold (P(good) to keep) for this request; ignored without a probe."""
+    prompt_thresholds: dict[str, float | None] | None = None
+    """Per prompt check: P(reject) at which this request's images are rejected (a number turns the check on, null off)."""
 
 
 Request = Union[Ping, Info, Filter]
@@ -110,6 +113,7 @@ def _filter(header: dict[str, Any], body: Sequence[Any], limits: Limits, rid: st
         gmm = option_float(options, "gmm_threshold")
         wm = option_float(options, "watermark_threshold", 0.0, 1.0)
         probe = option_float(options, "probe_threshold", 0.0, 1.0)
+        prompts = _prompt_thresholds(options.get("prompt_thresholds"))
     except ProtocolError as exc:
         raise ProtocolError(exc.code, exc.message, rid) from None
     ret = options.get("return_features", False)
@@ -124,7 +128,22 @@ def _filter(header: dict[str, Any], body: Sequence[Any], limits: Limits, rid: st
     if len(payload) != expected:
         raise ProtocolError("size_mismatch", f"payload is {len(payload)} bytes, shape {[n, h, w, c]} needs {expected}", rid)
     images = np.frombuffer(payload, dtype=np.uint8).reshape(n, h, w, c)
-    return Filter(rid, images, gmm, wm, ret is not False, ret == "all", probe_threshold=probe)
+    return Filter(rid, images, gmm, wm, ret is not False, ret == "all", probe_threshold=probe, prompt_thresholds=prompts)
+
+
+def _prompt_thresholds(value: Any) -> dict[str, float | None] | None:
+    """The ``prompt_thresholds`` option: {check name: number in [0, 1] or null}; names are checked by the server."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > MAX_PROMPT_OPTIONS:
+        raise ProtocolError("bad_header", f"option prompt_thresholds must be an object of at most {MAX_PROMPT_OPTIONS} "
+                                          "check names to numbers in [0, 1] or null")
+    out: dict[str, float | None] = {}
+    for name, t in value.items():
+        if not isinstance(name, str) or not 1 <= len(name) <= 40:
+            raise ProtocolError("bad_header", f"option prompt_thresholds: bad check name {str(name)[:40]!r}")
+        out[name] = None if t is None else option_float({name: t}, f"prompt_thresholds.{name}", 0.0, 1.0)
+    return out
 
 
 def _legacy(frame: memoryview, limits: Limits) -> Filter:

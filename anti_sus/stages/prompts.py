@@ -195,8 +195,11 @@ class PromptChecks:
 
     # -- editing (anti-sus prompts) ------------------------------------------------
     def replaced(self, specs: Sequence[CheckSpec], encode: Callable[[list[str]], np.ndarray] | None = None,
-                 text_model_sha256: str | None = None) -> "PromptChecks":
-        """A copy with ``specs`` as its checks; prompts already encoded are reused, new ones go through ``encode``."""
+                 text_model_sha256: str | None = None, feature_model_sha256: str | None = None) -> "PromptChecks":
+        """A copy with ``specs`` as its checks; prompts already encoded are reused, new ones go through ``encode``.
+
+        A ``text_model_sha256`` other than the stored one (a re-exported text tower) re-encodes every prompt.
+        """
         known: dict[str, np.ndarray] = {t: self.embeddings[i] for i, t in enumerate(self.texts)}
         fresh = sorted({t for s in specs for t in (*s.reject, *s.accept)} - set(known)) \
             if text_model_sha256 in (None, self.text_model_sha256) else sorted({t for s in specs for t in (*s.reject, *s.accept)})
@@ -205,7 +208,8 @@ class PromptChecks:
                 raise PromptFileError("new prompts need a text encoder")
             known.update(zip(fresh, np.asarray(encode(fresh), dtype=np.float32)))
         return PromptChecks.encode(specs, lambda ts: np.stack([known[t] for t in ts]), logit_scale=self.logit_scale,
-                                   feature_model_sha256=self.feature_model_sha256,
+                                   feature_model_sha256=self.feature_model_sha256 if feature_model_sha256 is None
+                                   else feature_model_sha256,
                                    text_model_sha256=self.text_model_sha256 if text_model_sha256 is None else text_model_sha256)
 
     # -- file --------------------------------------------------------------------

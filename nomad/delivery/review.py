@@ -103,6 +103,10 @@ def margin(r: ImageResult, thresholds: dict[str, float] | None) -> float:
         return abs(t["probe"] - probe) if "probe" in t else -probe
     if stage == "watermark" and r.watermark is not None:
         return abs(r.watermark - t["watermark"]) if "watermark" in t else r.watermark
+    prompts = getattr(r, "prompts", None)  # P(reject) per prompt check; verdict "prompt:<check>"
+    if stage.startswith("prompt:") and prompts and stage[7:] in prompts:
+        score, limit = prompts[stage[7:]], (t.get("prompts") or {}).get(stage[7:])  # type: ignore[union-attr]
+        return abs(score - limit) if isinstance(limit, (int, float)) else score
     return math.inf
 
 
@@ -228,6 +232,8 @@ class ReviewSampler:
             scores["watermark"] = r.watermark
         if getattr(r, "probe", None) is not None:
             scores["probe"] = getattr(r, "probe")
+        for check, value in (getattr(r, "prompts", None) or {}).items():
+            scores[f"prompt:{check}"] = value
         for name, value in (thresholds or {}).items():
             scores[f"{name}_threshold"] = value
         if math.isfinite(p.margin) and thresholds:
