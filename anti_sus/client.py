@@ -149,7 +149,8 @@ class FilterClient(ReqClient):
             reply, extra = self.call(header, [arr.data])
         if want_all and reply.get("features_of") == "all":
             self.all_features_supported = True
-        results = [ImageResult(int(r["index"]), float(r["gmm"]), None if r.get("watermark") is None else float(r["watermark"]),
+        # gmm is null when the server's stage list leaves the GMM out: NaN here, so old callers' floats stay floats.
+        results = [ImageResult(int(r["index"]), float("nan") if r.get("gmm") is None else float(r["gmm"]), None if r.get("watermark") is None else float(r["watermark"]),
                                str(r["verdict"]), None if r.get("probe") is None else float(r["probe"]),
                                None if r.get("prompts") is None else {str(k): float(v) for k, v in r["prompts"].items()})
                    for r in reply["results"]]

@@ -19,7 +19,11 @@ import numpy as np
 
 from . import __version__
 from .defaults import DEFAULT_MEMORY_BUDGET, DEFAULT_WATERMARK_THRESHOLD
-from .modeldir import Artifact, ModelDirError, build_hint, int8_unusable, open_model_dir
+from .modeldir import (DEFAULT_PIPELINE, STAGES, Artifact, ModelDirError, build_hint, int8_unusable, manifest_hash,
+                       open_model_dir, pipeline_of, pipeline_required, read_manifest)
+
+RUNNABLE = ("clip", "gmm", "probe", "prompts", "watermark")
+"""Stages :func:`evaluate` knows how to run (a name registered in :data:`~anti_sus.modeldir.STAGES` but not here is refused at load)."""
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,8 @@ class Outcome:
     """P(good) from the probe stage, NaN (or None) where there is no probe."""
     prompts: dict[str, np.ndarray] | None = None
     """P(reject) per prompt check (every check, on or off); None without prompt checks."""
+    rejected_by: list[str | None] | None = None
+    """Per image: the stage (its name in the pipeline's list) that rejected it, None for a good one."""
 
     @property
     def good(self) -> list[int]:
@@ -87,10 +93,11 @@ class Outcome:
         return [
             {
                 "index": i,
-                "gmm": float(self.gmm[i]),
+                "gmm": None if np.isnan(self.gmm[i]) else float(self.gmm[i]),  # None: the stage list omits the GMM
                 "watermark": None if np.isnan(self.watermark[i]) else float(self.watermark[i]),
                 "probe": None if self.probe is None or np.isnan(self.probe[i]) else float(self.probe[i]),
                 "verdict": v,
+                "rejected_by": None if self.rejected_by is None else self.rejected_by[i],
                 **({} if self.prompts is None else {"prompts": {k: float(s[i]) for k, s in self.prompts.items()}}),
             }
             for i, v in enumerate(self.verdicts)
@@ -124,22 +131,25 @@ def evaluate(stages: Stages, tasks: Sequence[Task], *, watermark_all: bool = Fal
     every image's probability).
     """
     timings = timings if timings is not None else Timings()
+    order = stage_order(stages)
     t0 = time.perf_counter()
     x = _join([stages.clip_input(t.images) for t in tasks])
     t1 = time.perf_counter()
     feats = stages.embed(x)
     t2 = time.perf_counter()
-    scores = np.asarray(stages.gmm_score(feats), dtype=np.float64)
+    has_gmm = "gmm" in order
+    scores = np.asarray(stages.gmm_score(feats), dtype=np.float64) if has_gmm else np.full(len(feats), np.nan)
     t3 = time.perf_counter()
     timings.add("preprocess", t1 - t0)
     timings.add("clip", t2 - t1)
-    timings.add("gmm", t3 - t2)
-    has_probe = bool(getattr(stages, "has_probe", False))
+    if has_gmm:
+        timings.add("gmm", t3 - t2)
+    has_probe = bool(getattr(stages, "has_probe", False)) and "probe" in order
     probe = np.full(len(scores), np.nan)
     if has_probe:
         probe = np.asarray(stages.probe_prob(feats), dtype=np.float64)  # type: ignore[attr-defined]
         timings.add("probe", time.perf_counter() - t3)
-    checks = getattr(stages, "prompt_checks", None)  # optional: fakes and pipelines without prompts.npz have none
+    checks = getattr(stages, "prompt_checks", None) if "prompts" in order else None  # fakes may have none
     prompt_scores: dict[str, np.ndarray] | None = None
     if checks is not None:
         t4 = time.perf_counter()
@@ -147,7 +157,7 @@ def evaluate(stages: Stages, tasks: Sequence[Task], *, watermark_all: bool = Fal
         timings.add("prompts", time.perf_counter() - t4)
 
     bounds = np.cumsum([0] + [len(t.images) for t in tasks])
-    gmm_keep = [scores[a:b] >= t.gmm_threshold for t, a, b in zip(tasks, bounds[:-1], bounds[1:])]
+    gmm_keep = [scores[a:b] >= t.gmm_threshold if has_gmm else np.ones(b - a, bool) for t, a, b in zip(tasks, bounds[:-1], bounds[1:])]
     probe_keep = [probe[a:b] >= (stages.probe_threshold if t.probe_threshold is None else t.probe_threshold)  # type: ignore[attr-defined]
                   if has_probe else np.ones(b - a, bool) for t, a, b in zip(tasks, bounds[:-1], bounds[1:])]
     # Per image: the first enabled prompt check it fails ("" when none), checks in the manifest's order.
@@ -159,10 +169,14 @@ def evaluate(stages: Stages, tasks: Sequence[Task], *, watermark_all: bool = Fal
             for name, thr in merged_thresholds(checks.threshold_of(), t.prompt_thresholds).items():
                 if thr is not None:
                     fail[(fail == "") & (prompt_scores[name][a:b] >= thr)] = PROMPT_PREFIX + name
-    keep = [g & q & (f == "") for g, q, f in zip(gmm_keep, probe_keep, prompt_fail)]
+    # The watermark model sees only images every stage listed before it keeps (stages after it judge all).
+    has_wm = stages.has_watermark and "watermark" in order
+    before = order[:order.index("watermark")] if has_wm else order
+    keep = [(g if "gmm" in before else True) & (q if "probe" in before else True) & ((f == "") if "prompts" in before else True)
+            & np.ones(len(g), bool) for g, q, f in zip(gmm_keep, probe_keep, prompt_fail)]
     probs = [np.full(len(t.images), np.nan) for t in tasks]
     ran_on = [np.zeros(len(t.images), bool) for t in tasks]
-    if stages.has_watermark:
+    if has_wm:
         picks = [np.ones(len(t.images), bool) if watermark_all else k for t, k in zip(tasks, keep)]
         ran_on = picks
         t4 = time.perf_counter()
@@ -180,16 +194,30 @@ def evaluate(stages: Stages, tasks: Sequence[Task], *, watermark_all: bool = Fal
 
     outcomes = []
     for t, a, b, g, q, f, p, ran in zip(tasks, bounds[:-1], bounds[1:], gmm_keep, probe_keep, prompt_fail, probs, ran_on):
-        verdicts = [
-            OUTLIER if not g_ok else PROBE if not q_ok else f_name if f_name else
-            (WATERMARK if stages.has_watermark and pr >= t.watermark_threshold else GOOD)
-            for g_ok, q_ok, f_name, pr in zip(g.tolist(), q.tolist(), f.tolist(), p.tolist())
-        ]
+        # The first stage in the pipeline's order that rejects an image names its verdict and ``rejected_by``.
+        verdicts, rejected = [], []
+        for g_ok, q_ok, f_name, pr, r in zip(g.tolist(), q.tolist(), f.tolist(), p.tolist(), ran.tolist()):
+            fails = {"gmm": None if g_ok else OUTLIER, "probe": None if q_ok else PROBE, "prompts": f_name or None,
+                     "watermark": WATERMARK if has_wm and r and pr >= t.watermark_threshold else None}
+            by = next((s for s in order if fails.get(s)), None)
+            verdicts.append(GOOD if by is None else str(fails[by]))
+            rejected.append(by)
         mine = None if prompt_scores is None else {k: v[a:b] for k, v in prompt_scores.items()}
         outcomes.append(Outcome(scores[a:b], p, verdicts, feats[a:b],
-                                _non_finite(scores[a:b], p, ran, probe[a:b] if has_probe else None, mine),
-                                probe[a:b] if has_probe else None, mine))
+                                _non_finite(scores[a:b] if has_gmm else np.zeros(b - a), p, ran, probe[a:b] if has_probe else None, mine),
+                                probe[a:b] if has_probe else None, mine, rejected))
     return outcomes
+
+
+def stage_order(stages: Any) -> list[str]:
+    """The stages ``stages`` runs, in order: its ``order`` (the manifest's list), else the default order
+    (clip, gmm, then probe, prompts and watermark when it has them; fakes without ``order`` get this)."""
+    order = getattr(stages, "order", None)
+    if order is not None:
+        return list(order)
+    return (["clip", "gmm"] + (["probe"] if getattr(stages, "has_probe", False) else [])
+            + (["prompts"] if getattr(stages, "prompt_checks", None) is not None else [])
+            + (["watermark"] if stages.has_watermark else []))
 
 
 def _non_finite(gmm: np.ndarray, watermark: np.ndarray, ran: np.ndarray, probe: np.ndarray | None = None,
@@ -283,7 +311,8 @@ class Pipeline:
 
     def __init__(self, clip: Any, gmm: Any, watermark: Any | None, gmm_threshold: float,
                  watermark_threshold: float, details: dict[str, Any], probe: Any | None = None,
-                 probe_threshold: float | None = None, prompt_checks: Any | None = None) -> None:
+                 probe_threshold: float | None = None, prompt_checks: Any | None = None,
+                 order: Sequence[str] | None = None) -> None:
         self.clip = clip
         self.gmm = gmm
         self.watermark = watermark
@@ -295,6 +324,8 @@ class Pipeline:
         self.has_probe = probe is not None
         self.probe_threshold = float(probe.threshold if probe_threshold is None else probe_threshold) if probe is not None else float("nan")
         self.prompt_checks = prompt_checks
+        self.order = stage_order(self) if order is None else list(order)
+        """The stages in the order they judge (``info`` lists them; :func:`evaluate` follows it)."""
         """:class:`~anti_sus.stages.prompts.PromptChecks` from ``prompts.npz``, or None."""
 
     @classmethod
@@ -318,45 +349,44 @@ class Pipeline:
         from .stages.watermark import WatermarkStage
 
         d = Path(models)
-        arts = open_model_dir(d)
+        listed = pipeline_of(read_manifest(d), d)  # None: no "pipeline" list, the default order
+        arts = open_model_dir(d, pipeline_required(listed))
+        cannot = [s for s in listed or () if s not in RUNNABLE]
+        if cannot:
+            raise ModelDirError(f"{d}: this server cannot run pipeline stage(s) {', '.join(cannot)} (it runs: {', '.join(RUNNABLE)})")
+        # Without a list: clip, the GMM, and each optional stage whose artifacts the directory has, in the default order.
+        order = listed or [s for s in DEFAULT_PIPELINE if s in ("clip", "gmm") or all(a in arts for a in STAGES[s])]
         notes: list[str] = []
         clip_name, int8_note = _choose_clip(d, arts, int8, fp32)
         if int8_note:
             notes.append(int8_note)
-        try:
-            meta = json.loads(arts["gmm_meta"].path.read_text("utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelDirError(f"{arts['gmm_meta'].path} is not readable JSON ({exc}); rebuild it with: {build_hint('gmm', d)}") from None
-        fitted_on = meta.get("feature_model_sha256") if isinstance(meta, dict) else None
-        if fitted_on != arts["clip"].sha256:
-            raise ModelDirError(
-                f"the GMM in {d} was fitted on features of another CLIP model (sha256 {str(fitted_on)[:12]}…, "
-                f"this directory's clip is {arts['clip'].sha256[:12]}…); refit it with: {build_hint('gmm', d)}"
-            )
-        suggested = meta.get("suggested_threshold")
-        if gmm_threshold is None:
-            if not isinstance(suggested, (int, float)) or isinstance(suggested, bool):
-                raise ModelDirError(f"{arts['gmm_meta'].path} has no suggested_threshold; pass --gmm-threshold or refit with: {build_hint('gmm', d)}")
-            gmm_threshold = float(suggested)
+        fitted_on = suggested = None
+        if "gmm" in order:
+            gmm_threshold, fitted_on, suggested = _gmm_meta(d, arts, gmm_threshold)
+        else:
+            gmm_threshold = float("nan")
 
         clip = _load(clip_name, d, lambda: ClipStage.from_entry(arts[clip_name].path, arts[clip_name].entry, threads, max_batch,
                                                                        memory_budget))
-        gmm = _load("gmm", d, lambda: GmmScorer.load(arts["gmm"].path))
-        if clip.dim is not None and int(gmm.dim) != clip.dim:
+        gmm = _load("gmm", d, lambda: GmmScorer.load(arts["gmm"].path)) if "gmm" in order else None
+        if gmm is not None and clip.dim is not None and int(gmm.dim) != clip.dim:
             raise ModelDirError(f"GMM dimension {gmm.dim} != CLIP feature dimension {clip.dim}; refit with: {build_hint('gmm', d)}")
+        dim = int(gmm.dim) if gmm is not None else int(clip.dim or 0)
         probe = None
-        if "probe" in arts:  # learnt by `anti-sus learn`: judged after the GMM, before the watermark
+        if "probe" in order:  # learnt by `anti-sus learn`: judged after the GMM, before the watermark by default
             probe = _load("probe", d, lambda: ProbeStage.load(arts["probe"].path))
-            if probe.dim != int(gmm.dim):
-                raise ModelDirError(f"probe dimension {probe.dim} != CLIP feature dimension {gmm.dim}; "
+            if probe.dim != dim:
+                raise ModelDirError(f"probe dimension {probe.dim} != CLIP feature dimension {dim}; "
                                     f"relearn it with: {build_hint('probe', d)}")
             if probe.feature_model_sha256 and probe.feature_model_sha256 != arts["clip"].sha256:
                 raise ModelDirError(f"the probe in {d} was learnt on features of another CLIP model; "
                                     f"relearn it with: {build_hint('probe', d)}")
-        prompts = _load_prompts(d, arts, int(gmm.dim), prompt_thresholds)
+        prompts = _load_prompts(d, arts if "prompts" in order else {}, dim, prompt_thresholds)
         watermark = None
         if no_watermark:
             notes.append("watermark stage disabled by --no-watermark")
+        elif "watermark" not in order and "watermark" in arts:
+            notes.append(f"the pipeline list of {d} leaves out the watermark stage")
         elif "watermark" not in arts:
             notes.append(f"no watermark model in {d}: the watermark stage is off; build it with: {build_hint('watermark', d)}")
         else:
@@ -367,11 +397,13 @@ class Pipeline:
                                                                              threads, max_batch, memory_budget))
         details = {
             "models_dir": str(d.resolve()),
+            "manifest_sha256": manifest_hash(d),  # what ``info`` shows so a client can see a reload swap
             "clip": {"artifact": clip_name, "variant": "int8" if clip_name == "clip_int8" else "fp32",
                      "int8_gate": _gate_summary(arts, clip_name), "file": arts[clip_name].path.name, "sha256": arts[clip_name].sha256,
                      "dim": clip.dim, "input_size": clip.spec.size, "memory": clip.memory_info()},
-            "gmm": {"file": arts["gmm"].path.name, "sha256": arts["gmm"].sha256, "dim": int(gmm.dim),
-                    "fitted_on_clip_sha256": fitted_on, "suggested_threshold": suggested},
+            "gmm": None if gmm is None else {"file": arts["gmm"].path.name, "sha256": arts["gmm"].sha256, "dim": int(gmm.dim),
+                                             "fitted_on_clip_sha256": fitted_on, "suggested_threshold": suggested},
+            "pipeline_list": listed is not None,  # False: the default order (the manifest names none)
             "watermark": None if watermark is None else {"artifact": wm_name, "variant": "int8" if wm_name.endswith("_int8") else "fp32",
                                                          "int8_gate": _gate_summary(arts, wm_name), "file": arts[wm_name].path.name,
                                                          "sha256": arts[wm_name].sha256, "input_size": watermark.spec.size,
@@ -385,7 +417,8 @@ class Pipeline:
         }
         for note in notes:
             log.warning(note)
-        return cls(clip, gmm, watermark, gmm_threshold, watermark_threshold, details, probe, probe_threshold, prompts)
+        order = [s for s in order if s != "watermark" or watermark is not None]
+        return cls(clip, gmm, watermark, gmm_threshold, watermark_threshold, details, probe, probe_threshold, prompts, order)
 
     def clip_input(self, batch: np.ndarray) -> np.ndarray:
         return self.clip.preprocess(batch)
@@ -412,7 +445,9 @@ class Pipeline:
         return self.watermark.run(x)
 
     def info(self) -> dict[str, Any]:
-        thresholds = {"gmm": self.gmm_threshold, "watermark": self.watermark_threshold}
+        thresholds: dict[str, Any] = {"gmm": self.gmm_threshold, "watermark": self.watermark_threshold}
+        if self.gmm is None:  # the stage list leaves the GMM out: no threshold (NaN is not JSON)
+            del thresholds["gmm"]
         if self.has_probe:
             thresholds["probe"] = self.probe_threshold
         out = {"version": __version__, "models": self.details, "thresholds": thresholds,
@@ -422,6 +457,8 @@ class Pipeline:
             # Every check, on or off, with the threshold it is judged by (None: off unless a request sets one).
             thresholds["prompts"] = self.prompt_checks.threshold_of()
             out["prompt_checks"] = _describe_checks(self.prompt_checks)
+        # The stages in the order they judge, each with the threshold it judges by (prompts: one per check).
+        out["stages"] = [{"name": s, "threshold": thresholds.get(s)} for s in self.order]
         return out
 
 
@@ -429,6 +466,26 @@ def _describe_checks(checks: Any) -> list[dict[str, Any]]:
     """``info``'s view of the prompt checks: name, on/off, threshold, prompt counts."""
     return [{"name": s.name, "enabled": s.enabled, "threshold": s.threshold, "reject_prompts": len(s.reject),
              "accept_prompts": len(s.accept), "verdict": PROMPT_PREFIX + s.name} for s in checks.specs()]
+
+
+def _gmm_meta(d: Path, arts: dict[str, Artifact], gmm_threshold: float | None) -> tuple[float, Any, Any]:
+    """(threshold to serve, CLIP sha256 the GMM was fitted on, suggested threshold), checked against this directory."""
+    try:
+        meta = json.loads(arts["gmm_meta"].path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(f"{arts['gmm_meta'].path} is not readable JSON ({exc}); rebuild it with: {build_hint('gmm', d)}") from None
+    fitted_on = meta.get("feature_model_sha256") if isinstance(meta, dict) else None
+    if fitted_on != arts["clip"].sha256:
+        raise ModelDirError(
+            f"the GMM in {d} was fitted on features of another CLIP model (sha256 {str(fitted_on)[:12]}…, "
+            f"this directory's clip is {arts['clip'].sha256[:12]}…); refit it with: {build_hint('gmm', d)}"
+        )
+    suggested = meta.get("suggested_threshold")
+    if gmm_threshold is None:
+        if not isinstance(suggested, (int, float)) or isinstance(suggested, bool):
+            raise ModelDirError(f"{arts['gmm_meta'].path} has no suggested_threshold; pass --gmm-threshold or refit with: {build_hint('gmm', d)}")
+        gmm_threshold = float(suggested)
+    return float(gmm_threshold), fitted_on, suggested
 
 
 def _load_prompts(d: Path, arts: dict[str, Artifact], dim: int,

@@ -75,3 +75,76 @@ def test_manifest_cli_sets_prints_and_resets_the_list(models: Path, capsys: pyte
     assert manifest_cli.main(["pipeline", str(models), "default"]) == 0
     assert "pipeline" not in read_manifest(models)
     assert manifest_cli.main(["verify", str(models), "clip"]) == 2  # stage names only go with pipeline
+
+
+def images(n: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+
+
+def judge(models: Path, order: list[str] | None, **thresholds: float) -> tuple[Pipeline, list[dict]]:
+    write_pipeline(models, order)
+    p = Pipeline.load(models, **{k: v for k, v in thresholds.items() if k in ("gmm_threshold", "watermark_threshold")})
+    imgs = images()
+    task = Task(imgs, p.gmm_threshold, p.watermark_threshold)
+    return p, evaluate(p, [task])[0].results()
+
+
+def test_the_list_order_decides_which_stage_rejects(models: Path) -> None:
+    # Every image fails both stages: the GMM (threshold above any score) and the watermark (threshold 0).
+    strict = {"gmm_threshold": 1e9, "watermark_threshold": 0.0}
+    p, res = judge(models, ["clip", "gmm", "watermark"], **strict)
+    assert [r["verdict"] for r in res] == ["outlier"] * 3 and {r["rejected_by"] for r in res} == {"gmm"}
+    assert all(r["watermark"] is None for r in res)  # the watermark model saw only the GMM's survivors: none
+    p, res = judge(models, ["clip", "watermark", "gmm"], **strict)
+    assert [r["verdict"] for r in res] == ["watermark"] * 3 and {r["rejected_by"] for r in res} == {"watermark"}
+    assert all(r["gmm"] is not None and r["watermark"] is not None for r in res)  # every stage's score is there
+    info = p.info()
+    assert [s["name"] for s in info["stages"]] == ["clip", "watermark", "gmm"]
+    assert info["stages"][1]["threshold"] == 0.0 and info["stages"][2]["threshold"] == 1e9
+
+
+def test_a_stage_left_out_does_not_run(models: Path) -> None:
+    p, res = judge(models, ["clip", "watermark"], gmm_threshold=1e9, watermark_threshold=1.0)
+    assert p.gmm is None and [s["name"] for s in p.info()["stages"]] == ["clip", "watermark"]
+    assert all(r["gmm"] is None and r["verdict"] == "good" and r["rejected_by"] is None for r in res)
+    assert "gmm" not in p.info()["thresholds"]
+    p, res = judge(models, ["clip"], gmm_threshold=1e9, watermark_threshold=0.0)
+    assert not p.has_watermark and all(r["verdict"] == "good" and r["watermark"] is None for r in res)
+    # Without the list the default order runs (GMM before the watermark), as before lists existed.
+    p, res = judge(models, None, gmm_threshold=1e9, watermark_threshold=0.0)
+    assert p.order[:2] == ["clip", "gmm"] and {r["rejected_by"] for r in res} == {"gmm"}
+
+
+def test_a_directory_without_the_gmm_loads_when_the_list_omits_it(models: Path) -> None:
+    m = read_manifest(models)
+    for name in ("gmm", "gmm_meta"):
+        (models / m["artifacts"].pop(name)["file"]).unlink()
+    m["pipeline"] = ["clip", "watermark"]
+    (models / "manifest.json").write_text(json.dumps(m))
+    p = Pipeline.load(models)
+    assert p.order == ["clip", "watermark"]
+    # Naming the GMM again makes its missing files a refusal with the command that builds them.
+    write_pipeline(models, ["clip", "gmm", "watermark"])
+    with pytest.raises(ModelDirError, match="gmm: missing from manifest.json; build it with"):
+        Pipeline.load(models)
+
+
+def test_an_unknown_stage_is_refused_at_load(models: Path) -> None:
+    m = read_manifest(models)
+    m["pipeline"] = ["clip", "gmm", "sparkle"]
+    (models / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelDirError, match="unknown pipeline stage.*'sparkle'"):
+        Pipeline.load(models)
+    m["pipeline"] = ["gmm", "watermark"]
+    (models / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelDirError, match="must start with \"clip\""):
+        Pipeline.load(models)
+    # Registered by name but with no implementation in this server: refused too, not silently skipped.
+    register_stage("sparkle")
+    try:
+        m["pipeline"] = ["clip", "sparkle"]
+        (models / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(ModelDirError, match="cannot run pipeline stage"):
+            Pipeline.load(models)
+    finally:
+        del STAGES["sparkle"]
