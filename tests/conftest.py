@@ -37,3 +37,16 @@ def _forget_registered_secrets():
     yield
     with redact._secrets_lock:
         redact._secrets.intersection_update(before)
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """A service's main() run in-process points the root logger at that test's captured stderr; pytest closes that
+    stream after the test, so a server thread still logging later would print "I/O operation on closed file"."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
