@@ -65,7 +65,8 @@ class FilterResult:
     ``features`` has one row per index of ``features_index``: the good images with
     ``return_features=True``, every image with ``return_features="all"`` (unless the
     server predates it: then the good ones only). ``thresholds`` are the ones the
-    request was judged by (``{"gmm": …, "watermark": …}``; None from older servers).
+    request was judged by (``{"gmm": …, "watermark": …}``, with prompt checks ``"prompts": {check: threshold
+    or None where off}``; None from older servers).
     """
 
     good: list[int]
@@ -73,7 +74,7 @@ class FilterResult:
     features: np.ndarray | None
     elapsed_ms: float
     features_index: list[int] | None = None
-    thresholds: dict[str, float] | None = None
+    thresholds: dict[str, Any] | None = None
 
     def feature_of(self, index: int) -> np.ndarray | None:
         """The features of image ``index`` (request order), or None when the reply has none for it."""
@@ -167,7 +168,11 @@ class FilterClient(ReqClient):
                 raise AntiSusError("internal", f"reply has {len(features)} feature rows for {len(index)} images")
         thresholds = reply.get("thresholds")
         if isinstance(thresholds, dict):
+            checks = thresholds.get("prompts")
             thresholds = {k: float(v) for k, v in thresholds.items() if isinstance(v, (int, float))}
+            if isinstance(checks, dict):  # per prompt check: its threshold, None where it was off
+                thresholds["prompts"] = {str(k): None if v is None else float(v) for k, v in checks.items()
+                                         if v is None or isinstance(v, (int, float))}
         else:
             thresholds = None
         return FilterResult(good, results, features, float(reply.get("elapsed_ms", 0.0)), index, thresholds)
@@ -175,6 +180,16 @@ class FilterClient(ReqClient):
     def info(self) -> dict[str, Any]:
         """The server's models (with sha256), thresholds, limits and version."""
         return self.call({"op": "info"})[0]
+
+    def reload(self) -> dict[str, Any]:
+        """Ask the server (or broker) to load its model directory again and swap to it (an admin op).
+
+        Returns the reply: ``generation`` and ``manifest_sha256`` (a broker adds
+        ``workers``, one entry per worker it reloaded). A bad directory raises
+        :class:`AntiSusError` with code ``reload_failed`` (the old models keep serving);
+        a CURVE key not on the server's admin list raises it with code ``forbidden``.
+        """
+        return self.call({"op": "reload"})[0]
 
     def ping(self) -> float:
         """Round-trip time in milliseconds."""

@@ -34,7 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import zmq
@@ -51,7 +51,7 @@ from .pipeline import Outcome, Stages, Task, Timings, evaluate
 from photocore.envelope import split_envelope
 from photocore.protocol import ProtocolError, error_reply, ok_reply
 
-from .wire import Filter, Info, Limits, Ping, parse_request
+from .wire import Filter, Info, Limits, Ping, Reload, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,10 @@ class ServerConfig:
     """Worker mode: this worker's ``.key_secret`` (listed in the broker's ``--backend-curve-allow``)."""
     linger_ms: int = 2000
     instance: str | None = None
+    loader: Callable[[], Stages] | None = None
+    """Builds a fresh pipeline from the model directory (``reload`` op, SIGHUP); None: reload is refused."""
+    admin_keys: frozenset[str] | None = None
+    """Z85 public keys that may call ``reload`` when CURVE is on (None or empty: none may; SIGHUP still works)."""
     """Token that ``info``/``ping`` report so a launcher can tell its own server from another (random when None)."""
 
 
@@ -127,6 +131,10 @@ class FilterServer:
         self._held_lock = threading.Lock()
         self._current: list[Job] = []  # the batch the compute thread holds (answered by the I/O thread if it dies)
         self.failure: str | None = None
+        self.generation = 1
+        """Counts model swaps (1: the models loaded at start); ``info`` reports it so a client can see a reload."""
+        self._reload_lock = threading.Lock()  # one reload at a time
+        self._reloading = False
         """Set when the compute thread died; ``anti-sus serve`` then exits non-zero."""
 
     # -- setup ---------------------------------------------------------------
@@ -312,6 +320,12 @@ class FilterServer:
         elif isinstance(req, Info):
             REQUESTS.labels("info", "ok").inc()
             self._send(envelope, [ok_reply(req.id, **self.info())])
+        elif isinstance(req, Reload):
+            denied = self._reload_denied(frames)
+            if denied:
+                self._reply_error(envelope, ProtocolError("forbidden", denied, req.id))
+            elif not self.reload(envelope, req.id):
+                self._reply_error(envelope, ProtocolError("busy", "a reload is already in progress; retry later", req.id))
         elif req.prompt_thresholds and (bad := _unknown_checks(self.pipeline, req.prompt_thresholds)):
             self._reply_error(envelope, ProtocolError("bad_header", bad, req.id))
         else:
@@ -362,6 +376,9 @@ class FilterServer:
         data["curve"] = self.config.curve_secret_key is not None
         data["pid"] = self.pid
         data["instance"] = self.instance
+        data["generation"] = self.generation
+        models = data.get("models")
+        data["manifest_sha256"] = models.get("manifest_sha256") if isinstance(models, dict) else None
         return data
 
     # -- compute thread --------------------------------------------------------
@@ -427,7 +444,7 @@ class FilterServer:
         out = []
         for job, oc in zip(jobs, outcomes):
             try:
-                out.append((job.envelope, self._reply_frames(job, oc, n)))
+                out.append((job.envelope, self._reply_frames(job, oc, n, p)))
             except Exception as exc:  # a reply that cannot be built must not kill this thread
                 log.exception("reply for request %s could not be built", job.request.id)
                 ERRORS.labels("internal").inc()
@@ -435,7 +452,7 @@ class FilterServer:
                 out.append((job.envelope, [error_reply("internal", f"reply failed: {type(exc).__name__}: {exc}", job.request.id)]))
         return out
 
-    def _reply_frames(self, job: Job, oc: Outcome, n: int) -> list[Any]:
+    def _reply_frames(self, job: Job, oc: Outcome, n: int, p: Stages) -> list[Any]:
         """The reply frames of one answered request; an ``internal`` error when a model gave a non-finite score."""
         req = job.request
         if oc.problem:
@@ -449,7 +466,6 @@ class FilterServer:
             frames: list[Any] = [np.asarray(good, dtype="<i4").tobytes()]
             log.info("legacy filter images=%d good=%d batch=%d %.1f ms", len(oc.verdicts), len(good), n, elapsed)
         else:
-            p = self.pipeline
             # The thresholds this request was judged by, so a client can tell how near a rejection was.
             thresholds = {"gmm": p.gmm_threshold if req.gmm_threshold is None else req.gmm_threshold,
                           "watermark": p.watermark_threshold if req.watermark_threshold is None else req.watermark_threshold}
@@ -460,6 +476,7 @@ class FilterServer:
                 from .stages.prompts import merged_thresholds
 
                 thresholds["prompts"] = merged_thresholds(checks.threshold_of(), req.prompt_thresholds)
+            thresholds = {k: v for k, v in thresholds.items() if not (isinstance(v, float) and v != v)}  # NaN: stage not listed
             fields: dict[str, Any] = {"good": good, "results": oc.results(), "elapsed_ms": round(elapsed, 3),
                                       "thresholds": thresholds}
             extra: list[Any] = []
@@ -477,6 +494,72 @@ class FilterServer:
         REQUESTS.labels("filter", "ok").inc()
         return frames
 
+
+    # -- reload ----------------------------------------------------------------
+    def _reload_denied(self, frames: list[Any]) -> str:
+        """Why this ``reload`` request may not run ("" when it may).
+
+        With CURVE on, only the keys of the admin allow-list may reload (any client
+        the server admits may filter, not every one should swap its models).
+        """
+        if self.config.loader is None:
+            return "this server cannot reload its models (built without a model directory)"
+        if self.config.curve_secret_key is None:
+            return ""
+        try:
+            user = frames[-1].get("User-Id")  # the client's Z85 public key, set by the ZAP handler
+        except (zmq.ZMQError, AttributeError, TypeError):
+            user = None
+        if user and self.config.admin_keys and user in self.config.admin_keys:
+            return ""
+        return ("reload is an admin op: this client's CURVE key is not in the server's --admin-allow list")
+
+    def reload(self, envelope: list[bytes] | None = None, rid: str | None = None) -> bool:
+        """Load the models again beside the current ones and swap between batches; False if one is running.
+
+        Runs in its own thread, so the server keeps answering and computing on the old
+        models meanwhile. ``envelope``: the client to answer (None: SIGHUP, which logs one line).
+        """
+        with self._reload_lock:
+            if self._reloading:
+                return False
+            self._reloading = True
+        threading.Thread(target=self._reload_worker, args=(envelope, rid), name="anti-sus-reload", daemon=True).start()
+        return True
+
+    def _reload_worker(self, envelope: list[bytes] | None, rid: str | None) -> None:
+        frames: list[Any]
+        try:
+            assert self.config.loader is not None
+            fresh = self.config.loader()  # verifies the directory like a start does; raises ModelDirError with the fix
+        except Exception as exc:  # a bad directory must leave the old models serving, whatever it raised
+            why = " ".join(str(exc).split()) or type(exc).__name__
+            log.error("reload failed, still serving generation %d: %s", self.generation, why)
+            ERRORS.labels("reload_failed").inc()
+            frames = [error_reply("reload_failed", f"reload failed, the old models keep serving: {why}", rid)]
+        else:
+            # One assignment: the compute thread reads ``self.pipeline`` once per batch, so the batch in
+            # flight finishes on the old models and the next one runs on the new ones.
+            self.pipeline = fresh
+            self.generation += 1
+            info = self.info()
+            log.info("reloaded models from %s: generation %d, manifest %s",
+                     (info.get("models") or {}).get("models_dir"), self.generation, str(info.get("manifest_sha256"))[:12])
+            REQUESTS.labels("reload", "ok").inc()
+            frames = [ok_reply(rid, generation=self.generation, manifest_sha256=info.get("manifest_sha256"),
+                               models_dir=(info.get("models") or {}).get("models_dir"), pid=self.pid, instance=self.instance)]
+        finally:
+            with self._reload_lock:
+                self._reloading = False
+        if envelope is None:
+            return
+        self._outbox.put((envelope, frames))
+        push = self.ctx.socket(zmq.PUSH)  # wake the I/O thread, which owns the socket the reply goes out on
+        try:
+            push.connect(self._wake_addr)
+            push.send(b"")
+        finally:
+            push.close(1000)
 
     # -- shutdown --------------------------------------------------------------
     def _shutdown(self, compute: threading.Thread, wake: zmq.Socket) -> None:

@@ -20,7 +20,7 @@ LEGACY_IMAGE_BYTES = WIRE_SIZE * WIRE_SIZE * 3
 
 OPTIONS = {"gmm_threshold", "watermark_threshold", "probe_threshold", "return_features", "prompt_thresholds"}
 MAX_PROMPT_OPTIONS = 64
-OPS = ("filter", "info", "ping")
+OPS = ("filter", "info", "ping", "reload")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,13 @@ class Info:
 
 
 @dataclass
+class Reload:
+    """Admin op: load the server's model directory again and swap to it between batches (``anti-sus reload``)."""
+
+    id: str | None
+
+
+@dataclass
 class Filter:
     """A validated filter request; ``images`` views the payload frame without copying."""
 
@@ -64,7 +71,7 @@ class Filter:
     """Per prompt check: P(reject) at which this request's images are rejected (a number turns the check on, null off)."""
 
 
-Request = Union[Ping, Info, Filter]
+Request = Union[Ping, Info, Filter, Reload]
 
 
 def _buffer(frame: Any) -> memoryview:
@@ -84,10 +91,10 @@ def parse_request(body: Sequence[Any], limits: Limits) -> Request:
     op = header["op"]
     if op not in OPS:
         raise ProtocolError("unknown_op", f"unknown op {op!r}; this server knows {', '.join(OPS)}", rid)
-    if op in ("ping", "info"):
+    if op in ("ping", "info", "reload"):
         if len(body) != 1:
             raise ProtocolError("size_mismatch", f"op {op} takes no payload, got {len(body) - 1} extra frame(s)", rid)
-        return Ping(rid) if op == "ping" else Info(rid)
+        return Ping(rid) if op == "ping" else Info(rid) if op == "info" else Reload(rid)
     return _filter(header, body, limits, rid)
 
 
@@ -142,7 +149,8 @@ def _prompt_thresholds(value: Any) -> dict[str, float | None] | None:
     for name, t in value.items():
         if not isinstance(name, str) or not 1 <= len(name) <= 40:
             raise ProtocolError("bad_header", f"option prompt_thresholds: bad check name {str(name)[:40]!r}")
-        out[name] = None if t is None else option_float({name: t}, f"prompt_thresholds.{name}", 0.0, 1.0)
+        key = f"prompt_thresholds.{name}"
+        out[name] = None if t is None else option_float({key: t}, key, 0.0, 1.0)
     return out
 
 

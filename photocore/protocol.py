@@ -27,6 +27,9 @@ ERROR_CODES = (
     # gallery_bridge's ingest uses these two.
     "bad_image",
     "bad_meta",
+    # anti_sus's admin op ``reload``: the client's CURVE key is not on the admin list; the new models were refused.
+    "forbidden",
+    "reload_failed",
 )
 
 MAX_HEADER_BYTES = 64 * 1024

@@ -1,10 +1,10 @@
-"""``anti-sus``: serve, broker, keygen, ping, info, score, tune, learn, prompts.
+"""``anti-sus``: serve, broker, keygen, ping, info, reload, score, tune, learn, prompts.
 
 Every flag can also be set from an environment variable (shown in ``--help``),
 so containers configure the server without a command line. The options come
 from :mod:`photocore.settings`, the configuration layer all three services
 share; each command lives in its own module (``serve``: serve and broker,
-``keygen``, ``ping``: ping and info, ``score``, ``tune``, ``learn``, ``prompts``), and this one builds
+``keygen``, ``ping``: ping and info, ``reload``, ``score``, ``tune``, ``learn``, ``prompts``), and this one builds
 the parser and dispatches.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from .learn import add_learn, cmd_learn
 from .options import DEFAULT_BACKEND, DEFAULT_SERVER, QUEUED_BYTES_CEILING, QUEUED_BYTES_FLOOR, default_queued_bytes
 from .ping import add_ping_info, cmd_info, cmd_ping
 from .prompts import add_prompts, cmd_prompts
+from .reload import add_reload, cmd_reload
 from .score import add_score, cmd_score
 from .serve import add_broker, add_serve, cmd_broker, cmd_serve
 from .tune import add_tune, cmd_tune
@@ -34,7 +35,8 @@ finite = finite_float
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": cmd_serve, "broker": cmd_broker, "keygen": cmd_keygen, "ping": cmd_ping, "info": cmd_info,
-    "score": cmd_score, "tune": cmd_tune, "learn": cmd_learn, "prompts": cmd_prompts}
+    "score": cmd_score, "tune": cmd_tune, "learn": cmd_learn, "prompts": cmd_prompts,
+    "reload": cmd_reload}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="anti-sus", description="anti_sus image-filter server and tools (CLIP -> GMM -> watermark)")
     ap.add_argument("--version", action="version", version=f"anti_sus {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_serve, add_broker, add_keygen, add_ping_info, add_score, add_tune, add_learn, add_prompts):
+    for add in (add_serve, add_broker, add_keygen, add_ping_info, add_score, add_tune, add_learn, add_prompts, add_reload):
         add(sub)
     return ap
 

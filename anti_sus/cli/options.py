@@ -160,6 +160,16 @@ def on_signals(stop: Callable[[], None]) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def on_reload_signal(reload: Callable[[], bool]) -> None:
+    """SIGHUP calls ``reload`` (the server loads its models again beside the old ones and swaps between batches)."""
+    def handler(_signum: int, _frame: Any) -> None:
+        log.info("SIGHUP: reloading the models")
+        if not reload():
+            log.warning("SIGHUP ignored: a reload is already in progress")
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        signal.signal(signal.SIGHUP, handler)
+
+
 def client_from(args: argparse.Namespace, server: str, timeout: float, retries: int) -> Any:
     """A :class:`FilterClient` from the ``--curve-…`` client flags."""
     from ..client import FilterClient

@@ -35,6 +35,9 @@ def add_serve(sub: Any) -> None:
           help="with --connect: the broker backend's public .key file (makes this worker a CURVE client of the broker)")
     s.add("--curve-client-key", type=Path,
           help="with --connect: this worker's .key_secret file; its .key must be in the broker's --backend-curve-allow")
+    s.add("--admin-allow", type=Path,
+          help="with CURVE: a directory of public .key files (or one .key file) of the clients that may call the "
+               "reload op (`anti-sus reload`); other clients get 'forbidden'. SIGHUP reloads too")
     s.add("--metrics-port", default=0, type=port_or_off, help="serve Prometheus metrics on this port (0: off)")
     s.add("--metrics-host", default="127.0.0.1", help="address for the metrics endpoint")
     add_logging(p)
@@ -82,12 +85,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server_public_key(args.curve_server_key, "--curve-server-key")  # refuses a secret key in its place
         if load_keypair(args.curve_client_key)[1] is None:
             raise UserError(f"--curve-client-key {args.curve_client_key} holds no secret key; pass the worker's .key_secret file")
-    pipeline = options.load_pipeline(args, args.gmm_threshold, args.watermark_threshold, args.max_batch)
+    admins = admin_keys(args.admin_allow) if args.admin_allow else None
+    if admins and not args.curve_secret_key:
+        raise UserError("--admin-allow needs --curve-secret-key (without CURVE the server cannot tell clients apart)")
+
+    def loader() -> Any:
+        """The models again from --models, with this start's flags (reload op and SIGHUP)."""
+        return options.load_pipeline(args, args.gmm_threshold, args.watermark_threshold, args.max_batch)
+
+    pipeline = loader()
     cfg = ServerConfig(binds=list(args.bind), connect=args.connect, limits=Limits(args.max_images, args.max_pixels),
                        max_batch=args.max_batch, max_queue=max(args.max_queue, args.max_images),
                        max_queued_bytes=args.max_queued_bytes, hwm=args.hwm, credits=args.credits, heartbeat=args.heartbeat,
                        curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow,
-                       curve_server_key=args.curve_server_key, curve_client_key=args.curve_client_key, instance=args.instance)
+                       curve_server_key=args.curve_server_key, curve_client_key=args.curve_client_key, instance=args.instance,
+                       loader=loader, admin_keys=admins)
     server = FilterServer(pipeline, cfg)
     try:
         server.bind()
@@ -96,12 +108,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.metrics_port:
         start_metrics(args.metrics_port, args.metrics_host)
     options.on_signals(server.stop)
+    options.on_reload_signal(server.reload)
     server.serve_forever()
     if server.failure is not None:
         # Exit non-zero so a supervisor (compose, systemd, the stack launcher) restarts a server that cannot compute.
         print(f"anti-sus: error: {server.failure}; exiting", file=sys.stderr)
         return 1
     return 0
+
+
+def admin_keys(path: Path) -> frozenset[str]:
+    """Z85 public keys of ``--admin-allow``: a directory of ``.key`` files (checked like --curve-allow) or one key file."""
+    from photocore.curve import check_allow_dir, load_keypair, server_public_key
+
+    if path.is_file():
+        return frozenset({server_public_key(path, "--admin-allow").decode("ascii")})
+    d = check_allow_dir(path, "--admin-allow")
+    return frozenset(load_keypair(k)[0].decode("ascii") for k in sorted(d.glob("*.key")))
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
