@@ -3,6 +3,8 @@
 GMM: ``--good`` images should be kept, ``--bad`` ones dropped; an image is kept
 when its log-likelihood is >= the threshold. Watermark: ``--watermarked`` images
 should be flagged, ``--clean`` ones not; flagged when P(watermark) >= threshold.
+Prompt check ``--prompt NAME``: ``--flagged`` images should be rejected by it,
+``--unflagged`` ones not; rejected when P(reject) >= threshold.
 For each, precision/recall/F1 at candidate thresholds (scikit-learn), the
 suggested threshold (best F1, or the target precision/recall asked for) and a
 histogram PNG of both sets with the threshold lines.
@@ -125,7 +127,8 @@ def plot(reports: Sequence[StageReport], out: str | Path) -> Path:
         if rep.suggested is not None:
             ax.axvline(rep.suggested.threshold, color="r", label=f"suggested {rep.suggested.threshold:.4g} ({rep.rule})")
         ax.set_title(f"{rep.name} score")
-        ax.set_xlabel("GMM log-likelihood" if rep.name == "gmm" else "P(watermark)")
+        ax.set_xlabel("GMM log-likelihood" if rep.name == "gmm" else
+                      "P(reject)" if rep.name.startswith("prompt:") else "P(watermark)")
         ax.set_ylabel("images")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -148,3 +151,22 @@ def format_report(rep: StageReport) -> str:
         lines.append(f"   suggested threshold: {rep.suggested.threshold:.6g} ({rep.rule})")
     lines += [f"   note: {n}" for n in rep.notes]
     return "\n".join(lines)
+
+
+def prompt_scores(pipeline: Any, files: Sequence[Path], check: str, batch_size: int = 32) -> tuple[list[float], list[str]]:
+    """(P(reject) of prompt check ``check`` per readable image, errors of unreadable ones), through the pipeline's CLIP."""
+    from .preprocess import load_image, to_wire
+
+    scores: list[float] = []
+    errors: list[str] = []
+    for i in range(0, len(files), batch_size):
+        arrays = []
+        for f in files[i : i + batch_size]:
+            try:
+                arrays.append(to_wire(load_image(str(f))))
+            except Exception as exc:  # one bad file must not stop the others
+                errors.append(f"{f}: {type(exc).__name__}: {exc}")
+        if arrays:
+            feats = pipeline.embed(pipeline.clip_input(np.stack(arrays)))
+            scores += pipeline.prompt_checks.scores(feats)[check].tolist()
+    return scores, errors

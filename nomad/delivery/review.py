@@ -235,6 +235,9 @@ class ReviewSampler:
         for check, value in (getattr(r, "prompts", None) or {}).items():
             scores[f"prompt:{check}"] = value
         for name, value in (thresholds or {}).items():
+            if isinstance(value, dict):  # "prompts": one threshold per check, None where the check was off
+                scores.update({f"prompt:{k}_threshold": v for k, v in value.items() if v is not None})
+                continue
             scores[f"{name}_threshold"] = value
         if math.isfinite(p.margin) and thresholds:
             scores["margin"] = p.margin
