@@ -5,7 +5,7 @@
     .venv/bin/python bench/report.py --only e2e,venv_size
 
 Calls ``collect(quick)`` of each benchmark module (bench/anti_sus.py,
-anti_sus_memory.py, e2e.py, gallery.py, dupskip.py, search.py, scale.py, venv_size.py) in this one
+anti_sus_memory.py, e2e.py, gallery.py, dupskip.py, search.py, scale.py, stage_cost.py, venv_size.py) in this one
 process, one after the other, and prints a table of figure, value, goal and
 whether it is met, headed by the CPU model, the flags that matter for int8
 (avx2, avx512f, avx512_vnni, amx) and the core count. A benchmark that is
@@ -33,7 +33,7 @@ from typing import Callable, Mapping, Sequence
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))  # the benchmarks import the project's packages
 
-BENCHMARKS = ("anti_sus", "anti_sus_memory", "e2e", "gallery", "dupskip", "search", "scale", "venv_size")
+BENCHMARKS = ("anti_sus", "anti_sus_memory", "e2e", "gallery", "dupskip", "search", "scale", "stage_cost", "venv_size")
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "amx")
 Value = float | str
 Collect = Callable[[bool], Mapping[str, Value]]
@@ -113,6 +113,8 @@ GOALS = (
     Goal("dupskip", r"^new_photos_skipped$", "0 (no new photo dropped)", _at_most(0)),
     # Issue 15: two anti_sus workers behind the broker, each pinned to its own core, against one (same run).
     Goal("scale", r"^two_vs_one_worker$", ">= 1.6x one worker", _at_least(1.6)),
+    # Issue 12: the probe and the prompt checks together, per image, against the served CLIP (same run).
+    Goal("stage_cost", r"^stages_share_of_clip$", "< 0.02 (2% of CLIP's time)", lambda v, _cpu: v < 0.02),
 )
 
 

@@ -247,3 +247,29 @@ def test_tune_suggests_and_applies_a_prompt_threshold(exported: Path, tmp_path: 
     assert main(["tune", "--models", str(models), "--prompt", "nope", "--flagged", str(folders / "bad"),
                  "--unflagged", str(folders / "good")]) == 2
     assert "no such check" in capsys.readouterr().err
+
+
+def test_stage_cost_benchmark_reads_the_directory_checks(exported: Path) -> None:
+    """bench/stage_cost.py scores the directory's own prompt checks and reports their share of CLIP's time."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stage_cost", Path(__file__).parent.parent / "bench" / "stage_cost.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.run(mod.parser().parse_args(["--models", str(exported), "--images", "4", "--rounds", "1", "--repeats", "5"]))
+    assert out["prompt_checks"] == 4 and out["prompts"] == 37
+    assert 0 < float(out["stages_share_of_clip"]) < 1
+
+
+def test_review_sampler_ranks_prompt_rejects_by_margin() -> None:
+    from anti_sus.client import ImageResult
+    from nomad.delivery.review import margin, pick
+
+    results = [ImageResult(0, 1.0, None, "prompt:nsfw", prompts={"nsfw": 0.95}),
+               ImageResult(1, 1.0, None, "prompt:nsfw", prompts={"nsfw": 0.62}),
+               ImageResult(2, 1.0, None, "good", prompts={"nsfw": 0.1})]
+    thresholds = {"gmm": 0.0, "watermark": 0.5, "prompts": {"nsfw": 0.6}}
+    assert margin(results[1], thresholds) == pytest.approx(0.02)
+    assert [p.index for p in pick(results, thresholds, 2)] == [1, 0]
+    assert margin(results[0], None) == pytest.approx(0.95)  # no thresholds: a lower P(reject) is nearer
