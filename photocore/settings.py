@@ -161,7 +161,8 @@ class Settings:
                                     f"{', '.join(map(str, choices))}")
             value = converted if many else converted[0]
             kw["required"] = False  # the variable supplies a required option
-        listed = (", comma-separated" if sep == "," else ", space-separated") if many else ""
+        listed = ((", comma-separated" if sep == "," else ", space-separated" if sep is None else f", separated by {sep}")
+                  if many else "")
         described = (shown if shown is not None else _shown(default)).replace("%", "%%")
         text = f"{help} [env {var}{listed}; default: {described}]"
         if many:

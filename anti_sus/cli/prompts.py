@@ -29,9 +29,9 @@ def add_prompts(sub: Any) -> None:
     p.add_argument("name", nargs="?", help="check name (a-z 0-9 - _; its verdict is prompt:NAME)")
     s.add("--models", default=DEFAULT_MODELS_DIR, type=Path, help="model directory (needs clip_text and clip_vocab to add)")
     s.add("--reject", env="PROMPTS_REJECT", many=True, sep="|", default=[],
-          help="add: a prompt describing images to reject (repeat the flag; in the variable, separate with |)")
+          help="add: a prompt describing images to reject (repeat the flag)")
     s.add("--accept", env="PROMPTS_ACCEPT", many=True, sep="|", default=[],
-          help="add: a prompt describing images to keep (repeat the flag; in the variable, separate with |)")
+          help="add: a prompt describing images to keep (repeat the flag)")
     s.add("--threshold", env="PROMPTS_THRESHOLD", type=probability, default=None,
           help="add/set: reject when P(reject) >= this (add without it: 0.5)")
     s.switch("--enabled", env="PROMPTS_ENABLED", default=True, help="add: the new check is on (--no-enabled: present but off)")
