@@ -273,3 +273,20 @@ def test_review_sampler_ranks_prompt_rejects_by_margin() -> None:
     assert margin(results[1], thresholds) == pytest.approx(0.02)
     assert [p.index for p in pick(results, thresholds, 2)] == [1, 0]
     assert margin(results[0], None) == pytest.approx(0.95)  # no thresholds: a lower P(reject) is nearer
+
+
+def test_write_defaults_enables_nsfw_for_a_trained_clip_and_keeps_added_checks(onnx_dir: Path, tmp_path: Path) -> None:
+    """What export does after a pretrained text tower: nsfw on, the others off, the model's logit scale; checks
+    added earlier keep their settings (re-encoded with the current tower)."""
+    from anti_sus.stages.prompts import write_defaults
+
+    models = copy(onnx_dir, tmp_path)
+    assert main(["prompts", "add", "cats", "--reject", "a cat", "--accept", "a dog", "--threshold", "0.7",
+                 "--models", str(models)]) == 0
+    write_defaults(models, enable=True, logit_scale=50.0)
+    checks = load_dir(models)
+    assert checks is not None and verify(models) == []
+    assert checks.names == ("cats", "nsfw", "screenshot", "text-meme", "illustration")
+    assert checks.threshold_of() == {"cats": 0.7, "nsfw": 0.6, "screenshot": None, "text-meme": None, "illustration": None}
+    assert checks.logit_scale == 50.0
+    assert Pipeline.load(models, threads=1).info()["thresholds"]["prompts"]["nsfw"] == 0.6
