@@ -56,6 +56,11 @@ def add_broker(sub: Any) -> None:
           help="enable CURVE on the workers' side with this .key_secret file (needs --backend-curve-allow)")
     s.add("--backend-curve-allow", type=Path,
           help="directory of the allowed workers' public .key files (only these workers are given requests)")
+    s.add("--admin-allow", type=Path,
+          help="with CURVE on the frontend: a directory of public .key files (or one .key file) of the clients that may "
+               "ask for a rolling reload of the workers (`anti-sus reload --server FRONTEND`); others get 'forbidden'")
+    s.add("--reload-timeout", default=300.0, type=positive_float,
+          help="seconds a worker may take to reload before a rolling reload gives up on it")
     add_logging(p)
 
 
@@ -133,7 +138,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     if args.curve_allow and not args.curve_secret_key:
         raise UserError("--curve-allow needs --curve-secret-key")
+    admins = admin_keys(args.admin_allow) if args.admin_allow else None
+    if admins and not args.curve_secret_key:
+        raise UserError("--admin-allow needs --curve-secret-key (without CURVE the broker cannot tell clients apart)")
     broker = Broker(list(args.frontend), list(args.backend), limits=Limits(args.max_images, args.max_pixels), hwm=args.hwm,
+                    admin_keys=admins, reload_timeout=args.reload_timeout,
                     worker_timeout=args.worker_timeout, curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow,
                     backend_curve_secret_key=args.backend_curve_secret_key, backend_curve_allow=args.backend_curve_allow)
     options.on_signals(broker.stop)
