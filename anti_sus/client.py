@@ -56,6 +56,8 @@ class ImageResult:
     probe: float | None = None
     prompts: dict[str, float] | None = None
     """P(reject) per prompt check (``prompt:<check>`` verdicts); None when the server has no prompt checks."""
+    rejected_by: str | None = None
+    """The stage that rejected the image (``gmm``, ``probe``, ``prompts``, ``watermark``); None when good or an old server."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,8 @@ class FilterClient(ReqClient):
         # gmm is null when the server's stage list leaves the GMM out: NaN here, so old callers' floats stay floats.
         results = [ImageResult(int(r["index"]), float("nan") if r.get("gmm") is None else float(r["gmm"]), None if r.get("watermark") is None else float(r["watermark"]),
                                str(r["verdict"]), None if r.get("probe") is None else float(r["probe"]),
-                               None if r.get("prompts") is None else {str(k): float(v) for k, v in r["prompts"].items()})
+                               None if r.get("prompts") is None else {str(k): float(v) for k, v in r["prompts"].items()},
+                               None if r.get("rejected_by") is None else str(r["rejected_by"]))
                    for r in reply["results"]]
         good = [int(i) for i in reply["good"]]
         features = index = None

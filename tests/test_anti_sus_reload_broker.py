@@ -92,3 +92,28 @@ def test_a_failing_worker_stops_the_round_and_the_client_hears_why() -> None:
             assert "1 not tried" in str(err.value)
             assert len(loads.spans) == 1 and {w1.generation, w2.generation} == {1}
             assert c.filter(np.stack([image(150)])).results  # still serving on the old models
+
+
+def test_broker_reload_is_for_admin_keys_under_curve(tmp_path) -> None:
+    from photocore.curve import keygen
+
+    from anti_sus.cli.serve import admin_keys
+
+    keys = tmp_path / "keys"
+    server_pub, server_secret = keygen(keys, "broker")
+    admin_pub, admin_secret = keygen(keys, "admin")
+    _, user_secret = keygen(keys, "user")
+    loads = Loads()
+    with broker_running(curve_secret_key=server_secret, admin_keys=admin_keys(admin_pub)) as b, \
+            worker(b.backend_endpoints[0], loads) as w1:
+        wait_for(lambda: len(b.free) == 1)
+        ep = b.frontend_endpoints[0]
+        with FilterClient(ep, timeout=30, retries=0, curve_server_key=server_pub, curve_client_keys=user_secret) as c:
+            assert c.filter(np.stack([image(150)])).results
+            with pytest.raises(AntiSusError) as err:
+                c.reload()
+            assert err.value.code == "forbidden" and "--admin-allow" in str(err.value)
+        assert loads.spans == [] and w1.generation == 1
+        with FilterClient(ep, timeout=30, retries=0, curve_server_key=server_pub, curve_client_keys=admin_secret) as c:
+            reply = c.reload()
+        assert [w["generation"] for w in reply["workers"]] == [2] and w1.generation == 2

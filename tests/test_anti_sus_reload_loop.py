@@ -95,7 +95,7 @@ def test_label_learn_reload_op_new_decisions_nothing_dropped(models: Path, folde
         assert any(t < swapped_at for t in stream.answered_at) and any(t > swapped_at for t in stream.answered_at)
         # Now decided as labelled: the bad ones by the probe, the good ones kept.
         res = c.filter(bad)
-        assert {r.verdict for r in res.results} == {"probe"}
+        assert {(r.verdict, r.rejected_by) for r in res.results} == {("probe", "probe")}
         assert {r.verdict for r in c.filter(good).results} == {"good"}
 
 
