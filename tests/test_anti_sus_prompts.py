@@ -194,6 +194,16 @@ def test_scores_are_clip_zero_shot_softmax() -> None:
     np.testing.assert_allclose(s["b"], np.exp(logits[:, 3]) / (np.exp(logits[:, 3]) + np.exp(logits[:, 2])), rtol=1e-6)
     assert s["a"][0] > 0.99 and s["a"][1] < 0.01
     assert checks.threshold_of() == {"a": 0.5, "b": None}
+    # A large logit scale takes the per-check log-sum-exp path (the shared-max one would underflow): same numbers.
+    sharp = PromptChecks(checks.names, checks.thresholds, checks.enabled, checks.embeddings, checks.check,
+                         checks.reject, checks.texts, 400.0)
+    f2 = np.array([[0.8, 0.6, 0.0, 0.0], [0.0, 0.1, 0.9, 0.4]], np.float32)
+    l2 = 400.0 * (f2 / np.linalg.norm(f2, axis=1, keepdims=True)).astype(np.float64) @ e.T.astype(np.float64)
+    want = 1 / (1 + np.exp(l2[:, 2] - np.logaddexp(l2[:, 0], l2[:, 1])))
+    np.testing.assert_allclose(sharp.scores(f2)["a"], want, rtol=1e-3)  # float32 features: logits to ~1e-5
+    mild = PromptChecks(checks.names, checks.thresholds, checks.enabled, checks.embeddings, checks.check,
+                        checks.reject, checks.texts, 100.0)
+    np.testing.assert_allclose(mild.scores(f2)["b"], 1 / (1 + np.exp((l2[:, 2] - l2[:, 3]) / 4)), rtol=1e-3)
     back = PromptChecks.load(_write(checks))
     assert back.names == checks.names and back.texts == checks.texts
     np.testing.assert_array_equal(back.embeddings, checks.embeddings)

@@ -101,6 +101,8 @@ class PromptChecks:
     feature_model_sha256: str = ""
     text_model_sha256: str = ""
     _cols: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False, compare=False)
+    _ind: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
+    """(reject, accept) indicator matrices float64[P, C]: every check's sums in two matrix products."""
 
     def __post_init__(self) -> None:
         names = tuple(str(n) for n in self.names)
@@ -137,7 +139,9 @@ class PromptChecks:
         norms = np.linalg.norm(emb.astype(np.float64), axis=1, keepdims=True)
         for k, v in (("names", names), ("thresholds", thr), ("enabled", on), ("check", chk.astype(np.int64)),
                      ("reject", rej), ("texts", texts), ("logit_scale", float(self.logit_scale)),
-                     ("embeddings", (emb / np.maximum(norms, 1e-12)).astype(np.float32)), ("_cols", cols)):
+                     ("embeddings", (emb / np.maximum(norms, 1e-12)).astype(np.float32)), ("_cols", cols),
+                     ("_ind", (((chk[:, None] == np.arange(c)) & rej[:, None]).astype(np.float64),
+                               ((chk[:, None] == np.arange(c)) & ~rej[:, None]).astype(np.float64)))):
             object.__setattr__(self, k, v)
 
     # -- building ----------------------------------------------------------------
@@ -186,6 +190,13 @@ class PromptChecks:
             raise ValueError(f"prompts: expected features [N, {self.dim}], got {list(x.shape)}")
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         logits = (x @ self.embeddings.T).astype(np.float64) * self.logit_scale  # one product for every check
+        if 2 * self.logit_scale < 600 and self._ind is not None:
+            # exp(logit - row max) >= exp(-2 * scale) stays a normal float64 here, so no check's sum underflows:
+            # each check's reject and accept sums are then two products, however many checks there are.
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            rej, acc = e @ self._ind[0], e @ self._ind[1]
+            p = rej / (rej + acc)
+            return {n: p[:, i] for i, n in enumerate(self.names)}
         out = {}
         for n, (r, a) in zip(self.names, self._cols):
             lr = np.logaddexp.reduce(logits[:, r], axis=1)
