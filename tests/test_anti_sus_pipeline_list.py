@@ -148,3 +148,29 @@ def test_an_unknown_stage_is_refused_at_load(models: Path) -> None:
             Pipeline.load(models)
     finally:
         del STAGES["sparkle"]
+
+
+def test_the_legacy_protocol_is_judged_by_the_list(models: Path) -> None:
+    import zmq
+
+    from anti_sus.server import FilterServer, ServerConfig
+    from anti_sus.wire import Limits
+
+    from .test_anti_sus_support import LOOPBACK, running
+
+    frame = np.random.default_rng(3).integers(0, 256, (2, 512, 512, 3), dtype=np.uint8).tobytes()
+    ctx = zmq.Context()
+    try:
+        for order, good in ((None, []), (["clip"], [0, 1])):
+            write_pipeline(models, order)
+            server = FilterServer(Pipeline.load(models, gmm_threshold=1e9), ServerConfig(binds=[LOOPBACK], limits=Limits(4, 512 * 512)))
+            with running(server) as ep:
+                req = ctx.socket(zmq.REQ)
+                req.setsockopt(zmq.LINGER, 0)
+                req.connect(ep)
+                req.send(frame)
+                assert req.poll(30000)
+                assert np.frombuffer(req.recv(), dtype="<i4").tolist() == good
+                req.close(0)
+    finally:
+        ctx.term()

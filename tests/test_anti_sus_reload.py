@@ -128,3 +128,29 @@ def test_sighup_reloads_and_a_bad_directory_logs_one_line(models: Path) -> None:
         code, err = stop(proc)
     failed = [line for line in err.splitlines() if "reload failed" in line]
     assert len(failed) == 1 and "still serving generation 2" in failed[0], err
+
+
+def test_the_batch_in_flight_finishes_on_the_old_models() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .test_anti_sus_support import FakeStages, image
+
+    old, new = FakeStages(gmm_threshold=100.0, delay=1.5), FakeStages(gmm_threshold=10.0)
+    server = FilterServer(old, ServerConfig(binds=[LOOPBACK], limits=Limits(16, 512 * 512), loader=lambda: new))
+    batch = np.stack([image(50)])  # GMM score 50: an outlier for the old threshold, good for the new one
+    with running(server) as ep, ThreadPoolExecutor(1) as pool, FilterClient(ep, timeout=30, retries=0) as c:
+        def send() -> object:
+            with FilterClient(ep, timeout=30, retries=0) as other:
+                return other.filter(batch)
+
+        in_flight = pool.submit(send)
+        deadline = time.monotonic() + 10
+        while not old.batches:  # the old pipeline has the batch in hand
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert c.reload()["generation"] == 2  # answered while the old batch is still computing
+        first = in_flight.result(timeout=30)
+        assert first.thresholds == {"gmm": 100.0, "watermark": 0.5} and [r.verdict for r in first.results] == ["outlier"]
+        second = c.filter(batch)
+        assert second.thresholds is not None and second.thresholds["gmm"] == 10.0
+        assert [r.verdict for r in second.results] == ["good"] and new.batches == [1]
