@@ -39,7 +39,8 @@ class Stages(Protocol):
 
     Optional (read with ``getattr``, so older fakes keep working): ``has_probe``,
     ``probe_threshold`` and ``probe_prob(features) -> P(good)``; ``prompt_checks``
-    (a :class:`~anti_sus.stages.prompts.PromptChecks` or None).
+    (a :class:`~anti_sus.stages.prompts.PromptChecks` or None); ``order`` (the stage
+    names in the order they judge, :func:`stage_order` gives the default).
     """
 
     gmm_threshold: float

@@ -14,6 +14,11 @@ bytes is answered ``busy`` at once and its frames are released. (Pausing reads
 instead would leave the requests in ZeroMQ's receive pipes, up to ``hwm``
 messages per client, all of them in this process's memory.)
 
+Hot reload (the ``reload`` op, SIGHUP): a third, short-lived thread loads the
+model directory again through ``ServerConfig.loader`` while the other two go
+on; the swap is one assignment of ``self.pipeline``, which the compute thread
+reads once per batch (see :meth:`FilterServer.reload`).
+
 If the compute thread ever dies, every request it held or that is queued gets
 an ``internal`` reply, ``ping`` stops answering OK, and ``serve_forever``
 returns with :attr:`FilterServer.failure` set so the process can exit non-zero
