@@ -154,3 +154,12 @@ def test_the_batch_in_flight_finishes_on_the_old_models() -> None:
         second = c.filter(batch)
         assert second.thresholds is not None and second.thresholds["gmm"] == 10.0
         assert [r.verdict for r in second.results] == ["good"] and new.batches == [1]
+
+
+def test_admin_allow_needs_curve_and_public_keys(models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pub, secret = keygen(tmp_path / "keys", "admin")
+    for argv, says in ((["--admin-allow", str(pub)], "--admin-allow needs --curve-secret-key"),
+                       (["--admin-allow", str(secret)], "holds a secret key")):
+        assert main(["serve", "--models", str(models), "--bind", "tcp://127.0.0.1:*", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
