@@ -547,12 +547,16 @@ class FilterServer:
             # flight finishes on the old models and the next one runs on the new ones.
             self.pipeline = fresh
             self.generation += 1
-            info = self.info()
-            log.info("reloaded models from %s: generation %d, manifest %s",
-                     (info.get("models") or {}).get("models_dir"), self.generation, str(info.get("manifest_sha256"))[:12])
-            REQUESTS.labels("reload", "ok").inc()
-            frames = [ok_reply(rid, generation=self.generation, manifest_sha256=info.get("manifest_sha256"),
-                               models_dir=(info.get("models") or {}).get("models_dir"), pid=self.pid, instance=self.instance)]
+            try:  # the client must hear back even if describing the new models fails
+                info = self.info()
+                log.info("reloaded models from %s: generation %d, manifest %s",
+                         (info.get("models") or {}).get("models_dir"), self.generation, str(info.get("manifest_sha256"))[:12])
+                REQUESTS.labels("reload", "ok").inc()
+                frames = [ok_reply(rid, generation=self.generation, manifest_sha256=info.get("manifest_sha256"),
+                                   models_dir=(info.get("models") or {}).get("models_dir"), pid=self.pid, instance=self.instance)]
+            except Exception as exc:  # noqa: BLE001 - reported to the client and the log
+                log.exception("reloaded to generation %d, but its info failed", self.generation)
+                frames = [error_reply("internal", f"reloaded, but info failed: {type(exc).__name__}: {exc}", rid)]
         finally:
             with self._reload_lock:
                 self._reloading = False
