@@ -1,61 +1,25 @@
 """kill -9 at each point of an ingest, then redelivery: exactly one complete entry, no orphans."""
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import zmq
 
 from tests import gallery_helpers as T
-from gallery_bridge.client import GalleryUnavailable, IngestClient
-from gallery_bridge.ingest import CRASH_ENV, CRASH_POINTS
+from gallery_bridge.client import IngestClient
+from gallery_bridge.ingest import CRASH_POINTS
+from tests.gallery_process import free_port, send_and_wait_for_death, start_serve
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(root: Path, port: int, crash_at: str | None = None) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GALLERY_BRIDGE_")}
-    if crash_at:
-        env[CRASH_ENV] = crash_at
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gallery_bridge", "serve", "--bind", f"tcp://127.0.0.1:{port}", "--target", f"folder:{root}"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    with IngestClient(f"tcp://127.0.0.1:{port}", timeout=0.3, retries=100) as client:
-        try:
-            client.ping()
-        except GalleryUnavailable:
-            proc.kill()
-            raise AssertionError(f"server did not start: {proc.communicate(timeout=10)[1].decode()[-2000:]}")
-    return proc
-
-
-def _send_and_wait_for_death(proc: subprocess.Popen, port: int, key: str, data: bytes) -> int:
+def _ingest_and_wait_for_death(proc: subprocess.Popen, port: int, key: str, data: bytes) -> int:
     """Send one ingest (no reply will come) and wait for the process to kill itself."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 2000)
-    sock.connect(f"tcp://127.0.0.1:{port}")
-    try:
-        header = {"v": 1, "op": "ingest", "id": "crash", "key": key, "meta": {"title": "crash"}}
-        sock.send_multipart([json.dumps(header).encode(), data])
-        code = proc.wait(timeout=60)
-        assert not sock.poll(0), "a reply came although the process was killed before replying"
-        return code
-    finally:
-        sock.close(0)
+    return send_and_wait_for_death(proc, port, {"op": "ingest", "key": key, "meta": {"title": "crash"}}, data)
 
 
 def _state(root: Path) -> tuple[list[tuple[int, str]], list[str]]:
@@ -72,17 +36,17 @@ def _state(root: Path) -> tuple[list[tuple[int, str]], list[str]]:
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_kill_during_ingest_then_redelivery(tmp_path: Path, point: str) -> None:
     root = tmp_path / "gallery"
-    port = _free_port()
+    port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     data = T.encode(T.photo(40, (1000, 700)))
-    proc = _start(root, port, crash_at=point)
+    proc = start_serve(root, port, crash_at=point)
     try:
-        assert _send_and_wait_for_death(proc, port, "reddit:t3_crash:0", data) == -signal.SIGKILL
+        assert _ingest_and_wait_for_death(proc, port, "reddit:t3_crash:0", data) == -signal.SIGKILL
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    proc = _start(root, port)
+    proc = start_serve(root, port)
     try:
         with IngestClient(endpoint, timeout=20.0, retries=0) as client:
             reply = client.ingest("reddit:t3_crash:0", {"title": "crash"}, data)
@@ -111,10 +75,10 @@ def test_kill_during_ingest_then_redelivery(tmp_path: Path, point: str) -> None:
 def test_crash_before_the_commit_leaves_nothing_visible(tmp_path: Path) -> None:
     """Right after the kill (before any restart), readers see no entry and the page has none."""
     root = tmp_path / "gallery"
-    port = _free_port()
-    proc = _start(root, port, crash_at="thumb")
+    port = free_port()
+    proc = start_serve(root, port, crash_at="thumb")
     try:
-        assert _send_and_wait_for_death(proc, port, "k", T.encode(T.photo(42))) == -signal.SIGKILL
+        assert _ingest_and_wait_for_death(proc, port, "k", T.encode(T.photo(42))) == -signal.SIGKILL
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,26 +1,22 @@
 """The ``review`` op through a real server on 127.0.0.1: idempotent by key, apart from the gallery, capped, crash-safe."""
 from __future__ import annotations
 
-import json
-import os
-import socket
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pytest
-import zmq
 
 from gallery_bridge import reviews
 from gallery_bridge.catalogue import Catalogue
-from gallery_bridge.client import GalleryUnavailable, IngestClient, IngestError
-from gallery_bridge.ingest import CRASH_ENV, Ingester
+from gallery_bridge.client import IngestClient, IngestError
+from gallery_bridge.ingest import Ingester
 from gallery_bridge.server import Server, ServerConfig
 from gallery_bridge.targets.folder import FolderTarget
 from tests import gallery_helpers as T
+from tests.gallery_process import free_port, send_and_wait_for_death, start_serve
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parent.parent
@@ -137,40 +133,14 @@ def test_malformed_review_requests_are_refused_and_the_service_goes_on(gallery, 
 
 # ---- crash safety: a real `gallery-bridge serve` that SIGKILLs itself at a named point --------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(root: Path, port: int, crash_at: str | None = None) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GALLERY_BRIDGE_")}
-    if crash_at:
-        env[CRASH_ENV] = crash_at
-    env["GALLERY_BRIDGE_REVIEW_KEEP"] = "2"  # the flag's env var, as a container would set it
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gallery_bridge", "serve", "--bind", f"tcp://127.0.0.1:{port}", "--target", f"folder:{root}"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    with IngestClient(f"tcp://127.0.0.1:{port}", timeout=0.3, retries=100) as client:
-        try:
-            client.ping()
-        except GalleryUnavailable:
-            proc.kill()
-            raise AssertionError(f"server did not start: {proc.communicate(timeout=10)[1].decode()[-2000:]}")
-    return proc
+    # the cap's flag through its env var, as a container would set it
+    return start_serve(root, port, crash_at, env={"GALLERY_BRIDGE_REVIEW_KEEP": "2"})
 
 
 def _review_and_wait_for_death(proc: subprocess.Popen, port: int, key: str, data: bytes) -> None:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 2000)
-    sock.connect(f"tcp://127.0.0.1:{port}")
-    try:
-        header = {"v": 1, "op": "review", "id": "crash", "key": key, "meta": {}, "scores": {"gmm": 1.0}, "rejected_by": "gmm"}
-        sock.send_multipart([json.dumps(header).encode(), data])
-        assert proc.wait(timeout=60) == -9
-        assert not sock.poll(0), "a reply came although the process was killed before replying"
-    finally:
-        sock.close(0)
+    header = {"op": "review", "key": key, "meta": {}, "scores": {"gmm": 1.0}, "rejected_by": "gmm"}
+    assert send_and_wait_for_death(proc, port, header, data) == -9
 
 
 def _consistent(root: Path) -> list[dict]:
@@ -189,7 +159,7 @@ def _consistent(root: Path) -> list[dict]:
 @pytest.mark.parametrize("point", reviews.CRASH_POINTS)
 def test_a_crash_while_storing_or_capping_leaves_no_orphan_file_and_no_row_without_file(tmp_path: Path, point: str) -> None:
     root = tmp_path / "gallery"
-    port = _free_port()
+    port = free_port()
     proc = _start(root, port, crash_at=None)
     try:
         with IngestClient(f"tcp://127.0.0.1:{port}", timeout=20, retries=0) as client:
