@@ -376,12 +376,7 @@ class Pipeline:
         probe = None
         if "probe" in order:  # learnt by `anti-sus learn`: judged after the GMM, before the watermark by default
             probe = _load("probe", d, lambda: ProbeStage.load(arts["probe"].path))
-            if probe.dim != dim:
-                raise ModelDirError(f"probe dimension {probe.dim} != CLIP feature dimension {dim}; "
-                                    f"relearn it with: {build_hint('probe', d)}")
-            if probe.feature_model_sha256 and probe.feature_model_sha256 != arts["clip"].sha256:
-                raise ModelDirError(f"the probe in {d} was learnt on features of another CLIP model; "
-                                    f"relearn it with: {build_hint('probe', d)}")
+            _require_tied_to_clip("probe", "the probe", probe.dim, probe.feature_model_sha256, dim, arts, d)
         prompts = _load_prompts(d, arts if "prompts" in order else {}, dim, prompt_thresholds)
         watermark = None
         if no_watermark:
@@ -489,6 +484,17 @@ def _gmm_meta(d: Path, arts: dict[str, Artifact], gmm_threshold: float | None) -
     return float(gmm_threshold), fitted_on, suggested
 
 
+def _require_tied_to_clip(name: str, what: str, found_dim: int, found_sha: str, dim: int,
+                          arts: dict[str, Artifact], d: Path) -> None:
+    """A stage built on CLIP features (probe, prompt checks) must match the served CLIP's dimension and weights."""
+    if found_dim != dim:
+        raise ModelDirError(f"{what} in {d} have {found_dim}-d features, the CLIP features are {dim}-d; "
+                            f"rebuild with: {build_hint(name, d)}")
+    if found_sha and found_sha != arts["clip"].sha256:
+        raise ModelDirError(f"{what} in {d} were made from features of another CLIP model; "
+                            f"rebuild with: {build_hint(name, d)}")
+
+
 def _load_prompts(d: Path, arts: dict[str, Artifact], dim: int,
                   overrides: dict[str, float | None] | None) -> Any | None:
     """The directory's prompt checks (None without ``prompts``), checked against its CLIP; overrides applied."""
@@ -499,12 +505,7 @@ def _load_prompts(d: Path, arts: dict[str, Artifact], dim: int,
             raise ModelDirError(f"prompt thresholds given, but {d} has no prompt checks; add one with: {build_hint('prompts', d)}")
         return None
     checks = _load("prompts", d, lambda: PromptChecks.load(arts["prompts"].path))
-    if checks.dim != dim:
-        raise ModelDirError(f"prompt embeddings have {checks.dim} dimensions, the CLIP features {dim}; "
-                            f"re-encode them with: {build_hint('prompts', d)}")
-    if checks.feature_model_sha256 and checks.feature_model_sha256 != arts["clip"].sha256:
-        raise ModelDirError(f"the prompt checks in {d} were encoded for another CLIP model; "
-                            f"re-encode them with: {build_hint('prompts', d)}")
+    _require_tied_to_clip("prompts", "the prompt checks", checks.dim, checks.feature_model_sha256, dim, arts, d)
     unknown = sorted(set(overrides or {}) - set(checks.names))
     if unknown:
         raise ModelDirError(f"unknown prompt check(s) {', '.join(unknown)}; {d} has: {', '.join(checks.names) or 'none'}")
