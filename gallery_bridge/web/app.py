@@ -180,25 +180,32 @@ def create_app(cfg: WebConfig) -> Flask:
                                score_names=queries.score_names(conn),
                                next_args=filters.query() | ({"before": nxt} if nxt else {}))
 
-    @app.get("/items/<item>")
-    def detail(item: str) -> str:
+    def lookup(item: str) -> tuple[str, int, dict[str, Any]]:
+        """``(kind, number, fields with URLs)`` of a review item or a gallery entry (with its label), or a 404."""
         kind, num = parse_item(item)
         if kind == "r":
             it = services.review_item(db(), num)
             if it is None:
                 abort(404, f"no review item r{num}")
-            return render_template("review_detail.html", it=review_with_urls(it))
+            return kind, num, review_with_urls(it)
         entry = queries.entry(db(), num)
         if entry is None:
             abort(404, f"no gallery image g{num}")
         entry["label"] = services.label_of(db(), f"g{num}")
+        return kind, num, with_urls(entry)
+
+    @app.get("/items/<item>")
+    def detail(item: str) -> str:
+        kind, num, fields = lookup(item)
+        if kind == "r":
+            return render_template("review_detail.html", it=fields)
         similar: list[dict[str, Any]] = []
         similar_note = None
         try:
             similar = [s for s in hits(search.by_entry(num, 13)) if s["id"] != num][:12]
         except Unavailable as exc:
             similar_note = str(exc)
-        return render_template("detail.html", e=with_urls(entry), similar=similar, similar_note=similar_note)
+        return render_template("detail.html", e=fields, similar=similar, similar_note=similar_note)
 
     @app.get("/search")
     def search_page() -> str:
@@ -297,17 +304,7 @@ def create_app(cfg: WebConfig) -> Flask:
 
     @app.get("/api/images/<item>")
     def api_image(item: str) -> Response:
-        kind, num = parse_item(item)
-        if kind == "r":
-            it = services.review_item(db(), num)
-            if it is None:
-                abort(404, f"no review item r{num}")
-            return jsonify(review_with_urls(it))
-        entry = queries.entry(db(), num)
-        if entry is None:
-            abort(404, f"no gallery image g{num}")
-        entry["label"] = services.label_of(db(), f"g{num}")
-        return jsonify(with_urls(entry))
+        return jsonify(lookup(item)[2])
 
     @app.get("/api/search")
     def api_search() -> Response:
