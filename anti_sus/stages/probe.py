@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .arrays import load_npz
+
 KEYS = ("coef", "intercept", "threshold", "dim", "feature_model_sha256", "checksum")
 MAX_DIM = 1 << 16
 """No CLIP has more features; a bigger ``dim`` is a broken or hostile file."""
@@ -109,16 +111,7 @@ class ProbeStage:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "ProbeStage":
         """Read ``probe.npz``; never unpickles; raises :class:`ProbeFileError` naming what is wrong."""
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                missing = set(KEYS) - set(z.files)
-                if missing:
-                    raise ProbeFileError(f"{path}: missing keys {sorted(missing)}")
-                arrays = {k: z[k] for k in KEYS}
-        except (OSError, ValueError) as exc:
-            if isinstance(exc, ProbeFileError):
-                raise
-            raise ProbeFileError(f"{path}: not a readable probe file ({exc})") from None
+        arrays = load_npz(path, KEYS, ProbeFileError, "probe file")
         for k in ("intercept", "threshold", "dim", "feature_model_sha256", "checksum"):
             if arrays[k].shape != ():
                 raise ProbeFileError(f"{path}: {k} must be a single value, got shape {list(arrays[k].shape)}")

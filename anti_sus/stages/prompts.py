@@ -27,6 +27,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from .arrays import load_npz
+
 FORMAT = 1
 VERDICT_PREFIX = "prompt:"
 """Verdict of an image an enabled prompt check rejects: ``prompt:nsfw``, ``prompt:screenshot``, …"""
@@ -237,16 +239,7 @@ class PromptChecks:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "PromptChecks":
         """Read ``prompts.npz``; never unpickles; raises :class:`PromptFileError` naming what is wrong."""
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                missing = set(KEYS) - set(z.files)
-                if missing:
-                    raise PromptFileError(f"{path}: missing keys {sorted(missing)}")
-                a = {k: z[k] for k in KEYS}
-        except PromptFileError:
-            raise
-        except (OSError, ValueError) as exc:
-            raise PromptFileError(f"{path}: not a readable prompts file ({exc})") from None
+        a = load_npz(path, KEYS, PromptFileError, "prompts file")
         if a["format"].shape != () or int(a["format"]) != FORMAT:
             raise PromptFileError(f"{path}: format {a['format']} is not {FORMAT}")
         for k in ("names", "texts", "feature_model_sha256", "text_model_sha256"):
