@@ -27,6 +27,14 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_onnx_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A torch-free tiny model directory (models.tiny_onnx), built once per session: copy it before changing it."""
+    from models import tiny_onnx
+
+    return tiny_onnx.build(tmp_path_factory.mktemp("tiny_onnx"))
+
+
 @pytest.fixture(autouse=True)
 def _forget_registered_secrets():
     """Secrets a test registers with photocore.redact (a process-wide set) must not mask other tests' logs."""

@@ -18,20 +18,13 @@ DIM = 32  # models.tiny_onnx's CLIP feature dimension
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models import tiny_onnx
-
-    return tiny_onnx.build(tmp_path_factory.mktemp("tiny_onnx"))
-
-
-@pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_folders(tmp_path_factory.mktemp("labels"), 24, 24)
 
 
 @pytest.fixture
-def models(tiny_dir: Path, tmp_path: Path) -> Path:
-    return fresh_copy(tiny_dir, tmp_path / "models")
+def models(tiny_onnx_models: Path, tmp_path: Path) -> Path:
+    return fresh_copy(tiny_onnx_models, tmp_path / "models")
 
 
 def refused(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:

@@ -64,17 +64,10 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models import tiny_onnx
-
-    return tiny_onnx.build(tmp_path_factory.mktemp("tiny_onnx"))
-
-
 @pytest.mark.parametrize("source", ["labels.npz", "folders"])
-def test_learn_reads_what_labels_export_writes(exported: Path, tiny_dir: Path, tmp_path: Path, source: str,
+def test_learn_reads_what_labels_export_writes(exported: Path, tiny_onnx_models: Path, tmp_path: Path, source: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    models = fresh_copy(tiny_dir, tmp_path / "models")
+    models = fresh_copy(tiny_onnx_models, tmp_path / "models")
     labels = exported / "labels.npz" if source == "labels.npz" else exported
     assert main(["learn", "--labels", str(labels), "--models", str(models), "--min-per-class", "3", "--folds", "3"]) == 0
     out = capsys.readouterr().out

@@ -15,16 +15,9 @@ from models import manifest as manifest_cli
 from .test_anti_sus_learn_support import fresh_copy
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models import tiny_onnx
-
-    return tiny_onnx.build(tmp_path_factory.mktemp("tiny_onnx"))
-
-
 @pytest.fixture
-def models(tiny_dir: Path, tmp_path: Path) -> Path:
-    return fresh_copy(tiny_dir, tmp_path / "models")
+def models(tiny_onnx_models: Path, tmp_path: Path) -> Path:
+    return fresh_copy(tiny_onnx_models, tmp_path / "models")
 
 
 def test_pipeline_of_checks_names_clip_first_and_repeats() -> None:

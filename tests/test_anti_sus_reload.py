@@ -21,16 +21,9 @@ from .test_anti_sus_models import free_port, spawn, stop, wait_ping
 from .test_anti_sus_support import LOOPBACK, running
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models import tiny_onnx
-
-    return tiny_onnx.build(tmp_path_factory.mktemp("tiny_onnx"))
-
-
 @pytest.fixture
-def models(tiny_dir: Path, tmp_path: Path) -> Path:
-    return fresh_copy(tiny_dir, tmp_path / "models")
+def models(tiny_onnx_models: Path, tmp_path: Path) -> Path:
+    return fresh_copy(tiny_onnx_models, tmp_path / "models")
 
 
 def images(n: int = 4) -> np.ndarray:
