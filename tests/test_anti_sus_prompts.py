@@ -300,3 +300,28 @@ def test_write_defaults_enables_nsfw_for_a_trained_clip_and_keeps_added_checks(o
     assert checks.threshold_of() == {"cats": 0.7, "nsfw": 0.6, "screenshot": None, "text-meme": None, "illustration": None}
     assert checks.logit_scale == 50.0
     assert Pipeline.load(models, threads=1).info()["thresholds"]["prompts"]["nsfw"] == 0.6
+
+
+def test_probe_and_prompts_round_trip_on_an_exported_random_weight_clip(exported: Path, tmp_path: Path,
+                                                                         folders: Path) -> None:
+    """Issue 12's round trip on a real open_clip export: prompts from export, a probe from `anti-sus learn`, both
+    in the manifest, served, listed by info in pipeline order, and scored on every image."""
+    from .test_anti_sus_learn_support import separable_npz
+
+    models = copy(exported, tmp_path)
+    batch = np.concatenate([wire_batch(folders / "good", 2), wire_batch(folders / "bad", 2)])
+    with running(serve(models)) as ep, FilterClient(ep, timeout=60, retries=0) as client:
+        dim = client.filter(batch, return_features="all").features.shape[1]
+    npz = separable_npz(tmp_path / "labels.npz", dim, 30, 30)
+    assert main(["learn", "--labels", str(npz), "--models", str(models)]) == 0
+    manifest = read_manifest(models)
+    assert {"probe", "prompts"} <= set(manifest["artifacts"]) and verify(models) == []
+    with running(serve(models)) as ep, FilterClient(ep, timeout=60, retries=0) as client:
+        info = client.info()
+        assert info["probe_stage"] is True and info["prompt_stage"] is True
+        order = [s["name"] for s in info["stages"]]
+        assert order.index("gmm") < order.index("probe") < order.index("prompts") < order.index("watermark")
+        res = client.filter(batch)
+        assert all(r.probe is not None and 0.0 <= r.probe <= 1.0 for r in res.results)
+        assert all(r.prompts is not None and set(r.prompts) == {"nsfw", "screenshot", "text-meme", "illustration"}
+                   for r in res.results)
