@@ -8,7 +8,6 @@ waiting for review).
 """
 from __future__ import annotations
 
-import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +21,10 @@ from werkzeug.exceptions import HTTPException
 from photocore.protocol import ProtocolError
 
 from .. import __version__
+from ..labels import parse_item as labels_item
 from . import queries, security, services
 from .services import Unavailable
 
-ITEM = re.compile(r"^([gr])([0-9]{1,18})$")
 LABELS = ("good", "bad")
 PAGE_SIZE = 48
 MEDIA_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
@@ -52,10 +51,10 @@ def parse_item(text: str) -> tuple[str, int]:
     """``g12`` -> ("g", 12); a bare number is a gallery entry; anything else is a 404."""
     if text.isdigit() and len(text) <= 18:
         return "g", int(text)
-    m = ITEM.match(text)
-    if m is None:
+    try:
+        return labels_item(text)  # the label op's own rule for item ids
+    except ProtocolError:
         abort(404, f"no item {text[:40]!r}: ids are g<entry id> or r<review id>")
-    return m.group(1), int(m.group(2))
 
 
 def _int_arg(name: str, default: int | None, lo: int = 1, hi: int = 2**62) -> int | None:
