@@ -521,6 +521,11 @@ class Crawler:
         except Stopped:
             pass
         self.close()
+        # Downloads that finished after the stop never reached a batch: their keys stay pending (fetched again next
+        # run), so their originals go now, as a start would remove them, instead of lying in the spool until then.
+        left = self.store.clear_spool()
+        if left:
+            log.info("removed %d downloaded originals that were not filtered before the stop", left)
 
     def pending(self) -> int:
         """Image keys not yet decided (pending, or failed with retries left) plus the outbox."""
