@@ -445,3 +445,45 @@ def test_standalone_main_prints_flags_and_stops() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
+
+
+def test_rendered_images_are_kept_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image file is rendered once and then served from the cache; the cache drops the oldest past its bound."""
+    import stack.emulator as emulator_pkg
+    from stack.emulator import images as emu_images
+
+    def scenario(port: int) -> Scenario:
+        s = Scenario(port)
+        s.files.clear()  # only this test's three files
+        for i in range(3):
+            s.add_image("i.redd.it", f"c{i}.jpeg", 320, 200, seed=50 + i)
+        return s
+
+    renders: list[int] = []
+    real = emu_images.picture
+
+    def counting(width: int, height: int, fmt: str = "jpeg", seed: int = 0, orientation: int = 1) -> bytes:
+        renders.append(seed)
+        return real(width, height, fmt, seed, orientation)
+
+    monkeypatch.setattr(emu_images, "picture", counting)
+    with Emulator(scenario) as e:
+        assert e.prerender() == 3
+        assert renders == [50, 51, 52]
+        files = list(e.scenario.files.values())
+        with HttpClient(HttpConfig(ca_bundle=e.ca_bundle, resolve=e.resolve_entries(), allow_private=True)) as http:
+            got = http.download_image(e.url("i.redd.it", "c1.jpeg")).data
+        assert got == real(320, 200, "jpeg", 51) and renders == [50, 51, 52]  # served from the cache
+        sizes = [len(e.image_bytes(r)) for r in files]
+        monkeypatch.setattr(emulator_pkg, "RENDER_CACHE_BYTES", sizes[1] + sizes[2])
+        e._rendered.clear()
+        e._rendered_bytes = 0
+        renders.clear()
+        for r in files:
+            e.image_bytes(r)
+        assert e._rendered_bytes <= sizes[1] + sizes[2] and len(e._rendered) == 2  # the oldest went
+        e.image_bytes(files[1])
+        e.image_bytes(files[2])
+        assert renders == [50, 51, 52]  # c1 and c2 were still kept
+        e.image_bytes(files[0])
+        assert renders == [50, 51, 52, 50]  # c0 had gone

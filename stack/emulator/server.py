@@ -338,8 +338,7 @@ class Handler(BaseHTTPRequestHandler):
         if res.delay > 0:
             self.emu._stopping.wait(res.delay)
         if kind == "image":
-            data = images.picture(res.width, res.height, res.fmt, res.seed, res.orientation)
-            return self._send(200, data, f"image/{res.fmt}")
+            return self._send(200, self.emu.image_bytes(res), f"image/{res.fmt}")
         if kind == "bytes":
             return self._send(res.status, res.body, res.content_type)
         if kind == "html":
