@@ -180,7 +180,7 @@ class Ingester:
         self._crash("committed")
         self.dedup.add(entry_id, fp, features)
         try:
-            self.target.published(self.catalogue)
+            self.target.published(self.catalogue, entry_id)
         except OSError as exc:  # the entry is safe; a stale page is not worth failing the ingest
             log.error("could not rewrite the page: %s", exc)
         self._crash("page")

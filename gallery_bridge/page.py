@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import json
 import sqlite3
-from typing import Sequence
+from typing import Iterable, Sequence
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1rem;background:#111;color:#ddd}
@@ -44,8 +44,28 @@ def _tooltip(row: sqlite3.Row) -> str:
     return "\n".join(parts)
 
 
-def render(rows: Sequence[sqlite3.Row], total: int, title: str = "gallery") -> str:
-    """The whole page for ``rows`` (newest first) out of ``total`` entries."""
+def figure(row: sqlite3.Row) -> str:
+    """One entry's ``<figure>``: the page is these, newest first, between :func:`assemble`'s head and tail.
+
+    Depends on the row alone, so the folder target keeps the shown ones and
+    renders only a new entry's on ingest (gallery_bridge.targets.folder).
+    """
+    esc = html.escape
+    gid = int(row["id"])
+    original = f"images/{gid}.{esc(row['ext'])}"
+    thumb = f"thumbs/{gid}.jpg"
+    source = row["permalink"] or row["source_url"]
+    caption = esc(row["title"] or f"#{gid}")
+    link = (f' · <a href="{esc(source)}" rel="noopener noreferrer nofollow">source</a>' if source else "")
+    return (
+        f'<figure id="e{gid}"><a href="{original}"><img src="{thumb}" loading="lazy" '
+        f'alt="{caption}" title="{esc(_tooltip(row))}"></a>'
+        f"<figcaption>{caption}{link}</figcaption></figure>"
+    )
+
+
+def assemble(figures: Iterable[str], shown: int, total: int, title: str = "gallery") -> str:
+    """The whole page from ``shown`` already rendered figures (newest first) out of ``total`` entries."""
     esc = html.escape
     out = [
         "<!doctype html>",
@@ -56,20 +76,14 @@ def render(rows: Sequence[sqlite3.Row], total: int, title: str = "gallery") -> s
         f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{esc(title)}: {total} image{'s' if total != 1 else ''}</h1>",
     ]
-    if total > len(rows):
-        out.append(f'<p class="note">Showing the newest {len(rows)} of {total}; run <code>gallery-bridge list</code> for the rest.</p>')
+    if total > shown:
+        out.append(f'<p class="note">Showing the newest {shown} of {total}; run <code>gallery-bridge list</code> for the rest.</p>')
     out.append('<div class="sheet">')
-    for row in rows:
-        gid = int(row["id"])
-        original = f"images/{gid}.{esc(row['ext'])}"
-        thumb = f"thumbs/{gid}.jpg"
-        source = row["permalink"] or row["source_url"]
-        caption = esc(row["title"] or f"#{gid}")
-        link = (f' · <a href="{esc(source)}" rel="noopener noreferrer nofollow">source</a>' if source else "")
-        out.append(
-            f'<figure id="e{gid}"><a href="{original}"><img src="{thumb}" loading="lazy" '
-            f'alt="{caption}" title="{esc(_tooltip(row))}"></a>'
-            f"<figcaption>{caption}{link}</figcaption></figure>"
-        )
+    out.extend(figures)
     out.append("</div></body></html>")
     return "\n".join(out) + "\n"
+
+
+def render(rows: Sequence[sqlite3.Row], total: int, title: str = "gallery") -> str:
+    """The whole page for ``rows`` (newest first) out of ``total`` entries."""
+    return assemble([figure(row) for row in rows], len(rows), total, title)

@@ -39,8 +39,8 @@ class Target(Protocol):
     def discard(self, entry_id: int, ext: str) -> None:
         """Remove whatever ``store`` may have written for a pending entry."""
 
-    def published(self, catalogue: "Catalogue") -> None:
-        """Called after an entry became complete (e.g. regenerate the page)."""
+    def published(self, catalogue: "Catalogue", entry_id: int | None = None) -> None:
+        """Called after the gallery changed (e.g. regenerate the page); ``entry_id``: that entry became complete."""
 
     def describe(self) -> dict[str, Any]:
         """For the ``info`` op."""

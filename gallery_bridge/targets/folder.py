@@ -16,6 +16,15 @@ Write order for one entry (the ingester does steps 1 and 4):
 4. row marked *complete* and committed: from here on the entry exists;
 5. index.html rewritten atomically; then the sender gets its reply.
 
+fsyncs per added image: 4 here (each file, and each of the two directories
+its rename went into) plus SQLite's two commits. The page is *not* fsynced:
+it is derived data, rebuilt from the catalogue by :meth:`recover` at every
+start, before the first request is served, so a power cut can at worst leave
+a stale (or empty) index.html until that restart; the rename still keeps a
+live reader from ever seeing half a page. On ingest only the new entry's
+figure is rendered (the shown ones are kept in memory, see :meth:`published`),
+so the page costs the same at 50 entries as at a million.
+
 A crash before 4 leaves a pending row and maybe files: :meth:`recover` deletes
 both, so redelivery starts clean. A crash after 4 leaves a complete entry, and
 redelivery answers ``duplicate`` with its id. Files are named by catalogue id
@@ -23,9 +32,11 @@ only, so nothing from metadata ever reaches a path.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,6 +66,12 @@ class FolderTarget:
             d.mkdir(parents=True, exist_ok=True)
         self.page_limit = page_limit
         self._crash = crash or (lambda point: None)
+        # The page as shown: (entry id, rendered figure), newest first, and the
+        # number of complete entries; None until a full write_page fills it.
+        self._figures: collections.deque[tuple[int, str]] | None = None
+        self._total = 0
+        self.page_writes = {"full": 0, "incremental": 0}
+        """How often the page was rebuilt from the catalogue and how often by adding one figure (tests, bench)."""
 
     @property
     def catalogue_path(self) -> Path:
@@ -88,13 +105,45 @@ class FolderTarget:
         fsync_dir(self.images)
         fsync_dir(self.thumbs)
 
-    def published(self, catalogue: Catalogue) -> None:
+    def published(self, catalogue: Catalogue, entry_id: int | None = None) -> None:
+        """Rewrite the page after a change; ``entry_id``: the change was that entry becoming complete.
+
+        A new entry (its id above every shown one: ids only grow, ingests are
+        serialised and this process is the only writer, see WriterLock) is
+        rendered alone and put in front of the kept figures. Anything else
+        (a removal, an unknown state) rebuilds the page from the catalogue.
+        """
+        figures = self._figures
+        if entry_id is not None and figures is not None and (not figures or entry_id > figures[0][0]):
+            row = catalogue.get(entry_id)
+            if row is not None and row["state"] == "complete":
+                figures.appendleft((int(entry_id), page.figure(row)))  # the deque's maxlen drops the oldest
+                self._total += 1
+                self.page_writes["incremental"] += 1
+                self._write_html()
+                return
         self.write_page(catalogue)
 
     def write_page(self, catalogue: Catalogue) -> None:
+        """Render the whole page from the catalogue (start, rebuild, removals) and keep its figures."""
         rows = catalogue.recent(self.page_limit)
-        html = page.render(rows, catalogue.count(), title=self.root.resolve().name or "gallery")
-        atomic_write(self.root / "index.html", html.encode("utf-8"), self.tmp)
+        self._figures = collections.deque(((int(r["id"]), page.figure(r)) for r in rows), maxlen=self.page_limit)
+        self._total = catalogue.count()
+        self.page_writes["full"] += 1
+        self._write_html()
+
+    def _write_html(self) -> None:
+        """Atomic (temp file + rename) but not fsynced: see the module docstring for why that is safe."""
+        assert self._figures is not None
+        html = page.assemble((f for _, f in self._figures), len(self._figures), self._total,
+                             title=self.root.resolve().name or "gallery")
+        tmp = self.tmp / f"index.html.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            tmp.write_bytes(html.encode("utf-8"))
+            os.replace(tmp, self.root / "index.html")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     # ---- crash recovery ----------------------------------------------------------
     def recover(self, catalogue: Catalogue) -> dict[str, int]:

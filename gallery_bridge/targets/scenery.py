@@ -215,7 +215,7 @@ class SceneryTarget:
     def discard(self, entry_id: int, ext: str) -> None:
         pass
 
-    def published(self, catalogue: Catalogue) -> None:
+    def published(self, catalogue: Catalogue, entry_id: int | None = None) -> None:
         pass
 
     def describe(self) -> dict[str, Any]:

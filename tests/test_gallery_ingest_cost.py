@@ -1,0 +1,109 @@
+"""What one ingest costs the folder target: a bounded number of fsyncs, and a page that is not rebuilt from the catalogue.
+
+The durability side of the same code (kill -9 at every step, then redelivery)
+is tests/test_gallery_crash.py; these tests hold the cost side.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from gallery_bridge import page
+from gallery_bridge.catalogue import Catalogue
+from gallery_bridge.ingest import Ingester
+from gallery_bridge.labels import Labeller
+from gallery_bridge.reviews import ReviewStore
+from gallery_bridge.targets.folder import FolderTarget
+from gallery_bridge.validate import Limits, Meta, check_image
+from tests import gallery_helpers as T
+
+
+@pytest.fixture
+def ingester(tmp_path: Path) -> Iterator[Ingester]:
+    target = FolderTarget(tmp_path / "g", page_limit=3)
+    ing = Ingester(Catalogue(target.catalogue_path), target)
+    yield ing
+    ing.close()
+
+
+def _add(ing: Ingester, seed: int, title: str | None = None) -> int:
+    data = T.encode(T.photo(seed, (640, 480)))
+    out = ing.ingest(f"k:{seed}", Meta(title=title or f"photo {seed}", source_url="https://example.org/a.jpg"),
+                     check_image(data, Limits()))
+    assert out.status == "added", out
+    assert out.gallery_id is not None
+    return out.gallery_id
+
+
+def _full_render(ing: Ingester) -> str:
+    target = ing.target
+    assert isinstance(target, FolderTarget)
+    return page.render(ing.catalogue.recent(target.page_limit), ing.catalogue.count(), title=target.root.resolve().name)
+
+
+def test_fsyncs_per_ingest_are_bounded(ingester: Ingester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Original and thumbnail: file + directory each (4); the page, derived data rebuilt at every start, none."""
+    _add(ingester, 1)  # warm: first-use work stays out of the count
+    calls: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    gid = _add(ingester, 2)
+    assert len(calls) == 4
+    root = ingester.target.root  # type: ignore[attr-defined]
+    # Everything the acknowledgement promises is in place, the page included.
+    assert (root / "images" / f"{gid}.jpg").is_file() and (root / "thumbs" / f"{gid}.jpg").is_file()
+    assert f"thumbs/{gid}.jpg" in (root / "index.html").read_text()
+
+
+def test_page_is_updated_per_ingest_without_reading_the_catalogue(ingester: Ingester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ingest renders only the new figure, yet the page equals a full render from the catalogue every time."""
+    recent_calls = []
+    real_recent = Catalogue.recent
+    monkeypatch.setattr(Catalogue, "recent", lambda self, *a, **k: (recent_calls.append(a), real_recent(self, *a, **k))[1])
+    count_calls = []
+    real_count = Catalogue.count
+    monkeypatch.setattr(Catalogue, "count", lambda self: (count_calls.append(1), real_count(self))[1])
+    root = ingester.target.root  # type: ignore[attr-defined]
+    for n, seed in enumerate(range(10, 15), start=1):  # past page_limit=3: the oldest figures drop off
+        gid = _add(ingester, seed, title=f"t<{seed}>")
+        html = (root / "index.html").read_text()
+        assert f'id="e{gid}"' in html and f"t&lt;{seed}&gt;" in html
+        monkeypatch.setattr(Catalogue, "recent", real_recent)
+        monkeypatch.setattr(Catalogue, "count", real_count)
+        assert html == _full_render(ingester)
+        monkeypatch.setattr(Catalogue, "recent", lambda self, *a, **k: (recent_calls.append(a), real_recent(self, *a, **k))[1])
+        monkeypatch.setattr(Catalogue, "count", lambda self: (count_calls.append(1), real_count(self))[1])
+    assert html.count("<figure") == 3 and "Showing the newest 3 of 5" in html
+    assert recent_calls == [] and count_calls == []
+
+
+def test_a_removal_rebuilds_the_page_and_later_ingests_stay_right(ingester: Ingester) -> None:
+    """Labelling an entry bad takes it off the page (a full rebuild); the next ingest is incremental again and correct."""
+    ids = [_add(ingester, seed) for seed in (20, 21, 22, 23)]
+    labeller = Labeller(ingester, ReviewStore(ingester.catalogue))
+    labeller.label(f"g{ids[-1]}", "bad")  # the newest: the page must fall back to the older ones
+    root = ingester.target.root  # type: ignore[attr-defined]
+    html = (root / "index.html").read_text()
+    assert f'id="e{ids[-1]}"' not in html and f'id="e{ids[0]}"' in html
+    assert html == _full_render(ingester)
+    new = _add(ingester, 24)
+    html = (root / "index.html").read_text()
+    assert f'id="e{new}"' in html and html == _full_render(ingester)
+
+
+def test_restart_rewrites_the_page_from_the_catalogue(tmp_path: Path) -> None:
+    """The page is not fsynced: a start must rebuild it, so a lost or stale page never outlives a restart."""
+    target = FolderTarget(tmp_path / "g", page_limit=3)
+    ing = Ingester(Catalogue(target.catalogue_path), target)
+    gid = _add(ing, 30)
+    ing.close()
+    (tmp_path / "g" / "index.html").write_text("")  # what a power cut may leave of an un-fsynced page
+    target = FolderTarget(tmp_path / "g", page_limit=3)
+    ing = Ingester(Catalogue(target.catalogue_path), target)
+    try:
+        assert f'id="e{gid}"' in (tmp_path / "g" / "index.html").read_text()
+    finally:
+        ing.close()
