@@ -136,15 +136,25 @@ class Ingester:
         return None
 
     def ingest(self, key: str, meta: Meta, image: CheckedImage, features: np.ndarray | None = None,
-               *, min_side: int = 0, blocked_ok: bool = False) -> Outcome:
-        # One sha256 of the bytes (tens of MB for a large PNG) serves the check and the row.
-        sha = hashlib.sha256(image.data).hexdigest()
-        seen = self.known(key, image.data, sha, blocked_ok=blocked_ok)
-        if seen:
-            return seen
+               *, min_side: int = 0, blocked_ok: bool = False, known_sha: str | None = None) -> Outcome:
+        """Add ``image`` under ``key`` unless it is known, too small, blocked or a near-duplicate.
+
+        ``known_sha``: the caller has just called :meth:`known` for this key and
+        these bytes (same ``blocked_ok``) and got None; this is the sha256 it
+        used. On this one thread nothing can have changed since, so that
+        lookup and the hashing of the bytes are not done twice.
+        """
+        if known_sha is None:
+            # One sha256 of the bytes (tens of MB for a large PNG) serves the check and the row.
+            sha = hashlib.sha256(image.data).hexdigest()
+            seen = self.known(key, image.data, sha, blocked_ok=blocked_ok)
+            if seen:
+                return seen
+        else:
+            sha = known_sha
         if min(image.width, image.height) < min_side:
             return Outcome("rejected", None, "too_small", f"{image.width}x{image.height} is below the {min_side} px minimum side")
-        fp = fingerprint(image.image)
+        fp = fingerprint(image.upright)  # the upright copy (if any) is shared with the thumbnail
         if not blocked_ok and len(self.blocked) and self._blocked_near(fp):
             return Outcome("rejected", None, "blocked", "a near copy of an image labelled bad in the gallery")
         match = self.dedup.find(fp, features)

@@ -12,6 +12,7 @@ started, so nothing of it outlives its owner.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -296,14 +297,16 @@ class Server(Closeable):
                 raise ProtocolError("too_large", f"image is {len(frames[0])} bytes, limit {self.config.limits.max_image_bytes}")
             features = check_features(frames[1] if len(frames) == 2 else None, header.get("features_dim"), self.config.limits)
             # A redelivery (same key or same bytes) is answered before any decoding.
-            outcome = self.ingester.known(key, frames[0])
+            sha = hashlib.sha256(frames[0]).hexdigest()
+            outcome = self.ingester.known(key, frames[0], sha)
             if outcome is None:
                 image = check_image(frames[0], self.config.limits)
         except ProtocolError as exc:
             exc.request_id = rid
             raise
         if outcome is None:
-            outcome = self.ingester.ingest(key, meta, image, features, min_side=self.config.limits.min_side)
+            # known_sha: the lookup above is not repeated (nor the bytes hashed again).
+            outcome = self.ingester.ingest(key, meta, image, features, min_side=self.config.limits.min_side, known_sha=sha)
         if INGESTS:
             INGESTS.labels(outcome.status).inc()
             SECONDS.observe(time.perf_counter() - t0)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from photocore.protocol import ProtocolError
 from photocore.sniff import pillow_format
@@ -89,6 +89,14 @@ class CheckedImage:
     ext: str
     width: int
     height: int
+    _upright: Image.Image | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def upright(self) -> Image.Image:
+        """:func:`upright` of ``image``, made once: the hashes and the thumbnail share it."""
+        if self._upright is None:
+            self._upright = upright(self.image)
+        return self._upright
 
 
 def clean_text(value: Any, name: str, cap: int) -> str | None:
@@ -218,6 +226,25 @@ def check_image(data: bytes, limits: Limits) -> CheckedImage:
     except Exception as exc:  # Pillow raises many types for corrupt files
         raise ProtocolError("bad_image", f"cannot decode {fmt}: {exc}") from None
     return CheckedImage(data=data, image=image, ext=FORMATS[fmt], width=width, height=height)
+
+
+_ROTATING = frozenset(range(2, 9))
+"""EXIF orientations that move pixels (1 is upright; other values are invalid and ignored, as exif_transpose does)."""
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: EXIF orientation applied, 16-bit grey scaled to 8 bits.
+
+    ``ImageOps.exif_transpose`` followed by :func:`to_8bit`, except that an
+    image neither of them changes is returned as is instead of as a copy: for
+    the usual unrotated 8-bit photo that is a full pass over its pixels saved
+    (the result is only read: hashed and resized). A rotated image comes
+    back with its orientation tag removed, so calling this again on the result
+    returns it unchanged.
+    """
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in _ROTATING:
+        image = ImageOps.exif_transpose(image)
+    return to_8bit(image)
 
 
 def to_8bit(image: Image.Image) -> Image.Image:

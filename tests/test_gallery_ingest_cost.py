@@ -1,23 +1,31 @@
-"""What one ingest costs the folder target: a bounded number of fsyncs, and a page that is not rebuilt from the catalogue.
+"""What one ingest costs: a bounded number of fsyncs, a page not rebuilt from the catalogue, no redundant pixel passes or lookups.
 
 The durability side of the same code (kill -9 at every step, then redelivery)
 is tests/test_gallery_crash.py; these tests hold the cost side.
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pytest
+from PIL import Image, ImageOps
 
 from gallery_bridge import page
 from gallery_bridge.catalogue import Catalogue
+from gallery_bridge.client import IngestClient
+from gallery_bridge.dedup import fingerprint
 from gallery_bridge.ingest import Ingester
 from gallery_bridge.labels import Labeller
 from gallery_bridge.reviews import ReviewStore
+from gallery_bridge.server import Server, ServerConfig
 from gallery_bridge.targets.folder import FolderTarget
+from gallery_bridge.thumbnails import THUMB_QUALITY, make_thumbnail
 from gallery_bridge.validate import Limits, Meta, check_image
+from stack.emulator.images import picture
 from tests import gallery_helpers as T
 
 
@@ -106,4 +114,73 @@ def test_restart_rewrites_the_page_from_the_catalogue(tmp_path: Path) -> None:
     try:
         assert f'id="e{gid}"' in (tmp_path / "g" / "index.html").read_text()
     finally:
+        ing.close()
+
+
+def _jpeg(orientation: int = 1) -> bytes:
+    """A 3000x2000 JPEG (decoded at 1/4: 750x500, the thumbnail's size), with an EXIF orientation."""
+    return picture(3000, 2000, "jpeg", seed=5, orientation=orientation)
+
+
+def test_an_upright_photo_is_never_copied_whole(ingester: Ingester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashes and thumbnail read the decoded pixels in place: no full-size copy, no exif_transpose pass."""
+    checked = check_image(_jpeg(), Limits())
+    copies: list[tuple[int, int]] = []
+    real_copy = Image.Image.copy
+    monkeypatch.setattr(Image.Image, "copy", lambda self: (copies.append(self.size), real_copy(self))[1])
+    transposes: list[int] = []
+    real_transpose = ImageOps.exif_transpose
+    monkeypatch.setattr(ImageOps, "exif_transpose", lambda im, **kw: (transposes.append(1), real_transpose(im, **kw))[1])
+    assert ingester.ingest("k:upright", Meta(), checked).status == "added"
+    assert checked.image.size == (750, 500)
+    assert [s for s in copies if s == checked.image.size] == [] and transposes == []
+
+
+def test_a_rotated_photo_is_turned_once_for_hashes_and_thumbnail(ingester: Ingester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EXIF orientation 6: one transpose shared by both, with the same results as turning it for each."""
+    checked = check_image(_jpeg(6), Limits())
+    reference = ImageOps.exif_transpose(checked.image)
+    transposes: list[int] = []
+    real_transpose = ImageOps.exif_transpose
+    monkeypatch.setattr(ImageOps, "exif_transpose", lambda im, **kw: (transposes.append(1), real_transpose(im, **kw))[1])
+    out = ingester.ingest("k:rotated", Meta(), checked)
+    assert out.status == "added" and len(transposes) == 1
+    monkeypatch.setattr(ImageOps, "exif_transpose", real_transpose)
+    row = ingester.catalogue.get(out.gallery_id)
+    assert row is not None and row["phash"] == fingerprint(reference).phash_hex
+    assert bytes(row["signature"]) == fingerprint(reference).signature
+    thumb = Image.open(ingester.target.thumb_path(out.gallery_id))  # type: ignore[attr-defined]
+    assert thumb.size == (500, 750)
+    assert np.array_equal(np.asarray(thumb), np.asarray(Image.open(io.BytesIO(make_thumbnail(reference)))))
+
+
+def test_thumbnail_has_the_pixels_of_an_optimised_encode_for_less_work() -> None:
+    """Standard Huffman tables: the same decoded pixels as ``optimize=True``, without its second pass."""
+    image = check_image(_jpeg(), Limits()).image
+    thumb = make_thumbnail(image)
+    optimised = io.BytesIO()
+    image.save(optimised, "JPEG", quality=THUMB_QUALITY, optimize=True)
+    assert thumb != optimised.getvalue()
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(thumb))), np.asarray(Image.open(optimised)))
+    assert len(thumb) < 1.25 * len(optimised.getvalue())
+
+
+def test_the_service_looks_a_new_image_up_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The redelivery check (key, sha256, block list) runs once per ingest, not again inside Ingester.ingest."""
+    target = FolderTarget(tmp_path / "g")
+    ing = Ingester(Catalogue(target.catalogue_path), target)
+    server = Server(ing, ServerConfig(bind="tcp://127.0.0.1:*")).start()
+    lookups: list[str] = []
+    real_by_key = Catalogue.by_key
+    monkeypatch.setattr(Catalogue, "by_key", lambda self, key: (lookups.append(key), real_by_key(self, key))[1])
+    try:
+        with IngestClient(server.endpoint, timeout=20, retries=0) as client:
+            first = client.ingest("k:once", {}, _jpeg())
+            assert first.status == "added" and lookups == ["k:once"]
+            again = client.ingest("k:once", {}, _jpeg())
+            assert (again.status, again.gallery_id) == ("duplicate", first.gallery_id)
+            other = client.ingest("k:other", {}, _jpeg())  # same bytes, new key: the sha256 answer
+            assert (other.status, other.gallery_id) == ("duplicate", first.gallery_id)
+    finally:
+        server.close()
         ing.close()

@@ -33,7 +33,7 @@ import imagehash
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..validate import to_8bit
+from ..validate import upright
 
 SIG_SIDE = 96
 """Side of the grey signature (scenery hashes a 96x96 grey image)."""
@@ -78,7 +78,7 @@ def words_from_hex(text: str) -> np.ndarray:
 
 def grey_signature(image: Image.Image) -> Image.Image:
     """The 96x96 grey image scenery's hash is computed from (EXIF orientation applied)."""
-    image = to_8bit(ImageOps.exif_transpose(image))
+    image = upright(image)  # no copy of an image that is upright and 8-bit already
     # Exactly imagehash's own steps (convert, one LANCZOS resize), so the hash of
     # a given image is bit for bit what scenery computes; no reducing_gap shortcut. 16-bit grey
     # is scaled first (to_8bit): convert("L") would clip it to white.

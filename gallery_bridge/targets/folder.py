@@ -95,7 +95,7 @@ class FolderTarget:
         return Stored("added", int(entry_id))
 
     def write_thumbnail(self, entry_id: int, image: CheckedImage) -> None:
-        atomic_write(self.thumb_path(entry_id), make_thumbnail(image.image), self.tmp)
+        atomic_write(self.thumb_path(entry_id), make_thumbnail(image.upright), self.tmp)
 
     def discard(self, entry_id: int, ext: str) -> None:
         for path in (self.image_path(entry_id, ext), self.thumb_path(entry_id)):
