@@ -134,6 +134,10 @@ class Crawler:
         self.rng = rng or random.Random()
         self.batcher = Batcher(size=config.batch_size, timeout=config.batch_timeout, clock=clock)
         self._pool = ThreadPoolExecutor(max_workers=max(1, config.workers), thread_name_prefix="nomad-dl")
+        # One request to anti_sus at a time, in its own thread, so downloads go on while it filters.
+        self._filter_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nomad-filter")
+        self._sent: tuple[list[Downloaded], Future[Any]] | None = None
+        """The batch anti_sus is scoring now and its answer to come (the filter thread's only work)."""
         self._stats = CycleStats()
         self._worker: DeliveryWorker | None = None
         """The background outbox drain while a cycle runs (``background_delivery``), else None."""
@@ -164,6 +168,7 @@ class Crawler:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._filter_pool.shutdown(wait=True, cancel_futures=True)
         if self.review is not None:
             self.review.close()
         if self.dupskip is not None:
@@ -354,52 +359,82 @@ class Crawler:
     def download(self, stats: CycleStats) -> None:
         """Download every pending image; batches go to anti_sus as they fill or time out.
 
-        At most ``2 x workers`` downloads are in flight, and while a batch waits
-        for anti_sus nothing new is submitted: memory stays bounded.
+        Filtering overlaps with downloading: while anti_sus scores one batch
+        (in the filter thread), the pool downloads and decodes the next, so on a
+        busy crawl anti_sus never waits for nomad. Memory stays bounded: one
+        batch in flight and the next one collecting, its downloads included
+        (at most ``2 x workers`` at a time): about two batches of wire images.
+        Returns with no batch in flight.
         """
         work = iter(self.store.work(self.cfg.max_retries))
         inflight: dict[Future[Any], ImageRef] = {}
         exhausted = False
         while True:
-            while not exhausted and not self.stop.is_set() and len(inflight) < 2 * self.cfg.workers:
+            while (not exhausted and not self.stop.is_set() and len(inflight) < 2 * self.cfg.workers
+                   and len(self.batcher.items) + len(inflight) < self.cfg.batch_size):
                 ref = next(work, None)
                 if ref is None:
                     exhausted = True
                     break
                 inflight[self._pool.submit(self.fetch, ref)] = ref
-            if not inflight:
+            if self._sent is None and self.batcher.due():
+                self._send(stats)
+                continue
+            if not inflight and self._sent is None:
                 break
-            due = self.batcher.due_in()
-            done, _ = wait(list(inflight), timeout=0.5 if due is None else max(0.01, min(0.5, due)), return_when=FIRST_COMPLETED)
+            waiting = list(inflight) + ([self._sent[1]] if self._sent is not None else [])
+            due = self.batcher.due_in() if self._sent is None else None
+            done, _ = wait(waiting, timeout=0.5 if due is None else max(0.01, min(0.5, due)), return_when=FIRST_COMPLETED)
             for fut in done:
-                self._fetched(inflight.pop(fut), fut, stats)
-            if self.batcher.due():
-                self.flush(stats)
+                if fut in inflight:
+                    self._fetched(inflight.pop(fut), fut, stats)
+            if self._sent is not None and self._sent[1].done():
+                self._collect(stats)
 
     # --- stage 3: anti_sus and the outbox ------------------------------------------------
     def flush(self, stats: CycleStats | None = None, *, force: bool = False) -> None:
-        """Send due batches (all of them with ``force``); waits while anti_sus is down."""
+        """Send due batches (all of them with ``force``) and wait for their answers; waits while anti_sus is down."""
         stats = stats or self._stats
-        while self.batcher.items and (force or self.batcher.due()):
-            items = self.batcher.take()
-            if self.dupskip is not None:  # reposts the gallery holds: decided here, no CLIP spent on them
-                items = self.dupskip.drop_known(items, lambda it, why: self._decide(stats, "rejected", why, key=it.ref.key))
-                if not items:
-                    continue
-            try:
-                result = self.filter_stage.filter(np.stack([i.wire for i in items]))
-            except Stopped:
-                # Stopped while anti_sus was down: the keys stay pending, fetched again next run.
-                for it in items + self.batcher.take():
-                    it.spool.unlink(missing_ok=True)
+        while True:
+            if not self._collect(stats):
                 return
-            except AntiSusError as exc:
-                for it in items:
-                    self._decide(stats, "failed", f"anti_sus_{exc.code}", key=it.ref.key, error=str(exc))
-                    it.spool.unlink(missing_ok=True)
-                log.error("anti_sus refused a batch of %d: %s", len(items), exc)
-                continue
-            self._record_verdicts(items, result, stats)
+            if not (self.batcher.items and (force or self.batcher.due())):
+                return
+            self._send(stats)
+
+    def _send(self, stats: CycleStats) -> None:
+        """Take one batch, drop what the gallery already holds, and hand the rest to the filter thread."""
+        items = self.batcher.take()
+        if self.dupskip is not None:  # reposts the gallery holds: decided here, no CLIP spent on them
+            items = self.dupskip.drop_known(items, lambda it, why: self._decide(stats, "rejected", why, key=it.ref.key))
+        if items:
+            wires = np.stack([i.wire for i in items])
+            self._sent = (items, self._filter_pool.submit(self.filter_stage.filter, wires))
+
+    def _collect(self, stats: CycleStats) -> bool:
+        """Record anti_sus's answer to the batch in flight, waiting for it; False when a stop ended the wait.
+
+        The answer is recorded here, in the crawler's thread, so the store and
+        the stats keep one writer; only the request itself runs in the filter thread.
+        """
+        if self._sent is None:
+            return True
+        (items, fut), self._sent = self._sent, None
+        try:
+            result = fut.result()
+        except Stopped:
+            # Stopped while anti_sus was down: the keys stay pending, fetched again next run.
+            for it in items + self.batcher.take():
+                it.spool.unlink(missing_ok=True)
+            return False
+        except AntiSusError as exc:
+            for it in items:
+                self._decide(stats, "failed", f"anti_sus_{exc.code}", key=it.ref.key, error=str(exc))
+                it.spool.unlink(missing_ok=True)
+            log.error("anti_sus refused a batch of %d: %s", len(items), exc)
+            return True
+        self._record_verdicts(items, result, stats)
+        return True
 
     def _record_verdicts(self, items: list[Downloaded], result: Any, stats: CycleStats) -> None:
         if self.review is not None:
@@ -509,7 +544,7 @@ class Crawler:
             self._blocking_sleep(seconds)
             return False
 
-        if self.batcher.items:
+        if self.batcher.items or self._sent is not None:
             self.filter_stage.sleep = patient
             try:
                 self.flush(stats, force=True)

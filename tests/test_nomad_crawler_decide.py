@@ -143,3 +143,77 @@ def test_cycle_length_is_measured_on_the_injected_clock(store: Store, tmp_path: 
         assert crawler.cycle().seconds == 7.0
     finally:
         crawler.close()
+
+
+class Gated(Answers):
+    """anti_sus that holds its first answer until released, recording how many downloads finished meanwhile."""
+
+    def __init__(self, fetched: list[str]) -> None:
+        super().__init__()
+        import threading
+
+        self.fetched = fetched
+        self.release = threading.Event()
+        self.in_call = threading.Event()
+        self.calls: list[int] = []
+        self.concurrent = 0
+        self.most_concurrent = 0
+        self.fetched_while_held: list[int] = []
+
+    def filter(self, images: np.ndarray, **kw: Any) -> FilterResult:
+        self.concurrent += 1
+        self.most_concurrent = max(self.most_concurrent, self.concurrent)
+        try:
+            self.calls.append(len(images))
+            if len(self.calls) == 1:
+                self.in_call.set()
+                deadline = time.monotonic() + 10
+                while not self.release.is_set() and time.monotonic() < deadline:
+                    self.fetched_while_held.append(len(self.fetched))
+                    time.sleep(0.01)
+            return super().filter(images, **kw)
+        finally:
+            self.concurrent -= 1
+
+
+def test_downloads_go_on_while_anti_sus_filters_a_batch(store: Store, tmp_path: Path) -> None:
+    """The next batch is downloaded while anti_sus scores the current one, and no further than that batch."""
+    fetched: list[str] = []
+    gate = Gated(fetched)
+    crawler = crawler_with(store, tmp_path, gate, batch_size=4, workers=1, batch_timeout=30.0)
+
+    def fetch(ref: ImageRef) -> tuple[str, str, Downloaded | None]:
+        spool = crawler.store.spool_path(ref.key, ".jpg")
+        spool.write_bytes(b"\xff\xd8\xff" + bytes(100))
+        fetched.append(ref.key)
+        return "ok", "", Downloaded(ref, np.zeros((512, 512, 3), np.uint8), spool, 2000, 1500, "jpeg")
+
+    crawler.fetch = fetch  # type: ignore[method-assign]
+    for i in range(12):
+        store.add_image(ImageRef(f"reddit:t3_p{i}:0", f"https://i.redd.it/p{i}.jpg"), f"t3_p{i}")
+    stats = CycleStats()
+
+    def release_when_the_next_batch_is_in() -> None:
+        gate.in_call.wait(10)
+        deadline = time.monotonic() + 10
+        while len(fetched) < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # time for a (wrong) ninth download to start
+        gate.release.set()
+
+    import threading
+
+    releaser = threading.Thread(target=release_when_the_next_batch_is_in)
+    releaser.start()
+    try:
+        crawler.download(stats)
+        crawler.flush(stats, force=True)
+    finally:
+        releaser.join(20)
+        crawler.close()
+    assert gate.release.is_set()
+    # While the first batch of 4 was held, the next 4 were downloaded (the old loop stopped at 4 + 2 x workers = 6),
+    # and not a ninth: one batch in flight and one collecting bound the memory.
+    assert max(gate.fetched_while_held) == 8
+    assert gate.calls == [4, 4, 4] and gate.most_concurrent == 1
+    assert stats.accepted == 12 and len(set(fetched)) == 12
