@@ -89,12 +89,18 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     return image.convert("RGB")
 
 
-def to_wire(image: Image.Image, size: int = WIRE_SIZE) -> np.ndarray:
+def to_wire(
+    image: Image.Image, size: int = WIRE_SIZE, box: tuple[float, float, float, float] | None = None
+) -> np.ndarray:
     """A decoded image -> ``uint8[size, size, 3]`` RGB, squashed (the wire format).
 
     Greyscale stays one byte per pixel until it has been resized (squashing then
     copying the grey into three channels gives the same pixels as the other way
     round, at a quarter of the memory: Pillow keeps RGB as 4 bytes per pixel).
+    ``box`` is the source region in ``image``'s pixels (Pillow's ``resize`` box,
+    fractions allowed): a DCT-scaled JPEG draft of a 3001-pixel-wide photo is
+    751 pixels wide but holds only 750.25 pixels of picture, and squashing the
+    whole 751 would shift the right edge by half a wire pixel.
     """
     if image.mode in _INT_GREY or image.mode == "F":
         small = _grey_to_l(image)
@@ -102,8 +108,8 @@ def to_wire(image: Image.Image, size: int = WIRE_SIZE) -> np.ndarray:
         small = image
     else:
         small = to_rgb(image)
-    if small.size != (size, size):
-        small = small.resize((size, size), RESAMPLE)
+    if small.size != (size, size) or box is not None:
+        small = small.resize((size, size), RESAMPLE, box=box)
     return np.asarray(small.convert("RGB"), dtype=np.uint8).copy()
 
 

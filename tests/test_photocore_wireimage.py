@@ -29,3 +29,16 @@ def test_transparency_is_composited_over_white() -> None:
 def test_stack_wire() -> None:
     batch = stack_wire([Image.new("L", (10, 20), 7), Image.new("RGB", (5, 5), (1, 2, 3))], 16)
     assert batch.shape == (2, 16, 16, 3) and batch[0, 0, 0].tolist() == [7, 7, 7] and batch[1, 3, 3].tolist() == [1, 2, 3]
+
+
+def test_box_squashes_only_that_region() -> None:
+    """A box (a DCT draft's exact extent) leaves the padding beyond it out of the wire."""
+    im = Image.new("RGB", (101, 50), (0, 0, 255))
+    im.paste((255, 0, 0), (100, 0, 101, 50))  # a red last column: padding outside the picture
+    with_pad = to_wire(im, 64)
+    boxed = to_wire(im, 64, box=(0, 0, 100, 50))
+    assert with_pad[:, -1, 0].min() > 100, "without a box the padding reaches the wire"
+    # Only the bicubic tail past the box's edge reaches in (Pillow samples around the box, as it should).
+    assert boxed[:, -1, 0].max() < 40 and boxed[:, :-1, 0].max() == 0
+    same = Image.new("L", (64, 64), 9)
+    assert to_wire(same, 64, box=(0, 0, 32, 32)).shape == (64, 64, 3), "a box applies even at the wire size"
