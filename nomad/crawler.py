@@ -503,6 +503,7 @@ class Crawler:
         stats.outbox = self.store.outbox_size()
         stats.seconds = self.clock() - t0
         log.info(stats.line(), extra={"cycle": stats.fields()})
+        self.metrics.cycle(stats.seconds)
         return stats
 
     def run(self, interval: float) -> None:

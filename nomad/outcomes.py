@@ -80,9 +80,13 @@ class Metrics:
 
     def __init__(self) -> None:
         if Metrics._made is None:
-            from prometheus_client import Counter
+            from prometheus_client import Counter, Gauge
 
             Metrics._made = {
+                "cycles": Counter("nomad_cycles", "Poll cycles finished (a crashed cycle counts as an error, not here)"),
+                "cycle_seconds": Gauge("nomad_last_cycle_seconds", "Length of the last finished cycle"),
+                "cycle_end": Gauge("nomad_last_cycle_end_time_seconds",
+                                   "Unix time the last cycle finished (alert when it grows old: the crawl is stuck)"),
                 "posts": Counter("nomad_posts", "Posts seen in listings, by outcome", ["outcome"]),
                 "images": Counter("nomad_images", "Image keys decided, by outcome and reason", ["outcome", "reason"]),
                 "waits": Counter("nomad_ratelimit_waits", "Waits forced by rate limits", ["source"]),
@@ -103,6 +107,12 @@ class Metrics:
 
     def error(self, kind: str) -> None:
         self.m["errors"].labels(kind).inc()
+
+    def cycle(self, seconds: float) -> None:
+        """One finished cycle and its length."""
+        self.m["cycles"].inc()
+        self.m["cycle_seconds"].set(seconds)
+        self.m["cycle_end"].set_to_current_time()
 
     def review(self, outcome: str) -> None:
         """One review sample item: queued, then sent, duplicate, failed or dropped."""

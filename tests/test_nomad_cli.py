@@ -100,6 +100,14 @@ def test_stats_text_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert re.search(r"posts_rejected\s+nsfw=1", out)
 
 
+def _cycles(metrics: str) -> float:
+    """``nomad_cycles_total`` from a Prometheus text page (0 when absent)."""
+    for line in metrics.splitlines():
+        if line.startswith("nomad_cycles_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
 def test_run_polls_serves_metrics_and_stops_on_sigterm(tiny_models: Path, tmp_path: Path) -> None:
     a_ep, port = f"tcp://127.0.0.1:{free_port()}", free_port()
     anti = Service("anti_sus", python_module("anti_sus", "serve", "--models", str(tiny_models), "--bind", a_ep, "--threads", "1"),
@@ -122,9 +130,9 @@ def test_run_polls_serves_metrics_and_stops_on_sigterm(tiny_models: Path, tmp_pa
                     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
                 except OSError:
                     continue
-                if 'nomad_images_total{outcome="delivered"' in metrics:
+                # Two cycles finished: the second saw no new post (the metric, not a guess at timing).
+                if 'nomad_images_total{outcome="delivered"' in metrics and _cycles(metrics) >= 2:
                     break
-            time.sleep(2.5)  # let a second cycle start
             nomad.send_signal(signal.SIGTERM)
             _, err = nomad.communicate(timeout=60)
         finally:
@@ -132,6 +140,7 @@ def test_run_polls_serves_metrics_and_stops_on_sigterm(tiny_models: Path, tmp_pa
                 nomad.kill()
             anti.stop()
     assert nomad.returncode == 0, err[-3000:]
+    assert _cycles(metrics) >= 2 and "nomad_last_cycle_end_time_seconds" in metrics
     assert 'nomad_posts_total{outcome="expanded"}' in metrics and 'nomad_images_total{outcome="rejected",reason="too_small"}' in metrics
     assert err.count("cycle: posts_seen=") >= 2  # one line per cycle; the second cycle saw no new post
     assert "new_posts=0" in err

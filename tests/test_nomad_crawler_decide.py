@@ -139,10 +139,15 @@ def test_cycle_length_is_measured_on_the_injected_clock(store: Store, tmp_path: 
             return ""
 
     crawler.sources = [Ticking()]  # type: ignore[list-item]
+    cycles = REGISTRY.get_sample_value("nomad_cycles_total") or 0.0
     try:
         assert crawler.cycle().seconds == 7.0
     finally:
         crawler.close()
+    # The metrics say a cycle finished, how long it took and when (a stuck crawl shows as an old end time).
+    assert REGISTRY.get_sample_value("nomad_cycles_total") == cycles + 1
+    assert REGISTRY.get_sample_value("nomad_last_cycle_seconds") == 7.0
+    assert abs(time.time() - (REGISTRY.get_sample_value("nomad_last_cycle_end_time_seconds") or 0.0)) < 60
 
 
 class Gated(Answers):
