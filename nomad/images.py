@@ -16,7 +16,10 @@ copied intermediate is ever made.
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -50,7 +53,7 @@ the draft's exact extent (``to_wire``'s box) matters: a 2250-row photo at 1/4
 has 562.5 rows of picture in 563 decoded ones.
 """
 _ORIENTATION_TAG = 0x0112
-_SWAPPED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+SWAPPED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
 
 
 class ImageError(Exception):
@@ -79,9 +82,9 @@ class Decoded:
     """"jpeg", "png" or "webp"."""
 
 
-def _open(data: bytes, formats: tuple[str, ...]) -> Image.Image:
+def _open(data: bytes | Path, formats: tuple[str, ...]) -> Image.Image:
     try:
-        return Image.open(io.BytesIO(data), formats=list(formats))
+        return Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data, formats=list(formats))
     except Image.DecompressionBombError as exc:
         raise ImageError("bomb", str(exc)) from exc
     except UnidentifiedImageError as exc:
@@ -122,28 +125,95 @@ def _orientation(im: Image.Image) -> int:
 
 def _oriented_size(im: Image.Image) -> tuple[int, int]:
     w, h = im.size
-    return (h, w) if _orientation(im) in _SWAPPED_ORIENTATIONS else (w, h)
+    return (h, w) if _orientation(im) in SWAPPED_ORIENTATIONS else (w, h)
 
 
-def draft_scale(width: int, height: int, wire_size: int = WIRE_SIZE) -> int:
-    """The DCT scale denominator (1, 2, 4 or 8) ``decode`` uses for a ``width`` x ``height`` JPEG.
+def draft_scale(width: int, height: int, size: int | tuple[int, int] = WIRE_SIZE, fill: float = DRAFT_MIN_FILL) -> int:
+    """The DCT scale denominator (1, 2, 4 or 8) for decoding a ``width`` x ``height`` JPEG to ``size``.
 
-    The largest k whose draft keeps its short side >= ``DRAFT_MIN_FILL`` x the
-    wire size (orientation does not matter: the wire is square).
+    The largest k whose draft keeps each side >= ``fill`` x the target's side
+    (``size``: a square side, or ``(w, h)`` in the same orientation as ``width``
+    and ``height``). ``decode``'s wire is square, so only the short side counts.
     """
-    short = min(width, height)
+    tw, th = (size, size) if isinstance(size, int) else size
     for k in (8, 4, 2):
-        if short / k >= DRAFT_MIN_FILL * wire_size:
+        if width / k >= fill * tw and height / k >= fill * th:
             return k
     return 1
 
 
-def upright(wire: np.ndarray, orientation: int) -> np.ndarray:
-    """Apply an EXIF ``orientation`` to a square wire array (a copy when it moves pixels)."""
+def upright(image: Image.Image, orientation: int) -> Image.Image:
+    """``image`` as shown for an EXIF ``orientation`` (the same image when there is nothing to turn)."""
     method = _TRANSPOSE.get(orientation)
-    if method is None:
-        return wire
-    return np.array(Image.fromarray(wire, "RGB").transpose(method), dtype=np.uint8)
+    return image if method is None else image.transpose(method)
+
+
+@dataclass
+class Source:
+    """An opened image that passed the header checks (format, pixel cap, animation); nothing decoded yet."""
+
+    image: Image.Image
+    width: int
+    """Full-resolution width after EXIF orientation."""
+    height: int
+    format: str
+    """"jpeg", "png" or "webp" (an MPO is a "jpeg")."""
+    orientation: int
+    """The EXIF orientation (1: stored upright); ``load`` does not apply it, ``upright`` does."""
+
+    def load(self, size: int | tuple[int, int], fill: float = DRAFT_MIN_FILL) -> tuple[Image.Image, tuple[float, float, float, float] | None]:
+        """Decode the pixels, a JPEG DCT-scaled by ``draft_scale`` for an upright target ``size``.
+
+        Returns the decoded (not yet upright) image and the picture's exact
+        extent in it when draft-scaled (its last row/column may be partial:
+        resize over that box), else None. Raises ImageError.
+        """
+        im = self.image
+        box = None
+        if im.format in ("JPEG", "MPO"):
+            tw, th = (size, size) if isinstance(size, int) else size
+            if self.orientation in SWAPPED_ORIENTATIONS:
+                tw, th = th, tw  # the target in stored pixels
+            k = draft_scale(im.width, im.height, (tw, th), fill)
+            if k > 1:
+                # Pillow picks the largest power of two <= min(w // rw, h // rh): exactly k here.
+                drafted = im.draft("RGB", (im.width // k, im.height // k))
+                if drafted is not None:
+                    box = drafted[1]
+        try:
+            im.load()
+        except Image.DecompressionBombError as exc:
+            raise ImageError("bomb", str(exc)) from exc
+        except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+            raise ImageError(_classify(exc), str(exc)) from exc
+        return im, box
+
+
+@contextmanager
+def opened(
+    source: bytes | Path,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    formats: tuple[str, ...] = DEFAULT_FORMATS,
+    reject_animated: bool = True,
+) -> Iterator[Source]:
+    """Open image bytes or a file with nomad's checks, before any pixel is decoded.
+
+    Only ``formats``; the pixel count from the header against ``max_pixels``
+    ("bomb"); animations rejected unless ``reject_animated`` is False; an MPO at
+    its first frame. Raises ImageError. ``decode`` (the wire) and the review
+    copy (``nomad.delivery.review``) both start here.
+    """
+    with _open(source, formats) as im:
+        _check(im, max_pixels)
+        fmt = _format_name(im)
+        if reject_animated and _animated(im):
+            raise ImageError("animated", f"{fmt} with {getattr(im, 'n_frames', '?')} frames")
+        if im.format == "MPO":
+            im.seek(0)  # the photo; later frames are depth maps or previews
+        orientation = _orientation(im)
+        width, height = _oriented_size(im)
+        yield Source(im, width, height, fmt, orientation)
 
 
 def _check(im: Image.Image, max_pixels: int) -> None:
@@ -189,30 +259,14 @@ def decode(
     reject_animated: bool = True,
 ) -> Decoded:
     """Decode ``data`` to the wire format; raises ImageError with a stats code on any problem."""
-    with _open(data, formats) as im:
-        _check(im, max_pixels)
-        fmt = _format_name(im)
-        if reject_animated and _animated(im):
-            raise ImageError("animated", f"{fmt} with {getattr(im, 'n_frames', '?')} frames")
-        if im.format == "MPO":
-            im.seek(0)  # the photo; later frames are depth maps or previews
-        orientation = _orientation(im)
-        width, height = _oriented_size(im)
-        box = None
-        k = draft_scale(im.width, im.height, wire_size) if im.format in ("JPEG", "MPO") else 1
-        if k > 1:
-            # Pillow picks the largest power of two <= min(w // rw, h // rh): exactly k here.
-            drafted = im.draft("RGB", (im.width // k, im.height // k))
-            if drafted is not None:
-                box = drafted[1]  # the picture's exact extent: the last row/column may be partial
+    with opened(data, max_pixels=max_pixels, formats=formats, reject_animated=reject_animated) as src:
+        im, box = src.load(wire_size)
         try:
-            im.load()
-        except Image.DecompressionBombError as exc:
-            raise ImageError("bomb", str(exc)) from exc
-        except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
-            raise ImageError(_classify(exc), str(exc)) from exc
-        try:
-            wire = upright(to_wire(im, wire_size, box=box), orientation)
+            # Squash first, turn the 512x512 result: the wire is square, so this is the
+            # picture of turning first, without a turned copy of the whole draft.
+            wire = to_wire(im, wire_size, box=box)
+            if src.orientation in _TRANSPOSE:
+                wire = np.array(upright(Image.fromarray(wire, "RGB"), src.orientation), dtype=np.uint8)
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise ImageError(_classify(exc), str(exc)) from exc
-        return Decoded(wire=wire, width=width, height=height, format=fmt)
+        return Decoded(wire=wire, width=src.width, height=src.height, format=src.format)

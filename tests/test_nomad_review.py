@@ -237,6 +237,46 @@ def test_a_pixel_bomb_is_not_decoded(tmp_path: Path) -> None:
         review_jpeg(src, max_pixels=999_999)
 
 
+def test_review_copy_uses_the_crawlers_safe_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One open/check/draft/orient implementation (nomad.images.opened): its refusals, its DCT scaling."""
+    from PIL import ImageFile
+
+    from stack.emulator import images as gen
+
+    cut = tmp_path / "cut.jpeg"
+    cut.write_bytes(gen.truncated_jpeg())
+    with pytest.raises(ValueError, match="truncated"):  # an error, never a half-grey copy
+        review_jpeg(cut)
+    bmp = tmp_path / "x.jpeg"
+    Image.new("RGB", (40, 30)).save(bmp, "BMP")
+    with pytest.raises(ValueError, match="bad_format"):
+        review_jpeg(bmp)
+    big = tmp_path / "big.jpeg"
+    big.write_bytes(gen.picture(3000, 2000, "jpeg", 4))
+    sizes: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+
+    def load(self: ImageFile.ImageFile):  # type: ignore[no-untyped-def]
+        sizes.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    out = Image.open(io.BytesIO(review_jpeg(big)))
+    monkeypatch.undo()
+    assert sizes[0] == (750, 500), "1/4 is still larger than the 512x341 copy"
+    assert out.size == (512, 341)
+
+
+def test_review_copy_puts_transparency_over_white_like_the_wire(tmp_path: Path) -> None:
+    png = tmp_path / "t.png"
+    arr = np.zeros((100, 200, 4), np.uint8)
+    arr[:, 100:] = (0, 0, 255, 255)  # right half opaque blue, left half transparent black
+    Image.fromarray(arr, "RGBA").save(png)
+    out = np.asarray(Image.open(io.BytesIO(review_jpeg(png))))
+    assert out[:, :90].min() > 240, "transparent pixels are white, as anti_sus saw them"
+    assert out[:, 110:, 2].mean() > 230 and out[:, 110:, 0].mean() < 20
+
+
 # --- in the crawler -------------------------------------------------------------------------
 
 class Answers:

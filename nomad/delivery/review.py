@@ -35,9 +35,11 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from anti_sus.client import FilterResult, ImageResult
+from nomad.images import SWAPPED_ORIENTATIONS, ImageError, opened, upright
+from photocore.wireimage import to_rgb
 
 from .batch import Downloaded
 from .destinations import ingest_meta
@@ -131,20 +133,37 @@ def pick(results: Sequence[ImageResult], thresholds: dict[str, float] | None, bu
     return out
 
 
+def review_size(width: int, height: int, side: int = REVIEW_SIDE) -> tuple[int, int]:
+    """The review copy's size for an upright ``width`` x ``height``: longest side ``side``, never enlarged."""
+    if max(width, height) <= side:
+        return width, height
+    scale = side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def review_jpeg(path: Path, *, side: int = REVIEW_SIDE, max_pixels: int = 40_000_000) -> bytes:
-    """A ≤ ``side`` px JPEG of an original: draft (DCT-scaled) decode, EXIF orientation applied, RGB."""
-    with Image.open(path, formats=FORMATS) as im:
-        if im.width * im.height > max_pixels:
-            raise ValueError(f"{im.width}x{im.height} is over {max_pixels} pixels")
-        if im.format == "JPEG":
-            im.draft("RGB", (side, side))  # decodes at 1/2..1/8 scale, still >= side: cheap for large photos
-        im.load()
-        upright = ImageOps.exif_transpose(im) or im
-        rgb = upright.convert("RGB")
-        rgb.thumbnail((side, side), Image.Resampling.LANCZOS)
-        out = io.BytesIO()
-        rgb.save(out, "JPEG", quality=JPEG_QUALITY, optimize=True)
-        return out.getvalue()
+    """A ≤ ``side`` px JPEG of an original, through the crawler's own safe decode (``nomad.images.opened``).
+
+    Same format allow-list, pixel cap before decoding and truncation errors as
+    the wire; a JPEG is DCT-scaled as far as the copy stays >= its size (no
+    upscale: people look at it), transparency goes over white as on the wire,
+    and the copy is shrunk before it is turned upright (a smaller turn).
+    Raises ValueError with the one-line reason for a file it cannot use.
+    """
+    try:
+        with opened(path, max_pixels=max_pixels, formats=FORMATS, reject_animated=False) as src:
+            size = review_size(src.width, src.height, side)
+            im, box = src.load(size, fill=1.0)
+            rgb = to_rgb(im)
+            stored = size[::-1] if src.orientation in SWAPPED_ORIENTATIONS else size
+            if rgb.size != stored or box is not None:
+                rgb = rgb.resize(stored, Image.Resampling.LANCZOS, box=box, reducing_gap=2.0)
+            rgb = upright(rgb, src.orientation)
+            out = io.BytesIO()
+            rgb.save(out, "JPEG", quality=JPEG_QUALITY, optimize=True)  # inside: rgb may be the file's own image
+            return out.getvalue()
+    except ImageError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 @dataclass
