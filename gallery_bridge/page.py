@@ -64,8 +64,8 @@ def figure(row: sqlite3.Row) -> str:
     )
 
 
-def assemble(figures: Iterable[str], shown: int, total: int, title: str = "gallery") -> str:
-    """The whole page from ``shown`` already rendered figures (newest first) out of ``total`` entries."""
+def frame(shown: int, total: int, title: str = "gallery") -> tuple[str, str]:
+    """The page around its figures: (head, tail); the page is ``"\\n".join([head, *figures, tail])``."""
     esc = html.escape
     out = [
         "<!doctype html>",
@@ -79,9 +79,13 @@ def assemble(figures: Iterable[str], shown: int, total: int, title: str = "galle
     if total > shown:
         out.append(f'<p class="note">Showing the newest {shown} of {total}; run <code>gallery-bridge list</code> for the rest.</p>')
     out.append('<div class="sheet">')
-    out.extend(figures)
-    out.append("</div></body></html>")
-    return "\n".join(out) + "\n"
+    return "\n".join(out), "</div></body></html>\n"
+
+
+def assemble(figures: Iterable[str], shown: int, total: int, title: str = "gallery") -> str:
+    """The whole page from ``shown`` already rendered figures (newest first) out of ``total`` entries."""
+    head, tail = frame(shown, total, title)
+    return "\n".join([head, *figures, tail])
 
 
 def render(rows: Sequence[sqlite3.Row], total: int, title: str = "gallery") -> str:

@@ -66,9 +66,10 @@ class FolderTarget:
             d.mkdir(parents=True, exist_ok=True)
         self.page_limit = page_limit
         self._crash = crash or (lambda point: None)
-        # The page as shown: (entry id, rendered figure), newest first, and the
-        # number of complete entries; None until a full write_page fills it.
-        self._figures: collections.deque[tuple[int, str]] | None = None
+        self.title = self.root.resolve().name or "gallery"
+        # The page as shown: (entry id, rendered figure as UTF-8), newest first, and
+        # the number of complete entries; None until a full write_page fills it.
+        self._figures: collections.deque[tuple[int, bytes]] | None = None
         self._total = 0
         self.page_writes = {"full": 0, "incremental": 0}
         """How often the page was rebuilt from the catalogue and how often by adding one figure (tests, bench)."""
@@ -117,7 +118,7 @@ class FolderTarget:
         if entry_id is not None and figures is not None and (not figures or entry_id > figures[0][0]):
             row = catalogue.get(entry_id)
             if row is not None and row["state"] == "complete":
-                figures.appendleft((int(entry_id), page.figure(row)))  # the deque's maxlen drops the oldest
+                figures.appendleft((int(entry_id), page.figure(row).encode("utf-8")))  # maxlen drops the oldest
                 self._total += 1
                 self.page_writes["incremental"] += 1
                 self._write_html()
@@ -127,7 +128,8 @@ class FolderTarget:
     def write_page(self, catalogue: Catalogue) -> None:
         """Render the whole page from the catalogue (start, rebuild, removals) and keep its figures."""
         rows = catalogue.recent(self.page_limit)
-        self._figures = collections.deque(((int(r["id"]), page.figure(r)) for r in rows), maxlen=self.page_limit)
+        self._figures = collections.deque(((int(r["id"]), page.figure(r).encode("utf-8")) for r in rows),
+                                          maxlen=self.page_limit)
         self._total = catalogue.count()
         self.page_writes["full"] += 1
         self._write_html()
@@ -135,11 +137,11 @@ class FolderTarget:
     def _write_html(self) -> None:
         """Atomic (temp file + rename) but not fsynced: see the module docstring for why that is safe."""
         assert self._figures is not None
-        html = page.assemble((f for _, f in self._figures), len(self._figures), self._total,
-                             title=self.root.resolve().name or "gallery")
+        head, tail = page.frame(len(self._figures), self._total, self.title)
+        data = b"\n".join([head.encode("utf-8"), *(f for _, f in self._figures), tail.encode("utf-8")])
         tmp = self.tmp / f"index.html.{os.getpid()}.{secrets.token_hex(4)}"
         try:
-            tmp.write_bytes(html.encode("utf-8"))
+            tmp.write_bytes(data)
             os.replace(tmp, self.root / "index.html")
         except BaseException:
             tmp.unlink(missing_ok=True)
