@@ -1,10 +1,15 @@
-"""Benchmark nomad's image path: draft vs full JPEG decode, and loopback download throughput.
+"""Benchmark nomad's image path: JPEG decode to the wire (new, old, full), and loopback download throughput.
 
-    python -m bench.nomad [--images 6] [--repeats 3] [--workers 4] [--downloads 24]
+    python -m bench.nomad [--images 4] [--repeats 3] [--workers 4] [--downloads 24] [--decode-only]
 
-1. decode + resize of 12-megapixel (4000x3000) JPEGs to the wire input
-   (``uint8[512,512,3]`` via ``anti_sus.preprocess.to_wire``): ``nomad.images.decode``
-   (JPEG draft mode) vs a full decode of the same bytes; median per image and ratio.
+1. decode + resize of large JPEGs to the wire input (``uint8[512,512,3]``,
+   ``photocore.wireimage.to_wire``), three paths side by side on the same bytes:
+   ``nomad.images.decode`` (DCT draft at the largest 1/k whose short side is
+   >= 95% of the wire, squashed over the draft's exact extent, oriented after),
+   the previous path (draft only while both sides stay >= 1.5x the wire, then
+   exif_transpose + to_wire: 1/2 for 3000x2000), and the full decode. Median
+   wall and CPU (this thread's) ms per image, and each path's difference from
+   the full decode (mean and 99th percentile, grey levels).
 2. download + decode throughput against the loopback emulator (real TLS, SSRF
    guard on, ``--resolve`` pins; the emulator in its own process), 1 worker vs N
    workers in a thread pool, same run: once with an instant server, once with an
@@ -33,9 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from anti_sus.preprocess import to_wire  # noqa: E402
-from nomad.http import HttpClient, HttpConfig
-from nomad.images import decode
+from bench.machine import cpu_model  # noqa: E402
+from nomad.http import HttpClient, HttpConfig  # noqa: E402
+from nomad.images import decode, draft_scale  # noqa: E402
+from photocore.wireimage import WIRE_SIZE, to_wire  # noqa: E402
+from stack.emulator import images as emulator_images  # noqa: E402
+
+OLD_DRAFT_SIDE = int(1.5 * WIRE_SIZE)
+"""The previous rule: Pillow's draft at (768, 768), i.e. both sides of the draft >= 1.5x the wire."""
 
 
 def photo_like(width: int, height: int, seed: int, grain_std: float = 10.0) -> bytes:
@@ -60,33 +70,82 @@ def full_decode(data: bytes) -> np.ndarray:
         return to_wire(ImageOps.exif_transpose(im) or im)
 
 
-def time_each(fn: Callable[[bytes], object], blobs: list[bytes], repeats: int) -> list[float]:
+def old_decode(data: bytes) -> np.ndarray:
+    """nomad's previous path: 1/2 draft for 3000x2000 (both sides >= 768), upright copy, then squash."""
+    with Image.open(io.BytesIO(data)) as im:
+        if im.format == "JPEG":
+            im.draft("RGB", (OLD_DRAFT_SIDE, OLD_DRAFT_SIDE))
+        im.load()
+        return to_wire(ImageOps.exif_transpose(im) or im)
+
+
+def time_each(fn: Callable[[bytes], object], blobs: list[bytes], repeats: int) -> list[tuple[float, float]]:
+    """(wall, this thread's CPU) seconds per call: CPU is what a shared 2-core machine loses to nomad."""
     times = []
     for _ in range(repeats):
         for b in blobs:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             fn(b)
-            times.append(time.perf_counter() - t0)
+            times.append((time.perf_counter() - t0, time.thread_time() - c0))
     return times
 
 
-def bench_decode(n_images: int, repeats: int, grain_std: float) -> dict[str, float]:
-    blobs = [photo_like(4000, 3000, seed, grain_std) for seed in range(n_images)]
-    mb = statistics.mean(len(b) for b in blobs) / 1e6
-    # Warm-up, and agreement between both paths (draft must not change the picture much).
-    drift = float(np.mean([np.abs(decode(b).wire.astype(int) - full_decode(b).astype(int)).mean() for b in blobs[:2]]))
-    # Interleave the two paths so background load hits both alike.
-    draft_t: list[float] = []
-    full_t: list[float] = []
-    for _ in range(repeats):
-        draft_t += time_each(lambda b: decode(b), blobs, 1)
-        full_t += time_each(full_decode, blobs, 1)
-    d, f = statistics.median(draft_t), statistics.median(full_t)
-    print(f"decode 4000x3000 JPEG, grain {grain_std:g} ({mb:.1f} MB avg, {n_images} images x {repeats}) -> 512x512x3")
-    print(f"  full decode + resize : {f * 1000:7.1f} ms median")
-    print(f"  draft mode (nomad)   : {d * 1000:7.1f} ms median")
-    print(f"  ratio full/draft     : {f / d:7.2f}x   (mean abs difference {drift:.2f} levels)")
-    return {"full_ms": f * 1000, "draft_ms": d * 1000, "ratio": f / d}
+def _difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(a.astype(np.int16) - b.astype(np.int16)).ravel()
+
+
+DECODE_CASES: dict[str, Callable[[int], bytes]] = {
+    # The e2e benchmark's photos: the emulator's smooth colour fields, ~0.3 MB.
+    "3000x2000 emulator": lambda seed: emulator_images.picture(3000, 2000, "jpeg", 1001 + seed),
+    "3000x2000 grain 10": lambda seed: photo_like(3000, 2000, seed, 10.0),
+    "2000x3000 grain 10, EXIF 6": lambda seed: _rotated(photo_like(2000, 3000, seed, 10.0), 6),
+    "4000x3000 grain 10": lambda seed: photo_like(4000, 3000, seed, 10.0),
+    "1600x1200 grain 10": lambda seed: photo_like(1600, 1200, seed, 10.0),
+}
+
+
+def _rotated(data: bytes, orientation: int) -> bytes:
+    """The same pixels re-encoded (q90) with an EXIF orientation tag."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(out, "JPEG", quality=90, exif=exif.tobytes())
+    return out.getvalue()
+
+
+def bench_decode(n_images: int, repeats: int, cases: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """New vs old vs full decode per case, interleaved so background load hits all three alike."""
+    paths: dict[str, Callable[[bytes], np.ndarray]] = {
+        "new (nomad)": lambda b: decode(b).wire, "old (1.5x rule)": old_decode, "full decode": full_decode,
+    }
+    results: dict[str, dict[str, float]] = {}
+    print(f"decode -> {WIRE_SIZE}x{WIRE_SIZE}x3 wire, {n_images} images x {repeats}; "
+          "difference from the full decode in grey levels (mean / 99th percentile)")
+    for name in cases or list(DECODE_CASES):
+        blobs = [DECODE_CASES[name](seed) for seed in range(n_images)]
+        with Image.open(io.BytesIO(blobs[0])) as im:
+            w, h = im.size
+            old_k = min(w // OLD_DRAFT_SIDE, h // OLD_DRAFT_SIDE)
+        old_k = max(s for s in (1, 2, 4, 8) if s <= max(old_k, 1))
+        ref = [full_decode(b) for b in blobs]
+        diffs = {p: np.concatenate([_difference(fn(b), r) for b, r in zip(blobs, ref)]) for p, fn in paths.items()}
+        times: dict[str, list[tuple[float, float]]] = {p: [] for p in paths}
+        for _ in range(repeats):
+            for p, fn in paths.items():
+                times[p] += time_each(fn, blobs, 1)
+        mb = statistics.mean(len(b) for b in blobs) / 1e6
+        print(f"  {name} ({mb:.1f} MB avg; draft 1/{draft_scale(w, h)} new, 1/{old_k} old)")
+        row: dict[str, float] = {}
+        for p in paths:
+            wall = statistics.median(t[0] for t in times[p]) * 1000
+            cpu = statistics.median(t[1] for t in times[p]) * 1000
+            d = diffs[p]
+            print(f"    {p:16s}: {wall:7.1f} ms wall {cpu:7.1f} ms cpu   diff {d.mean():.2f} / {np.percentile(d, 99):.0f}")
+            row[f"{p.split()[0]}_cpu_ms"] = cpu
+            row[f"{p.split()[0]}_mean"] = float(d.mean())
+        print(f"    {'old/new cpu':16s}: {row['old_cpu_ms'] / row['new_cpu_ms']:7.2f}x")
+        results[name] = row
+    return results
 
 
 def _serve(conn: Connection, n: int, delay: float) -> None:
@@ -151,16 +210,18 @@ def _fetch_decode(client: HttpClient, url: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.nomad", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=6, help="distinct 12-MP JPEGs for the decode benchmark")
+    ap.add_argument("--images", type=int, default=4, help="distinct JPEGs per decode case")
     ap.add_argument("--repeats", type=int, default=3, help="passes over them")
     ap.add_argument("--downloads", type=int, default=24, help="images per download round")
     ap.add_argument("--workers", type=int, default=4, help="thread-pool size compared with 1")
     ap.add_argument("--rounds", type=int, default=3, help="download rounds per configuration")
     ap.add_argument("--delay-ms", type=float, default=100.0, help="emulated server latency for the second download run")
+    ap.add_argument("--decode-only", action="store_true", help="skip the download benchmark")
     args = ap.parse_args(argv)
-    print(f"python {sys.version.split()[0]}, Pillow {Image.__version__}, {os.cpu_count()} cpu")
-    for grain in (10.0, 0.0):
-        bench_decode(args.images, args.repeats, grain)
+    print(f"python {sys.version.split()[0]}, Pillow {Image.__version__}, {os.cpu_count()} cpu: {cpu_model()}")
+    bench_decode(args.images, args.repeats)
+    if args.decode_only:
+        return 0
     bench_download(args.downloads, args.workers, args.rounds, 0.0)
     bench_download(args.downloads, args.workers, args.rounds, args.delay_ms / 1000)
     return 0
