@@ -35,22 +35,26 @@ So a draft may be up to 5% *under* the wire on its short side (a tiny bicubic
 upscale on that axis): a 3000x2000 photo decodes at 1/4, 750x500, instead of
 1/2, 1500x1000, and a 4000x3000 one at 1000x750 instead of 2000x1500.
 
-Why this is safe (measured with ``python -m bench.nomad``, docs/nomad.md): the
-difference from the reference (full decode, exif_transpose, to_wire) stays
-within what two equally good resize filters differ by. On synthetic worst cases
-(1/f "natural image" spectra with hard-edged rectangles, JPEG q90) the wire
-differs by 0.6-1.9 grey levels on average and <= 10 at the 99th percentile,
-1600x1200 to 6000x4000, EXIF-rotated included (Lanczos instead of bicubic on the
-same full decode: 0.85 mean, 4 p99); after anti_sus's resize to CLIP's 224 px
-input, <= 0.5 mean and <= 2 p99. Photo-like colour fields with film grain
-differ by <= 1.1 mean, <= 4 p99. At 2x zoom, 3000x2000 wire crops of the
-reference, the old 1/2 path and this 1/4 one are indistinguishable; the 1/4
-one is 3% softer on its upscaled axis, the 1/2 one 4% sharper (DCT aliasing).
-The previous rule (both sides >= 1.5x the wire) kept 3000x2000 at 1/2: 34 ms
-per image of the 2-core machine's CPU instead of ~14. Below 0.95 the bicubic
-upscale starts to blur (1/8 of 4000x3000, 500x375: 2.8 mean, 16 p99), and
-the draft's exact extent (``to_wire``'s box) matters: a 2250-row photo at 1/4
-has 562.5 rows of picture in 563 decoded ones.
+Why this is acceptable (measured with ``python -m bench.nomad`` and a grid of
+sizes, docs/nomad.md "decoding"): the difference from the reference (full
+decode, exif_transpose, to_wire) is of the order of what two equally good
+resize filters differ by. On synthetic worst cases (1/f "natural image" spectra
+with hard-edged rectangles, JPEG q90) the wire differs by 0.6-1.9 grey levels
+on average and <= 10 at the 99th percentile, 1600x1200 to 6000x4000,
+EXIF-rotated included (Lanczos instead of bicubic on the same full decode:
+0.85 mean, 4 p99); after anti_sus's resize to CLIP's 224 px input, <= 0.5 mean
+and <= 2 p99. Photo-like colour fields with film grain: <= 1.2 mean, <= 4 p99.
+The watermark model reads the 512 px wire itself, and is trained with blur and
+JPEG artefacts well beyond this. At 2x zoom, 3000x2000 wire crops of the
+reference, the old 1/2 path and this 1/4 one look the same; the 1/4 one is 3%
+softer on its upscaled axis, the 1/2 one 4% sharper (DCT aliasing).
+The previous rule (both sides >= 1.5x the wire) kept 3000x2000 at 1/2, about
+twice the CPU (bench.nomad: 23.9 vs 11.9 ms on the e2e benchmark's photos).
+Below 0.95 the upscale starts to show (1/8 of 4000x3000, 500x375: 2.8 mean,
+16 p99 on the worst cases). Independently of the rule, a draft is squashed over
+its exact extent (``to_wire``'s box): a 2250-row photo at 1/4 has 562.5 rows of
+picture in 563 decoded ones, and squashing all 563 moved hard edges by up to
+half a wire pixel (2.3 mean, 15 p99 instead of 1.2 / 6).
 """
 _ORIENTATION_TAG = 0x0112
 SWAPPED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
