@@ -186,7 +186,7 @@ def test_hostile_large_images_still_refused(big_jpegs: list[bytes]) -> None:
 
 
 def test_bench_collect_quick_reports_both_paths() -> None:
-    """bench/gallery.py's collect() (read by bench/report.py) measures both decodes side by side."""
+    """bench/gallery.py's collect() (read by bench/report.py) measures both decodes side by side, and the service's CPU."""
     import sys
 
     repo = str(Path(__file__).resolve().parent.parent)
@@ -195,6 +195,7 @@ def test_bench_collect_quick_reports_both_paths() -> None:
     from bench import gallery as bench_gallery
 
     figures = bench_gallery.collect(True)
-    for key in ("ingest_reduced_ms", "ingest_full_decode_ms", "ingest_decode_speedup", "ingest_inproc_img_s"):
+    for key in ("ingest_reduced_ms", "ingest_full_decode_ms", "ingest_decode_speedup", "ingest_inproc_img_s",
+                "ingest_server_cpu_ms", "ingest_server_cpu_before_ms"):
         assert isinstance(figures[key], float) and figures[key] > 0, key
     assert isinstance(figures["cpu"], str) and figures["cpu"]
