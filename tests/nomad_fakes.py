@@ -3,9 +3,30 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from nomad.http import HttpResponse, HttpStatusError
+
+T = TypeVar("T")
+
+
+def pillow_load_sizes(monkeypatch: Any, run: Callable[[], T]) -> tuple[list[tuple[int, int]], T]:
+    """The sizes Pillow decodes at while ``run`` runs (a JPEG's draft size), and what ``run`` returned."""
+    from PIL import ImageFile
+
+    sizes: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+
+    def load(self: ImageFile.ImageFile):  # type: ignore[no-untyped-def]
+        sizes.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    try:
+        out = run()
+    finally:
+        monkeypatch.setattr(ImageFile.ImageFile, "load", real_load)
+    return sizes, out
 
 
 @dataclass

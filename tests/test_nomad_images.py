@@ -11,6 +11,7 @@ from PIL import Image, ImageOps
 from photocore.wireimage import to_wire
 from nomad.images import Decoded, ImageError, decode, draft_scale, probe
 from stack.emulator import images as gen
+from tests.nomad_fakes import pillow_load_sizes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,19 +56,7 @@ def test_large_jpeg_draft_mode_close_to_full_decode() -> None:
 
 def loaded_sizes(monkeypatch: pytest.MonkeyPatch, data: bytes) -> tuple[list[tuple[int, int]], Decoded]:
     """The size Pillow decodes ``data`` at inside ``decode`` (the draft size for a JPEG)."""
-    from PIL import ImageFile
-
-    sizes: list[tuple[int, int]] = []
-    real_load = ImageFile.ImageFile.load
-
-    def load(self: ImageFile.ImageFile):  # type: ignore[no-untyped-def]
-        sizes.append(self.size)
-        return real_load(self)
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
-    d = decode(data)
-    monkeypatch.undo()
-    return sizes, d
+    return pillow_load_sizes(monkeypatch, lambda: decode(data))
 
 
 def test_3000x2000_jpeg_is_draft_decoded_at_a_quarter(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,6 +23,7 @@ from nomad.sources.base import ImageRef
 from nomad.sources.registry import ExpanderRegistry
 from nomad.store import Store
 from stack.procs import free_port
+from tests.nomad_fakes import pillow_load_sizes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -239,8 +240,6 @@ def test_a_pixel_bomb_is_not_decoded(tmp_path: Path) -> None:
 
 def test_review_copy_uses_the_crawlers_safe_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One open/check/draft/orient implementation (nomad.images.opened): its refusals, its DCT scaling."""
-    from PIL import ImageFile
-
     from stack.emulator import images as gen
 
     cut = tmp_path / "cut.jpeg"
@@ -253,16 +252,8 @@ def test_review_copy_uses_the_crawlers_safe_decode(tmp_path: Path, monkeypatch: 
         review_jpeg(bmp)
     big = tmp_path / "big.jpeg"
     big.write_bytes(gen.picture(3000, 2000, "jpeg", 4))
-    sizes: list[tuple[int, int]] = []
-    real_load = ImageFile.ImageFile.load
-
-    def load(self: ImageFile.ImageFile):  # type: ignore[no-untyped-def]
-        sizes.append(self.size)
-        return real_load(self)
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
-    out = Image.open(io.BytesIO(review_jpeg(big)))
-    monkeypatch.undo()
+    sizes, copy = pillow_load_sizes(monkeypatch, lambda: review_jpeg(big))
+    out = Image.open(io.BytesIO(copy))
     assert sizes[0] == (750, 500), "1/4 is still larger than the 512x341 copy"
     assert out.size == (512, 341)
 
