@@ -86,13 +86,16 @@ def test_page_is_updated_per_ingest_without_reading_the_catalogue(ingester: Inge
         monkeypatch.setattr(Catalogue, "count", lambda self: (count_calls.append(1), real_count(self))[1])
     assert html.count("<figure") == 3 and "Showing the newest 3 of 5" in html
     assert recent_calls == [] and count_calls == []
+    assert ingester.target.page_writes == {"full": 1, "incremental": 5}  # type: ignore[attr-defined]  # the 1: at start
 
 
 def test_a_removal_rebuilds_the_page_and_later_ingests_stay_right(ingester: Ingester) -> None:
     """Labelling an entry bad takes it off the page (a full rebuild); the next ingest is incremental again and correct."""
     ids = [_add(ingester, seed) for seed in (20, 21, 22, 23)]
     labeller = Labeller(ingester, ReviewStore(ingester.catalogue))
+    full = ingester.target.page_writes["full"]  # type: ignore[attr-defined]
     labeller.label(f"g{ids[-1]}", "bad")  # the newest: the page must fall back to the older ones
+    assert ingester.target.page_writes["full"] == full + 1  # type: ignore[attr-defined]
     root = ingester.target.root  # type: ignore[attr-defined]
     html = (root / "index.html").read_text()
     assert f'id="e{ids[-1]}"' not in html and f'id="e{ids[0]}"' in html
