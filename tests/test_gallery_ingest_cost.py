@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -16,6 +18,7 @@ from PIL import Image, ImageOps
 
 from gallery_bridge import page
 from gallery_bridge.catalogue import Catalogue
+from gallery_bridge.cli import BLAS_THREAD_VARS, single_threaded_blas
 from gallery_bridge.client import IngestClient
 from gallery_bridge.dedup import fingerprint
 from gallery_bridge.ingest import Ingester
@@ -27,6 +30,7 @@ from gallery_bridge.thumbnails import THUMB_QUALITY, make_thumbnail
 from gallery_bridge.validate import Limits, Meta, check_image
 from stack.emulator.images import picture
 from tests import gallery_helpers as T
+from tests.gallery_process import REPO, free_port
 
 
 @pytest.fixture
@@ -187,3 +191,40 @@ def test_the_service_looks_a_new_image_up_once(tmp_path: Path, monkeypatch: pyte
     finally:
         server.close()
         ing.close()
+
+
+def test_blas_threads_default_to_one_unless_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve sets OPENBLAS_NUM_THREADS=1 before numpy loads, and never overrides a count the user chose."""
+    monkeypatch.delitem(sys.modules, "numpy")  # as in a fresh `gallery-bridge serve`, before any import of it
+    env: dict[str, str] = {}
+    assert single_threaded_blas(env) and env == {"OPENBLAS_NUM_THREADS": "1"}
+    for name in BLAS_THREAD_VARS:
+        chosen = {name: "4"}
+        assert not single_threaded_blas(chosen) and chosen == {name: "4"}
+
+
+def _serve_threads(root: Path, blas: str | None) -> int:
+    """Threads of an idle `gallery-bridge serve` (after its first ping), with OPENBLAS_NUM_THREADS as given."""
+    env = {k: v for k, v in os.environ.items() if k not in BLAS_THREAD_VARS and not k.startswith("GALLERY_BRIDGE_")}
+    if blas is not None:
+        env["OPENBLAS_NUM_THREADS"] = blas
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gallery_bridge", "serve", "--bind", f"tcp://127.0.0.1:{port}",
+                             "--target", f"folder:{root}"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with IngestClient(f"tcp://127.0.0.1:{port}", timeout=0.5, retries=60) as client:
+            client.ping()
+        return len(os.listdir(f"/proc/{proc.pid}/task"))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2 or not Path("/proc/self/task").is_dir(),
+                    reason="OpenBLAS starts workers only with 2+ cores; thread count read from /proc")
+def test_serve_starts_no_blas_worker_threads(tmp_path: Path) -> None:
+    """By default serve has as many threads as with OPENBLAS_NUM_THREADS=1, fewer than with 2."""
+    default = _serve_threads(tmp_path / "a", None)
+    assert default == _serve_threads(tmp_path / "b", "1")
+    assert default < _serve_threads(tmp_path / "c", "2")
