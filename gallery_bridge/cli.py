@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 import uuid
-from typing import MutableMapping, Sequence
+from typing import Sequence
 
+from photocore.blas import single_threaded_blas
 from photocore.errors import UserError, report_failure
 from photocore.redact import install as install_redaction
 from photocore.redact import redact
@@ -157,25 +157,6 @@ def _instance(text: str) -> str:
     if not text or len(text) > 128 or not text.isprintable():
         raise argparse.ArgumentTypeError(f"must be 1-128 printable characters, got {text[:40]!r}")
     return text
-
-
-BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
-"""What OpenBLAS reads for its thread count, in its own order of precedence."""
-
-
-def single_threaded_blas(environ: MutableMapping[str, str] = os.environ) -> bool:
-    """Let OpenBLAS start no worker threads in this process, unless the user chose a count; True if set here.
-
-    Must run before numpy is imported (OpenBLAS reads it when it loads). The
-    service answers one request at a time and its only BLAS work is small
-    (one matrix-vector product for the optional CLIP check), while OpenBLAS's
-    workers spin after numpy's import: ~140 ms of CPU per process start on the
-    2-core box (docs/gallery_bridge.md, Benchmark), CPU the models then lack.
-    """
-    if any(environ.get(name) for name in BLAS_THREAD_VARS) or "numpy" in sys.modules:
-        return False
-    environ["OPENBLAS_NUM_THREADS"] = "1"
-    return True
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -235,6 +235,9 @@ def _install_signals(stop: threading.Event) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """``nomad``: a user's mistake (bad variable, unreadable secret file, …) is one line and exit 2."""
     from photocore import redact
+    from photocore.blas import single_threaded_blas
+
+    single_threaded_blas()  # before numpy loads: the crawl does no BLAS work worth OpenBLAS's spinning threads
 
     try:
         return _main(argv)

@@ -20,4 +20,5 @@ secret files) with its validators.
     settings    flags + env + secret files, validators
     paths       default data folders (model artifacts)
     errors      UserError: one line and a non-zero exit
+    blas        one OpenBLAS thread for the services that do no BLAS work worth more
 """

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from gallery_bridge import page
 from gallery_bridge.catalogue import Catalogue
-from gallery_bridge.cli import BLAS_THREAD_VARS, single_threaded_blas
+from photocore.blas import BLAS_THREAD_VARS, single_threaded_blas
 from gallery_bridge.client import IngestClient
 from gallery_bridge.dedup import fingerprint
 from gallery_bridge.ingest import Ingester

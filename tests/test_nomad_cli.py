@@ -306,3 +306,14 @@ def test_one_user_agent_default() -> None:
     source_classes = [c for _, c in inspect.getmembers(bluesky, inspect.isclass) if c.__module__ == bluesky.__name__]
     defaults = [p.default for c in source_classes for n, p in inspect.signature(c.__init__).parameters.items() if n == "user_agent"]
     assert defaults and set(defaults) == {DEFAULT_USER_AGENT}
+
+
+def test_nomad_starts_openblas_single_threaded_unless_told(tmp_path: Path) -> None:
+    """nomad sets OPENBLAS_NUM_THREADS=1 before numpy loads (its spinning workers only cost CPU); a user's count wins."""
+    code = ("import os, sys\nfrom nomad.cli import main\nrc = main(['sources', '--state-dir', sys.argv[1]])\n"
+            "import numpy\nprint(rc, os.environ.get('OPENBLAS_NUM_THREADS'), os.environ.get('OMP_NUM_THREADS'))\n")
+    base = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")}
+    for extra, want in (({}, "0 1 None"), ({"OMP_NUM_THREADS": "3"}, "0 None 3")):
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "state")], env={**base, **extra},
+                             capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip().splitlines()[-1] == want, out.stderr[-2000:]
