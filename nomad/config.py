@@ -137,9 +137,8 @@ def add_crawl_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str] 
           help="seconds to wait for the gallery's have answer before sending the batch to anti_sus unchecked")
     d.add("--max-delivery-attempts", type=positive_int, default=10,
           help="failed deliveries of one image before it moves to the dead letters (see 'nomad retry-dead')")
-    d.switch("--background-delivery", default=False, help="deliver accepted images in a background thread while the next "
-             "batches are downloaded and filtered (pays when gallery_bridge has cores of its own; default: all at the "
-             "end of each cycle)")
+    d.switch("--background-delivery", default=True, help="deliver accepted images in a background thread while the next "
+             "batches are downloaded and filtered (--no-background-delivery: all at the end of each cycle)")
     d.add("--save-dir", default=None, help="standalone mode: write accepted images + JSON sidecars here instead of gallery_bridge")
     d.add("--max-retries", type=non_negative_int, default=3, help="times a failed download or expansion is retried (across cycles and restarts)")
     d.add("--backoff-max", type=positive_float, default=30.0, help="longest wait between retries to anti_sus/gallery_bridge")

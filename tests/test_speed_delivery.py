@@ -73,7 +73,7 @@ def crawl(emu: Emulator, tmp: Path, *extra: str, patience: float) -> tuple[Any, 
 
 
 def test_batches_are_delivered_while_the_next_ones_are_filtered(emu: Emulator, tmp_path: Path) -> None:
-    stats, deliverer, fake = crawl(emu, tmp_path, "--background-delivery", patience=10.0)
+    stats, deliverer, fake = crawl(emu, tmp_path, patience=10.0)  # the default
     assert len(fake.batches) >= 2
     # The gallery had images of the first batch before a later batch went to anti_sus: the two overlapped.
     assert max(fake.seen[1:]) >= 1, fake.seen
@@ -83,8 +83,8 @@ def test_batches_are_delivered_while_the_next_ones_are_filtered(emu: Emulator, t
     assert stats.outbox == 0
 
 
-def test_by_default_the_gallery_waits_for_the_end_of_the_cycle(emu: Emulator, tmp_path: Path) -> None:
-    stats, deliverer, fake = crawl(emu, tmp_path, patience=0.2)
+def test_without_background_delivery_the_gallery_waits_for_the_end_of_the_cycle(emu: Emulator, tmp_path: Path) -> None:
+    stats, deliverer, fake = crawl(emu, tmp_path, "--no-background-delivery", patience=0.2)
     assert len(fake.batches) >= 2 and max(fake.seen) == 0
     assert deliverer.threads == {threading.current_thread().name}
     assert len(deliverer.got) == len(set(deliverer.got)) == stats.accepted == stats.delivered
