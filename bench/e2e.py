@@ -23,10 +23,11 @@ bench/anti_sus.py's code into .cache/bench-anti-sus).
               the whole one-shot run.
 - anti_sus:   this process sends the same images, already decoded to the wire
               format, in batches of 32 through the anti_sus client.
-- e2e background (``--background``): the same `nomad once` with
-              ``--background-delivery`` (the gallery ingests each batch while the next
-              is downloaded and filtered; off by default), in the same rounds, the
-              two runs alternating which goes first: what it gains or costs, side by side.
+- e2e end of cycle (``--end-of-cycle``): the same `nomad once` with
+              ``--no-background-delivery`` (the gallery gets every image at the
+              end of the cycle instead of each batch while the next is filtered,
+              the default), in the same rounds, the two runs alternating which
+              goes first: what background delivery gains, side by side.
 
     .venv/bin/python bench/e2e.py                  # 64 images (and 32, 96 for the steady rate), 3 rounds
     .venv/bin/python bench/e2e.py --images 32 --rounds 2
@@ -94,11 +95,11 @@ def wire_batch(emu: Emulator, n: int) -> np.ndarray:
 
 
 def measure(images: int, rounds: int, size: tuple[int, int], threads: int, models: Path, *,
-            tiny: bool = False, profile: Path | None = None, background: bool = False,
+            tiny: bool = False, profile: Path | None = None, end_of_cycle: bool = False,
             steady: bool = True) -> dict[str, float]:
     """Median img/s of anti_sus alone and of the whole path, measured in interleaved rounds.
 
-    ``background``: also the whole path with ``--background-delivery`` in each round.
+    ``end_of_cycle``: also the whole path with ``--no-background-delivery`` in each round.
     ``steady``: also crawls of N/2 and 3N/2 images in each round; the steady
     rate is the extra images over the extra time, ``N / (t(3N/2) - t(N/2))``:
     start-up, the first batch's fill and the last batch's delivery are in both
@@ -116,7 +117,7 @@ def measure(images: int, rounds: int, size: tuple[int, int], threads: int, model
     a_ep, g_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     anti = Service("anti_sus", python_module("anti_sus", "serve", "--models", str(models), "--bind", a_ep,
                                              "--threads", str(threads)), work / "anti_sus.log").start()
-    variants = [("", ())] + ([("bg", ("--background-delivery",))] if background else [])
+    variants = [("", ())] + ([("eoc", ("--no-background-delivery",))] if end_of_cycle else [])
     rates: dict[str, list[float]] = {tag: [] for tag, _ in variants}
     steady_rates: dict[str, list[float]] = {tag: [] for tag, _ in variants}
     alone_rates: list[float] = []
@@ -155,7 +156,7 @@ def measure(images: int, rounds: int, size: tuple[int, int], threads: int, model
     a = statistics.median(alone_rates)
     out = {"anti_sus_alone_img_s": round(a, 2)}
     for tag, _ in variants:
-        name = "e2e_background" if tag else "e2e"
+        name = "e2e_end_of_cycle" if tag else "e2e"
         e = statistics.median(rates[tag])
         out.update({f"{name}_img_s": round(e, 2), f"{name}_ratio": round(e / a, 3)})
         if steady_rates[tag]:
@@ -225,8 +226,8 @@ def main() -> int:
     ap.add_argument("--profile", type=Path, default=None, help="run nomad under cProfile in the last round; DIR for the file")
     ap.add_argument("--no-steady", action="store_true",
                     help="skip the N/2 and 3N/2 crawls of each round that give the steady rate (start-up and fill cancel out)")
-    ap.add_argument("--background", action="store_true",
-                    help="also run nomad with --background-delivery in each round (what it gains or costs)")
+    ap.add_argument("--end-of-cycle", action="store_true",
+                    help="also run nomad with --no-background-delivery in each round (what background delivery gains)")
     args = ap.parse_args()
     size = tuple(int(x) for x in args.size.lower().split("x"))
     models = args.models or REPO / ".cache" / ("bench-e2e-tiny" if args.tiny else "bench-anti-sus")
@@ -234,14 +235,14 @@ def main() -> int:
         args.profile.mkdir(parents=True, exist_ok=True)
     try:
         fig = measure(args.images, args.rounds, size, args.threads, models, tiny=args.tiny, profile=args.profile,
-                      background=args.background, steady=not args.no_steady)
+                      end_of_cycle=args.end_of_cycle, steady=not args.no_steady)
     except RuntimeError as exc:
         print(f"bench/e2e.py: {exc}", file=sys.stderr)
         return 1
     print(f"\n{args.images} photos {size[0]}x{size[1]}, {args.rounds} rounds, {cpu_model()}, {os.cpu_count()} cores, medians:")
     print(f"  anti_sus alone (client -> server, wire batches of 32): {fig['anti_sus_alone_img_s']:7.2f} img/s")
     for name, label in (("e2e", "end to end (nomad once -> anti_sus -> gallery)"),
-                        ("e2e_background", "end to end, --background-delivery")):
+                        ("e2e_end_of_cycle", "end to end, --no-background-delivery")):
         if f"{name}_ratio" not in fig:
             continue
         print(f"  {label + ':':50s} {fig[f'{name}_img_s']:7.2f} img/s (ratio {fig[f'{name}_ratio']:.2f}), "

@@ -72,7 +72,7 @@ class CrawlerConfig:
     """Deliver the outbox in a background thread during the cycle (``--background-delivery``, the default): the
     gallery ingests one batch while the next is downloaded and filtered, instead of everything waiting for the end of
     the cycle. With filtering in its own thread too, this made a crawl under way 1.26x faster on the 2-core benchmark
-    machine (bench/e2e.py --background, steady rate, median of 5 rounds: 1.02x vs 0.81x anti_sus alone)."""
+    machine (bench/e2e.py --end-of-cycle, steady rate, median of 5 rounds: 1.02x vs 0.81x anti_sus alone)."""
 
 
 class Crawler:
