@@ -6,7 +6,7 @@ reddit posts, and the same server process with real model architectures and
 random weights (CLIP ViT-B/16 + tf_efficientnetv2_b0 + GMM 16 full; built once by
 bench/anti_sus.py's code into .cache/bench-anti-sus).
 
-- e2e:        `nomad once` (a fresh state and gallery each round) with permissive
+- e2e:        `nomad once --source reddit` (a fresh state and gallery each round) with permissive
               thresholds so every image travels the whole path: listing, HTTPS
               download with the SSRF guard, safe decode (draft mode), batch to
               anti_sus, ingest with dedup, thumbnail and page into the folder gallery.
@@ -176,7 +176,9 @@ def _crawl(emu: Emulator, images: int, work: Path, a_ep: str, g_ep: str, extra: 
         with IngestClient(g_ep, timeout=2, retries=0) as gallery:
             wait_until(lambda: _pings(gallery), 60, 0.1, "gallery_bridge")
         prof = ["-m", "cProfile", "-o", str(profile / "nomad.prof")] if profile else []
-        cmd = [sys.executable, *prof, "-m", "nomad", "once", *emu.nomad_args(), *PERMISSIVE,
+        # --source reddit: the feed is reddit's; polling the three empty key-less sources would only add their
+        # fixed listing time (Bluesky's Jetstream waits out an idle end) to every run.
+        cmd = [sys.executable, *prof, "-m", "nomad", "once", "--source", "reddit", *emu.nomad_args(), *PERMISSIVE,
                "--state-dir", str(work / "state"), "--anti-sus", a_ep, "--gallery", g_ep, "--batch-size", "32",
                "--workers", "4", "--log-format", "json", *extra]
         t = time.perf_counter()
