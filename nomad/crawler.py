@@ -32,7 +32,7 @@ import numpy as np
 from anti_sus.client import AntiSusError
 from nomad import images
 from nomad.delivery import Batcher, Deliverer, Downloaded, FilterStage, Stopped, drain_outbox, ingest_meta
-from nomad.delivery.dupskip import DupSkip
+from nomad.delivery.dupskip import DupSkip, hashes_of
 from nomad.delivery.outbox import DeliveryWorker
 from nomad.delivery.review import ReviewSampler
 from nomad.http import FetchError, HttpClient, reject_removed_placeholder
@@ -341,7 +341,9 @@ class Crawler:
             return "rejected", reason, None
         spool = self.store.spool_path(ref.key, "." + dec.format)
         spool.write_bytes(dl.data)
-        return "ok", "", Downloaded(ref, dec.wire, spool, dec.width, dec.height, dec.format)
+        # The duplicate skip's hashes, here in the worker: hashing a due batch would leave anti_sus waiting.
+        hashes = hashes_of(dl.data, dec.wire) if self.dupskip is not None else None
+        return "ok", "", Downloaded(ref, dec.wire, spool, dec.width, dec.height, dec.format, hashes)
 
     def _fetched(self, ref: ImageRef, fut: Future[tuple[str, str, Downloaded | None]], stats: CycleStats) -> None:
         try:

@@ -309,3 +309,37 @@ def test_the_check_comes_back_when_the_gallery_does(tmp_path: Path, feed: Repost
         assert any("answers the have check again" in r.getMessage() for r in caplog.records)
     finally:
         skip.close()
+
+
+def test_hashes_are_made_by_the_download_worker_not_when_the_batch_is_due(emu: Emulator, tmp_path: Path,
+                                                                         gallery: tuple[Ingester, str]) -> None:
+    """fetch() attaches the have-hashes (same values as hashing the spooled file); answers() then reads no file."""
+    environ = emu.nomad_env()
+    args = build_parser(environ).parse_args(
+        ["once", *emu.nomad_args(), "--source", "reddit", "--state-dir", str(tmp_path / "state"),
+         "--gallery", gallery[1], *SMALL_OK])
+    crawler = build_crawler(args, threading.Event(), environ=environ)
+    try:
+        crawler.read_listings(CycleStats())
+        ref = next(iter(crawler.store.work(3)))
+        outcome, _, item = crawler.fetch(ref)
+        assert outcome == "ok" and item is not None and item.hashes is not None
+        from nomad.delivery.dupskip import item_hashes
+
+        assert item.hashes == item_hashes(item)
+
+        class Asked:
+            got: list[tuple[str, ...]] = []
+
+            def have(self, items: list[tuple[str, ...]]) -> list[str]:
+                Asked.got = items
+                return ["new"] * len(items)
+
+            def close(self) -> None:
+                pass
+
+        item.spool.unlink()  # the worker's hashes are used: the file is not read again
+        assert DupSkip(Asked()).answers([item]) == ["new"] and Asked.got == [item.hashes]
+    finally:
+        crawler.shutdown()
+        crawler.store.close()

@@ -21,6 +21,8 @@ class Downloaded:
     width: int
     height: int
     format: str
+    hashes: tuple[str, str, str] | None = None
+    """The duplicate skip's (sha256, pHash64, pHash576), made by the download worker when the skip is on."""
 
 
 @dataclass

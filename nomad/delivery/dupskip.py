@@ -53,6 +53,17 @@ Decide = Callable[[Downloaded, str], None]
 """Records one dropped item as decided, given the item and its reason (the crawler's ``_decide``)."""
 
 
+def hashes_of(data: bytes, wire: Any) -> tuple[str, str, str]:
+    """(sha256 hex of the original bytes, 64-bit and 576-bit pHash hex of the decoded wire image).
+
+    The crawler's download workers call this beside the decode, so a batch
+    that is due goes to the gallery's ``have`` without hashing in between.
+    """
+    from gallery_bridge.dedup.fingerprint import have_hashes
+
+    return (hashlib.sha256(data).hexdigest(), *have_hashes(Image.fromarray(wire)))
+
+
 def item_hashes(item: Downloaded) -> tuple[str, str, str]:
     """(sha256 hex of the original bytes on disk, 64-bit and 576-bit pHash hex of the decoded wire image).
 
@@ -110,7 +121,7 @@ class DupSkip:
         pairs: list[tuple[str, str, str] | None] = []
         for it in items:
             try:
-                pairs.append(item_hashes(it))
+                pairs.append(it.hashes or item_hashes(it))
             except (OSError, ValueError) as exc:  # a spool file gone, an odd array: just not checked
                 log.warning("dupskip: cannot hash %s (%s); it goes to anti_sus", it.ref.key, exc)
                 pairs.append(None)
