@@ -71,8 +71,10 @@ class CrawlerConfig:
     background_delivery: bool = True
     """Deliver the outbox in a background thread during the cycle (``--background-delivery``, the default): the
     gallery ingests one batch while the next is downloaded and filtered, instead of everything waiting for the end of
-    the cycle. With filtering in its own thread too, this made a crawl under way 1.26x faster on the 2-core benchmark
-    machine (bench/e2e.py --end-of-cycle, steady rate, median of 5 rounds: 1.02x vs 0.81x anti_sus alone)."""
+    the cycle, so images reach the gallery a batch at a time and a gallery with cores (or a host) of its own works
+    beside the models. On the 2-core benchmark machine, where all three share the CPU, it is about even with
+    end-of-cycle delivery (bench/e2e.py --end-of-cycle, steady rate, two runs: 1.02x vs 0.81x and 0.84x vs 0.89x
+    anti_sus alone)."""
 
 
 class Crawler:
