@@ -45,13 +45,15 @@ def publish(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
 
 @contextlib.contextmanager
 def atomic_open(final: str | os.PathLike[str], *, tmp_dir: str | os.PathLike[str] | None = None,
-                mode: int | None = None) -> Iterator[BinaryIO]:
+                mode: int | None = None, durable: bool = True) -> Iterator[BinaryIO]:
     """A binary file to write ``final``'s new content into; published when the block ends without error.
 
     The temp file lives in ``tmp_dir`` (default: ``final``'s folder; it must be
     on the same filesystem) under a unique name, so concurrent writers never
     share one. It is created with the umask's usual permissions unless ``mode``
     is given. On an error the temp file is removed and ``final`` is untouched.
+    ``durable=False``: still atomic for readers, but no fsync of the file or the
+    folder, for derived files that are rebuilt after a crash anyway.
     """
     target = Path(final)
     folder = Path(tmp_dir) if tmp_dir is not None else target.parent
@@ -61,17 +63,21 @@ def atomic_open(final: str | os.PathLike[str], *, tmp_dir: str | os.PathLike[str
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         if mode is not None:
             os.chmod(tmp, mode)
-        publish(tmp, target)
+        if durable:
+            publish(tmp, target)
+        else:
+            os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
 def atomic_write(final: str | os.PathLike[str], data: bytes, tmp_dir: str | os.PathLike[str] | None = None,
-                 *, mode: int | None = None) -> None:
-    """Replace ``final`` with ``data`` atomically and durably (see :func:`atomic_open`)."""
-    with atomic_open(final, tmp_dir=tmp_dir, mode=mode) as fh:
+                 *, mode: int | None = None, durable: bool = True) -> None:
+    """Replace ``final`` with ``data`` atomically and (unless ``durable=False``) durably (see :func:`atomic_open`)."""
+    with atomic_open(final, tmp_dir=tmp_dir, mode=mode, durable=durable) as fh:
         fh.write(data)

@@ -52,3 +52,16 @@ def test_write_temp_then_publish(tmp_path: Path) -> None:
     write_temp(tmp, b"abc")
     publish(tmp, tmp_path / "a")
     assert (tmp_path / "a").read_bytes() == b"abc" and not tmp.exists()
+
+
+def test_not_durable_replaces_atomically_without_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """durable=False (derived files such as the gallery page): same atomic replace, no fsync of file or folder."""
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    target = tmp_path / "index.html"
+    target.write_bytes(b"old")
+    atomic_write(target, b"new", tmp_path, durable=False)
+    assert target.read_bytes() == b"new" and synced == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html"]  # no temp file left
+    atomic_write(target, b"newer", tmp_path)
+    assert target.read_bytes() == b"newer" and len(synced) == 2  # the default: the file and its folder

@@ -36,7 +36,6 @@ import collections
 import logging
 import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any, Callable
 
@@ -139,13 +138,7 @@ class FolderTarget:
         assert self._figures is not None
         head, tail = page.frame(len(self._figures), self._total, self.title)
         data = b"\n".join([head.encode("utf-8"), *(f for _, f in self._figures), tail.encode("utf-8")])
-        tmp = self.tmp / f"index.html.{os.getpid()}.{secrets.token_hex(4)}"
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, self.root / "index.html")
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(self.root / "index.html", data, self.tmp, durable=False)
 
     # ---- crash recovery ----------------------------------------------------------
     def recover(self, catalogue: Catalogue) -> dict[str, int]:
