@@ -127,9 +127,9 @@ def _orientation(im: Image.Image) -> int:
     return value if isinstance(value, int) else 1
 
 
-def _oriented_size(im: Image.Image) -> tuple[int, int]:
+def _oriented_size(im: Image.Image, orientation: int) -> tuple[int, int]:
     w, h = im.size
-    return (h, w) if _orientation(im) in SWAPPED_ORIENTATIONS else (w, h)
+    return (h, w) if orientation in SWAPPED_ORIENTATIONS else (w, h)
 
 
 def draft_scale(width: int, height: int, size: int | tuple[int, int] = WIRE_SIZE, fill: float = DRAFT_MIN_FILL) -> int:
@@ -215,8 +215,8 @@ def opened(
             raise ImageError("animated", f"{fmt} with {getattr(im, 'n_frames', '?')} frames")
         if im.format == "MPO":
             im.seek(0)  # the photo; later frames are depth maps or previews
-        orientation = _orientation(im)
-        width, height = _oriented_size(im)
+        orientation = _orientation(im)  # the EXIF block is parsed once
+        width, height = _oriented_size(im, orientation)
         yield Source(im, width, height, fmt, orientation)
 
 
@@ -250,7 +250,7 @@ def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, formats: tuple[s
     """
     with _open(data, formats) as im:
         _check(im, max_pixels)
-        w, h = _oriented_size(im)
+        w, h = _oriented_size(im, _orientation(im))
         return w, h, _format_name(im)
 
 
